@@ -1,0 +1,96 @@
+"""Descriptor sets: the released lists, spec parsing, and one-line errors for bad files."""
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from open_clip_starft.descriptors import load_descriptors
+from open_clip_starft.errors import StarftError
+
+ROOT = Path(__file__).parents[1]
+RELEASE = ROOT.parent / "shared/reference/descriptors.json"  # the release's lists, where shared/ is beside the repo
+REFERENCE = json.loads(RELEASE.read_text()) if RELEASE.exists() else None
+
+
+@pytest.mark.parametrize("concept,count", [("background", 58), ("texture", 54), ("resolution", 20)])
+def test_released_counts_and_order(concept, count):
+    templates = load_descriptors(concept)
+    assert len(templates) == count
+    assert all(t.count("{}") == 1 for t in templates)
+    if REFERENCE is not None:
+        assert templates == REFERENCE[concept]
+
+
+def test_known_entries_are_verbatim():
+    assert load_descriptors("background")[8] == "{} in the mountains."
+    assert "blurred {}." in load_descriptors("resolution")
+    assert "{} with low visibility" in load_descriptors("resolution")  # no final period in the release
+
+
+def test_all_is_the_ordered_union_without_duplicates(tmp_path):
+    union = load_descriptors("all")
+    assert union == load_descriptors("background") + load_descriptors("texture") + load_descriptors("resolution")
+    assert len(union) == len(set(union)) == 132
+    extra = tmp_path / "extra.txt"
+    extra.write_text("# mine\n{} in the mountains.\n\n{} on mars.\n")
+    mixed = load_descriptors(f"background,{extra}")
+    assert len(mixed) == 59 and mixed[-1] == "{} on mars."
+    assert load_descriptors("texture,texture") == load_descriptors("texture")
+
+
+def test_json_file(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(["{} at night.", "foggy {}."]))
+    assert load_descriptors(str(f)) == ["{} at night.", "foggy {}."]
+
+
+def one_line_error(spec):
+    with pytest.raises(StarftError) as e:
+        load_descriptors(spec)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_concept():
+    msg = one_line_error("weather")
+    assert "'weather'" in msg and "background" in msg and "all" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = one_line_error(str(tmp_path / "nope.txt"))
+    assert "nope.txt" in msg and "not found" in msg
+
+
+def test_empty_file(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("# only a comment\n\n")
+    msg = one_line_error(str(f))
+    assert "empty.txt" in msg and "no templates" in msg
+
+
+@pytest.mark.parametrize("line,problem", [("in the mountains.", "no '{}'"), ("{} and {}.", "2 '{}'")])
+def test_template_without_or_with_two_placeholders(tmp_path, line, problem):
+    f = tmp_path / "bad.txt"
+    f.write_text("{} fine.\n" + line + "\n")
+    msg = one_line_error(str(f))
+    assert problem in msg and "bad.txt:2" in msg and "exactly one" in msg
+
+
+def test_non_utf8_file(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("{} am Strand, schön.\n".encode("latin-1"))
+    msg = one_line_error(str(f))
+    assert "latin1.txt" in msg and "UTF-8" in msg
+
+
+def test_descriptor_files_are_in_the_built_wheel(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), "-q"], check=True)
+    wheel, = tmp_path.glob("open_clip_starft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for concept in ("background", "texture", "resolution"):
+        assert f"open_clip_starft/_descriptors/{concept}.txt" in names
