@@ -1,0 +1,221 @@
+"""Built-in toy dataset with a spurious background correlation (Waterbirds-like).
+
+Each image shows one foreground shape (the class, see ``CLASSNAMES``) drawn on a
+noisy textured background (the spurious attribute, see ``BACKGROUNDS``).  In a
+*biased* split class ``k`` sits on background ``k`` with probability
+``p_spurious`` and on a uniformly random other background otherwise; in a
+*balanced* split the background is uniform and independent of the class.  The
+group id is ``class_index * len(BACKGROUNDS) + background_index``.
+
+Images are drawn procedurally with PIL + numpy (no downloads) and can be written
+as webdataset tar shards (``write_shards``, for ``--train-data``) or as a
+tab-separated csv with PNG files (``write_csv``, for ``--csv-*`` loading).
+Everything is deterministic given ``seed``: sample ``i`` is drawn from
+``numpy.random.default_rng([seed, i])`` and does not depend on the shard layout.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import re
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+CLASSNAMES = ["circle", "square", "triangle", "cross"]
+BACKGROUNDS = ["water", "grass", "sand", "snow"]
+BACKGROUND_PHRASES = {
+    "water": "on the water",
+    "grass": "on the grass",
+    "sand": "on the sand",
+    "snow": "in the snow",
+}
+
+# Shape colours (RGB) chosen to stand out from blue / green / tan / white.
+_PALETTE = [(215, 35, 35), (240, 125, 20), (200, 45, 170), (105, 45, 160), (25, 25, 25)]
+_MAX_ANGLE_DEG = 25.0
+
+
+def _background(bg, rng, size):
+    """Draw background ``bg`` (index into BACKGROUNDS) as a ``size`` x ``size`` RGB image."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size  # in [0, 1)
+    noise = rng.normal(0.0, 1.0, (size, size, 1)).astype(np.float32)
+    name = BACKGROUNDS[bg]
+    if name == "water":  # blue with horizontal, slightly wavy stripes and bright crests
+        freq, phase, wobble = rng.uniform(5, 8), rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi)
+        wave = np.sin(2 * math.pi * (freq * y + 0.12 * np.sin(2 * math.pi * 2 * x + wobble)) + phase)[..., None]
+        arr = np.array([30, 90, 175]) + wave * np.array([18, 28, 35]) + (wave > 0.8) * 55 + 8 * noise
+    elif name == "grass":  # green with vertical column streaks and darker / lighter blade strokes
+        cols = rng.normal(0.0, 1.0, (1, size, 1))
+        arr = np.array([70, 145, 45]) + cols * np.array([8, 18, 6]) + 8 * noise
+    elif name == "sand":  # tan with dark and bright speckles
+        speck = (rng.random((size, size, 1)) < 0.08) * rng.choice([-55.0, 35.0], (size, size, 1))
+        arr = np.array([214, 186, 138]) + speck + 6 * noise
+    else:  # snow: near-white with light blue-grey dots
+        arr = np.array([242, 245, 250]) + 4 * noise
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    if name == "grass":
+        for _ in range(size // 2):
+            x0, y0 = rng.uniform(0, size), rng.uniform(0, size)
+            length, lean = rng.uniform(0.08, 0.2) * size, rng.uniform(-0.25, 0.25)
+            shade = (35, 95, 25) if rng.random() < 0.5 else (120, 190, 80)
+            draw.line([(x0, y0), (x0 + lean * length, y0 - length)], fill=shade, width=2)
+    elif name == "snow":
+        for _ in range(size // 4):
+            cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(1.5, 4.0)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(170, 185, 208))
+    return img
+
+
+def _shape_vertices(name, d):
+    """Polygon vertices (n, 2) of shape ``name`` with extent ``d`` pixels, centred at 0."""
+    h = d / 2
+    if name == "square":
+        return np.array([(-h, -h), (h, -h), (h, h), (-h, h)])
+    if name == "triangle":  # equilateral, side d, centred on its centroid
+        angles = np.deg2rad([-90, 30, 150])
+        return (d / math.sqrt(3)) * np.stack([np.cos(angles), np.sin(angles)], 1)
+    t = d / 6  # cross: plus sign with arm thickness d / 3
+    return np.array([(-t, -h), (t, -h), (t, -t), (h, -t), (h, t), (t, t),
+                     (t, h), (-t, h), (-t, t), (-h, t), (-h, -t), (-t, -t)])
+
+
+def draw_image(cls, bg, rng, image_size=64):
+    """Draw class ``cls`` on background ``bg`` using generator ``rng``.
+
+    Rendered at 2x and downsampled with LANCZOS. The shape has a random palette
+    colour, an extent of 35-65 % of the image side, a random rotation of up to
+    +-25 degrees (not visible for circles) and a random position fully inside the
+    image. The background is drawn first and the same number of random values is
+    used for every class, so one ``rng`` state gives the same background and
+    placement for all classes. Returns an ``image_size`` x ``image_size`` RGB image.
+    """
+    size = 2 * image_size
+    img = _background(bg, rng, size)
+    colour = _PALETTE[rng.integers(len(_PALETTE))]
+    d = rng.uniform(0.35, 0.65) * size
+    angle = np.deg2rad(rng.uniform(-_MAX_ANGLE_DEG, _MAX_ANGLE_DEG))
+    u = rng.random(2)
+    draw = ImageDraw.Draw(img)
+    if CLASSNAMES[cls] == "circle":
+        cx, cy = d / 2 + u * (size - d)
+        draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=colour)
+    else:
+        c, s = math.cos(angle), math.sin(angle)
+        verts = _shape_vertices(CLASSNAMES[cls], d) @ np.array([[c, s], [-s, c]])
+        lo, hi = -verts.min(0), size - verts.max(0)  # allowed centre range per axis
+        verts = verts + lo + u * (hi - lo)
+        draw.polygon([tuple(v) for v in verts], fill=colour)
+    return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def render_sample(index, *, seed, biased=True, p_spurious=0.9, image_size=64):
+    """Draw sample ``index`` of the split defined by ``seed`` / ``biased`` / ``p_spurious``.
+
+    The class is uniform over CLASSNAMES; the background follows the biased or
+    balanced rule from the module docstring. Returns
+    ``(image, class_index, background_index)`` with an ``image_size`` px RGB image.
+    """
+    rng = np.random.default_rng([seed, index])
+    n_bg = len(BACKGROUNDS)
+    cls = int(rng.integers(len(CLASSNAMES)))
+    if not biased:
+        bg = int(rng.integers(n_bg))
+    elif rng.random() < p_spurious:
+        bg = cls % n_bg
+    else:
+        bg = int((cls + 1 + rng.integers(n_bg - 1)) % n_bg)
+    return draw_image(cls, bg, rng, image_size), cls, bg
+
+
+def caption(cls, bg):
+    """Caption for class ``cls`` on background ``bg``, e.g. "a photo of a circle on the water."."""
+    return f"a photo of a {CLASSNAMES[cls]} {BACKGROUND_PHRASES[BACKGROUNDS[bg]]}."
+
+
+def group_id(cls, bg):
+    """Group id ``cls * len(BACKGROUNDS) + bg`` in ``[0, len(CLASSNAMES) * len(BACKGROUNDS))``."""
+    return cls * len(BACKGROUNDS) + bg
+
+
+def write_shards(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_size=64,
+                 samples_per_shard=64, prefix="shard"):
+    """Write ``n_samples`` samples as webdataset shards ``out_dir/{prefix}-NNNNNN.tar``.
+
+    Each sample has ``__key__`` ``sNNNNNN`` (global index), ``jpg`` (JPEG, quality
+    90), ``cls`` (class index), ``group`` (group id) and ``txt`` (caption). Tar
+    headers use a fixed mtime, so reruns produce identical files. ``out_dir/sizes.json``
+    maps each shard basename to its sample count (entries of other prefixes already
+    in it are kept), as read by ``open_clip_train.data.get_dataset_size``.
+    Returns the sorted list of shard paths.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths, sizes = [], {}
+    for start in range(0, n_samples, samples_per_shard):
+        path = os.path.join(out_dir, f"{prefix}-{start // samples_per_shard:06d}.tar")
+        stop = min(start + samples_per_shard, n_samples)
+        with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
+            for i in range(start, stop):
+                img, cls, bg = render_sample(i, seed=seed, biased=biased, p_spurious=p_spurious,
+                                             image_size=image_size)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                sink.write({
+                    "__key__": f"s{i:06d}",
+                    "jpg": buf.getvalue(),
+                    "cls": str(cls).encode(),
+                    "group": str(group_id(cls, bg)).encode(),
+                    "txt": caption(cls, bg).encode(),
+                })
+        paths.append(path)
+        sizes[os.path.basename(path)] = stop - start
+    sizes_path = os.path.join(out_dir, "sizes.json")
+    if os.path.exists(sizes_path):
+        with open(sizes_path) as f:
+            sizes = {**json.load(f), **sizes}
+    with open(sizes_path, "w") as f:
+        json.dump(sizes, f, indent=1, sort_keys=True)
+    return sorted(paths)
+
+
+def write_csv(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_size=64):
+    """Write ``n_samples`` PNGs to ``out_dir/images/`` and a tab-separated ``out_dir/data.csv``.
+
+    Columns: ``filepath`` (absolute path), ``label`` (class index), ``group``
+    (group id), ``title`` (caption). Returns the csv path.
+    """
+    img_dir = os.path.abspath(os.path.join(out_dir, "images"))
+    os.makedirs(img_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "data.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["filepath", "label", "group", "title"])
+        for i in range(n_samples):
+            img, cls, bg = render_sample(i, seed=seed, biased=biased, p_spurious=p_spurious,
+                                         image_size=image_size)
+            path = os.path.join(img_dir, f"{i:06d}.png")
+            img.save(path)
+            writer.writerow([path, cls, group_id(cls, bg), caption(cls, bg)])
+    return csv_path
+
+
+def brace_pattern(paths):
+    """Brace pattern for consecutive shards, e.g. ``/dir/shard-{000000..000003}.tar``.
+
+    ``paths`` is the sorted list returned by ``write_shards``; a single path is
+    returned unchanged.
+    """
+    if len(paths) == 1:
+        return paths[0]
+    matches = [re.fullmatch(r"(.*-)(\d+)(\.tar)", p) for p in paths]
+    if not all(matches) or len({(m[1], m[3]) for m in matches}) != 1:
+        raise ValueError(f"not a shard list from write_shards: {paths}")
+    numbers = [int(m[2]) for m in matches]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise ValueError(f"shard numbers are not consecutive: {paths}")
+    head, first, last, ext = matches[0][1], matches[0][2], matches[-1][2], matches[0][3]
+    return f"{head}{{{first}..{last}}}{ext}"
