@@ -1,0 +1,172 @@
+"""Every change StarFT makes to OpenCLIP's training code, in one place.
+
+``open_clip_train.main.main`` (open_clip_torch 3.3) imports its helpers by name, so StarFT runs it
+unchanged after rebinding these names on that module (restored on exit):
+
+=============================  ===========================================================
+``parse_args``                 upstream's parser, then the StarFT settings added to ``args``
+                               (so they land in ``params.txt``, the log and wandb's config)
+``create_model_and_transforms``  upstream's, then the frozen teacher copied from the fresh
+                               model (before lock, grad checkpointing, DDP, compile, resume)
+``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
+``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass)
+``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels)
+``torch``                      upstream's ``torch`` with two overrides: ``torch.save`` adds the
+                               StarFT settings to each checkpoint; DDP drops ``device_ids`` for
+                               CPU modules (upstream passes them, DDP rejects them; gloo runs)
+=============================  ===========================================================
+
+and ``open_clip_train.zero_shot.accuracy`` gets the fix upstream made after 3.3.0 (numpy ≥ 2.4
+refuses ``float()`` of a 1-element array). Optimizer, scheduler, checkpointing, ``--resume
+latest``, logging, distributed set-up and zero-shot ImageNet eval stay upstream's.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import types
+
+import open_clip_train.main as host
+import open_clip_train.zero_shot as host_zero_shot
+import torch
+
+from . import train as starft_train
+from .captions import CaptionBuilder, load_classnames, load_templates
+from .data import get_train_data
+from .descriptors import load_descriptors
+from .errors import StarftError
+from .loss import StarLoss
+from .teacher import fingerprint, make_teacher
+
+
+def zero_shot_accuracy(output, target, topk=(1,)):
+    """``open_clip_train.zero_shot.accuracy`` as fixed upstream after 3.3.0 (numpy ≥ 2.4)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() for k in topk]
+
+
+def cpu_safe_ddp(module, device_ids=None, **kwargs):
+    """DDP that leaves out ``device_ids`` for a CPU module, which DDP rejects."""
+    if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+        device_ids = None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+class _Overlay(types.ModuleType):
+    """A module that answers with ``overrides`` first and with ``base`` for everything else."""
+
+    def __init__(self, base, **overrides):
+        super().__init__(base.__name__)
+        self.__dict__.update(overrides)
+        self._base = base
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def starft_settings(args) -> dict:
+    """The ``starft_*`` entries of ``args`` (what each checkpoint records under ``"starft"``)."""
+    return {k: v for k, v in vars(args).items() if k.startswith("starft_")}
+
+
+class StarftHooks:
+    """Holds one run's StarFT state (settings, caption builder, teacher) and the rebound names."""
+
+    def __init__(self, starft: argparse.Namespace):
+        self.starft = starft
+        self.builder: CaptionBuilder | None = None
+        self.teacher: torch.nn.Module | None = None
+        self._saved: dict = {}
+
+    # -- installing -------------------------------------------------------------------------
+    def __enter__(self):
+        host_names = {
+            "parse_args": self.parse_args,
+            "create_model_and_transforms": self.create_model_and_transforms,
+            "get_data": self.get_data,
+            "create_loss": self.create_loss,
+            "train_one_epoch": self.train_one_epoch,
+            "torch": _Overlay(torch, save=self.save_checkpoint, nn=_Overlay(
+                torch.nn, parallel=_Overlay(torch.nn.parallel, DistributedDataParallel=cpu_safe_ddp))),
+        }
+        self._saved = {(host, name): getattr(host, name) for name in host_names}
+        self._saved[(host_zero_shot, "accuracy")] = host_zero_shot.accuracy
+        for name, value in host_names.items():
+            setattr(host, name, value)
+        host_zero_shot.accuracy = zero_shot_accuracy
+        return self
+
+    def __exit__(self, *exc):
+        for (module, name), value in self._saved.items():
+            setattr(module, name, value)
+        return False
+
+    def original(self, name):
+        return self._saved[(host, name)]
+
+    # -- the hooks --------------------------------------------------------------------------
+    def parse_args(self, argv):
+        args = self.original("parse_args")(argv)
+        vars(args).update(vars(self.starft))
+        if args.accum_freq > 1:
+            raise StarftError(f"--accum-freq {args.accum_freq} is not supported by StarFT: "
+                              "use --accum-freq 1 with a larger --batch-size or more processes")
+        if args.distill_model is not None:
+            raise StarftError("--distill-model cannot be combined with StarFT: the frozen zero-shot model is "
+                              "StarFT's teacher already; drop --distill-model/--distill-pretrained")
+        if args.siglip or "coca" in args.model.lower():
+            raise StarftError("StarFT fine-tunes CLIP-style models with the contrastive loss: "
+                              "drop --siglip or pick a non-CoCa --model")
+        if args.train_data is None and args.dataset_type == "synthetic":
+            raise StarftError("--dataset-type synthetic has no class labels: pass --train-data shards with 'cls'")
+        self.builder = CaptionBuilder(
+            load_classnames(args.starft_classnames), load_templates(args.starft_templates),
+            suffix=args.starft_suffix,
+            descriptors=load_descriptors(args.starft_concepts) if args.starft_suffix == "spurious" else (),
+            random_words=args.starft_random_words)
+        args.starft_num_classes = self.builder.num_classes
+        return args
+
+    def create_model_and_transforms(self, *a, **kw):
+        model, preprocess_train, preprocess_val = self.original("create_model_and_transforms")(*a, **kw)
+        if self.starft.starft_lambda > 0:
+            self.teacher = make_teacher(model)
+            logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
+        return model, preprocess_train, preprocess_val
+
+    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
+        eval_args = copy.copy(args)
+        eval_args.train_data = None
+        if eval_args.dataset_type == "synthetic":
+            eval_args.dataset_type = "auto"
+        data = self.original("get_data")(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        if args.train_data:
+            data["train"] = get_train_data(args, preprocess_fns[0], self.builder, epoch=epoch, tokenizer=tokenizer)
+        return data
+
+    def create_loss(self, args):
+        if args.world_size > 1 and args.starft_lambda > 0 and not args.gather_with_grad:
+            logging.warning("StarFT under DDP without --gather-with-grad: the Star term's columns from other processes "
+                            "carry no gradient (as ClipLoss's); pass --gather-with-grad for the exact global-batch gradient")
+        return StarLoss(
+            mask_same_class=not args.starft_no_mask,
+            local_loss=args.local_loss,
+            gather_with_grad=args.gather_with_grad,
+            cache_labels=True,
+            rank=args.rank,
+            world_size=args.world_size,
+            use_horovod=args.horovod,
+        )
+
+    def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        if self.teacher is not None and host.is_master(args):
+            logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {fingerprint(self.teacher):.10g}")
+        starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
+                                     tb_writer=tb_writer)
+
+    def save_checkpoint(self, obj, f, *a, **kw):
+        if isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj:
+            obj = {**obj, "starft": starft_settings(self.starft)}
+        return torch.save(obj, f, *a, **kw)

@@ -1,0 +1,91 @@
+"""``python -m open_clip_starft.main``: StarFT fine-tuning through OpenCLIP's own ``main``.
+
+The StarFT flags (``--starft-*``) are split off here; everything else goes to
+``open_clip_train``'s parser and keeps its upstream meaning. Run it as upstream's module::
+
+    torchrun --nproc-per-node 8 -m open_clip_starft.main --starft-lambda 0.5 \\
+        --train-data '/data/imagenet/train-{0000..1023}.tar' --dataset-type webdataset \\
+        --model ViT-B-16 --pretrained /path/to/weights.pt ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import open_clip_train.main as host
+
+from .captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
+from .descriptors import CONCEPTS
+from .errors import StarftError
+from .hooks import StarftHooks
+from .schedule import list_schedules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open_clip_starft.main", add_help=False, allow_abbrev=False,
+                                     description="StarFT fine-tuning; all other flags are open_clip_train's.")
+    g = parser.add_argument_group("StarFT")
+    g.add_argument("--starft-lambda", type=float, default=0.5,
+                   help="weight λ of the Star term at the start of the run (0: plain contrastive fine-tuning, FLYP). Default 0.5.")
+    g.add_argument("--starft-schedule", default="linear",
+                   help=f"λ decay: {', '.join(list_schedules())}. linear: per step to 0 over the run (default); "
+                        "staircase: the release, λ·(1−(epoch+1)/epochs) per epoch; constant: no decay.")
+    g.add_argument("--starft-concepts", default="background",
+                   help=f"descriptor sets: {', '.join(CONCEPTS)}, all, a comma list, or a .txt/.json file. Default background.")
+    g.add_argument("--starft-suffix", default="spurious",
+                   help=f"spurious caption: {', '.join(list_suffix_modes())}. spurious: a descriptor per sample (default); "
+                        "random: random vocabulary words (ablation); none: the clean caption (ablation).")
+    g.add_argument("--starft-random-words", type=int, default=3,
+                   help="words appended by --starft-suffix random. Default 3.")
+    g.add_argument("--starft-no-mask", action="store_true",
+                   help="keep same-class pairs in the Star softmax (ablation; the default masks them).")
+    g.add_argument("--starft-classnames", default="imagenet",
+                   help="class names by class id: imagenet (OpenCLIP's 1000) or a file (one per line, JSON list, or JSON id→name).")
+    g.add_argument("--starft-templates", default="single",
+                   help=f"caption templates: {', '.join(CAPTION_TEMPLATE_SETS)} ('a photo of a {{}}.'; OpenCLIP's 80), "
+                        "or a file with one '{}' template per line. Default single.")
+    g.add_argument("--starft-csv-label-key", default="label",
+                   help="label column of a --dataset-type csv training file. Default label.")
+    g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
+                   help="stop when more than this share of training samples lack a usable label. Default 0.01.")
+    return parser
+
+
+def check(starft: argparse.Namespace) -> None:
+    """One-line errors for StarFT flag values that argparse alone would not catch."""
+    if not starft.starft_lambda >= 0:
+        raise StarftError(f"--starft-lambda {starft.starft_lambda:g} must be ≥ 0: use 0.5 (the paper), or 0 for FLYP")
+    if starft.starft_schedule not in list_schedules():
+        raise StarftError(f"unknown --starft-schedule {starft.starft_schedule!r}: use one of {', '.join(list_schedules())}")
+    if starft.starft_suffix not in list_suffix_modes():
+        raise StarftError(f"unknown --starft-suffix {starft.starft_suffix!r}: use one of {', '.join(list_suffix_modes())}")
+    if starft.starft_random_words < 1:
+        raise StarftError(f"--starft-random-words {starft.starft_random_words} must be ≥ 1")
+    if not 0 <= starft.starft_max_skipped_fraction <= 1:
+        raise StarftError(f"--starft-max-skipped-fraction {starft.starft_max_skipped_fraction:g} must be within 0..1")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print("\nopen_clip_train options (upstream):")
+        host.parse_args(["--help"])  # prints upstream's help and exits
+    starft, rest = parser.parse_known_args(argv)
+    try:
+        check(starft)
+        with StarftHooks(starft):
+            status = host.main(rest)
+    except StarftError as e:
+        print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+    if status == -1:  # upstream returns -1 (no exception) when it refuses to start, e.g. the run name exists
+        print("open-clip-starft: error: OpenCLIP refused to start the run (see above): pass a new --name, "
+              "or --resume latest to continue it", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
