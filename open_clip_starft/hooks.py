@@ -11,8 +11,12 @@ unchanged after rebinding these names on that module (restored on exit):
 ``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
 ``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass)
 ``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels)
+``pt_load``                    upstream's; a bare (model-only) ``--resume`` file, which upstream
+                               loads as the starting weights, is loaded into the teacher too
 ``torch``                      upstream's ``torch`` with two overrides: ``torch.save`` adds the
-                               StarFT settings to each checkpoint; DDP drops ``device_ids`` for
+                               StarFT settings to each checkpoint and writes it under a temporary
+                               name first (a killed run never leaves a partial ``epoch_N.pt``
+                               for ``--resume latest``); DDP drops ``device_ids`` for
                                CPU modules (upstream passes them, DDP rejects them; gloo runs)
 =============================  ===========================================================
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import types
 
 import open_clip_train.main as host
@@ -88,6 +93,7 @@ class StarftHooks:
             "get_data": self.get_data,
             "create_loss": self.create_loss,
             "train_one_epoch": self.train_one_epoch,
+            "pt_load": self.pt_load,
             "torch": _Overlay(torch, save=self.save_checkpoint, nn=_Overlay(
                 torch.nn, parallel=_Overlay(torch.nn.parallel, DistributedDataParallel=cpu_safe_ddp))),
         }
@@ -166,7 +172,21 @@ class StarftHooks:
         starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
                                      tb_writer=tb_writer)
 
+    def pt_load(self, path, map_location="cpu"):
+        checkpoint = self.original("pt_load")(path, map_location=map_location)
+        if self.teacher is not None and "epoch" not in checkpoint:
+            state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+            self.teacher.load_state_dict(state)
+            logging.info(f"StarFT teacher: loaded the bare --resume weights {path} as the zero-shot model "
+                         f"(fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
+        return checkpoint
+
     def save_checkpoint(self, obj, f, *a, **kw):
-        if isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj:
-            obj = {**obj, "starft": starft_settings(self.starft)}
-        return torch.save(obj, f, *a, **kw)
+        if not (isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj):
+            return torch.save(obj, f, *a, **kw)
+        obj = {**obj, "starft": starft_settings(self.starft)}
+        if not isinstance(f, (str, os.PathLike)):
+            return torch.save(obj, f, *a, **kw)
+        partial = f"{os.fspath(f)}.partial"
+        torch.save(obj, partial, *a, **kw)
+        os.replace(partial, f)

@@ -10,6 +10,7 @@ The StarFT flags (``--starft-*``) are split off here; everything else goes to
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import open_clip_train.main as host
@@ -65,6 +66,14 @@ def check(starft: argparse.Namespace) -> None:
         raise StarftError(f"--starft-max-skipped-fraction {starft.starft_max_skipped_fraction:g} must be within 0..1")
 
 
+def quiet_torch_loggers() -> None:
+    """Upstream's setup_logging sets every logger to INFO, so torch's compile statistics would be
+    dumped at exit; put torch's own loggers back to WARNING."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "torch" or name.startswith("torch."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -80,6 +89,8 @@ def main(argv=None) -> int:
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        quiet_torch_loggers()
     if status == -1:  # upstream returns -1 (no exception) when it refuses to start, e.g. the run name exists
         print("open-clip-starft: error: OpenCLIP refused to start the run (see above): pass a new --name, "
               "or --resume latest to continue it", file=sys.stderr)
