@@ -60,8 +60,12 @@ def test_two_processes_with_torchrun_on_gloo(ws):
     star = metric(log, "Star_loss")
     assert len(star) == 8 and star[0] < 1e-6 and all(math.isfinite(v) for v in star + metric(log, "Contrastive_loss"))
     assert checkpoints(ws, "ddp") == ["epoch_1.pt", "epoch_2.pt"]
-    ckpt = torch.load(os.path.join(ws["root"], "logs", "ddp", "checkpoints", "epoch_2.pt"), weights_only=False)
+    ckpt_path = os.path.join(ws["root"], "logs", "ddp", "checkpoints", "epoch_2.pt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
     assert all(k.startswith("module.") for k in ckpt["state_dict"])  # upstream saves the DDP state dict
+    register_tiny_config(ws)
+    model, _, _ = open_clip.create_model_and_transforms("starft-tiny", pretrained=ckpt_path)
+    assert torch.equal(model.visual.conv1.weight, ckpt["state_dict"]["module.visual.conv1.weight"])
 
 
 def test_lambda_zero_is_upstream_contrastive_fine_tuning(tmp_path):

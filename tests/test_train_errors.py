@@ -98,3 +98,7 @@ def test_corrupt_tar_among_good_ones_is_skipped_and_training_finishes(ws):
     unreadable = [int(v) for v in __import__("re").findall(r"unreadable shards/samples (\d+)", log)]
     assert unreadable and unreadable[-1] >= 1
     assert metric(log, "Step")[-1] == 2  # 96 samples / 32 per batch = 3 steps (0, 1, 2)
+
+
+def test_accum_freq_is_refused_clearly(ws):
+    one_line_error(run(train_args(ws, "accum", "--accum-freq", "2")), "--accum-freq 2", "--batch-size")
