@@ -1,21 +1,36 @@
-"""The ``open-clip-starft`` command: ``train`` (the same as ``python -m open_clip_starft.main``)
-and ``demo`` (a short real StarFT run on a built-in dataset)."""
+"""The ``open-clip-starft`` command and its subcommands.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file only dispatches.
+"""
 from __future__ import annotations
 
+import importlib
 import sys
+
+COMMANDS = {
+    "train": ("open_clip_starft.main", "StarFT fine-tuning through OpenCLIP's training code (all open_clip_train flags work)"),
+    "demo": ("open_clip_starft.demo", "build a small built-in dataset and model and run a short StarFT fine-tune"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "usage: open-clip-starft {" + ",".join(COMMANDS) + "} [args...]\n\n" + "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": "open_clip_starft.main", "demo": "open_clip_starft.demo"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: open-clip-starft {train,demo} [args...]\n\n"
-              "  train  StarFT fine-tuning through OpenCLIP's training code (all open_clip_train flags work)\n"
-              "  demo   build a small built-in dataset and model and run a short StarFT fine-tune",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
-    return importlib.import_module(commands[argv[0]]).main(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        if argv:
+            print(f"open-clip-starft: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":
