@@ -7,7 +7,8 @@ unchanged after rebinding these names on that module (restored on exit):
 ``parse_args``                 upstream's parser, then the StarFT settings added to ``args``
                                (so they land in ``params.txt``, the log and wandb's config)
 ``create_model_and_transforms``  upstream's, then the frozen teacher copied from the fresh
-                               model (before lock, grad checkpointing, DDP, compile, resume)
+                               model (before lock, grad checkpointing, DDP, compile, resume);
+                               CLIP text towers learn to stop at the batch's longest caption
 ``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
 ``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass)
 ``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels)
@@ -43,6 +44,7 @@ from .descriptors import load_descriptors
 from .errors import StarftError
 from .loss import StarLoss
 from .teacher import fingerprint, make_teacher
+from .text_prefix import install_prefix_encoding
 
 
 def zero_shot_accuracy(output, target, topk=(1,)):
@@ -139,7 +141,10 @@ class StarftHooks:
         model, preprocess_train, preprocess_val = self.original("create_model_and_transforms")(*a, **kw)
         if self.starft.starft_lambda > 0:
             self.teacher = make_teacher(model)
+            install_prefix_encoding(self.teacher)
             logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
+        if install_prefix_encoding(model):
+            logging.info("StarFT: the text tower runs only as far as the longest caption of each batch (exact)")
         return model, preprocess_train, preprocess_val
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):

@@ -20,11 +20,11 @@ TINY_MODEL_CFG = {
 
 
 def build_tiny_model(seed: int = 0, image_size: int = 32) -> tuple[CLIP, dict]:
-    """A tiny CLIP with weights drawn from ``seed``, and its config."""
+    """A tiny CLIP (forward returns a dict, as in training) with weights drawn from ``seed``, and its config."""
     cfg = json.loads(json.dumps(TINY_MODEL_CFG))
     cfg["vision_cfg"]["image_size"] = image_size
     torch.manual_seed(seed)
-    return CLIP(**cfg), cfg
+    return CLIP(**cfg, output_dict=True), cfg
 
 
 def write_tiny_model(out_dir: str, seed: int = 0, image_size: int = 32, model: CLIP | None = None) -> str:

@@ -21,6 +21,7 @@ from open_clip_train.train import AverageMeter, backward, unwrap_model
 from .errors import StarftError
 from .schedule import star_lambda
 from .teacher import teacher_features
+from .text_prefix import has_prefix_encoding, trim_tokens
 
 try:
     import wandb
@@ -28,13 +29,16 @@ except ImportError:
     wandb = None
 
 
-def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast):
+def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast, trim: bool = False):
     """One forward of the StarFT objective: ``({"contrastive_loss", "star_loss"}, logit_scale)``.
 
     ``images [B,3,H,W]``, ``texts``/``spurious [B,L]`` token ids, ``labels [B]``. With ``lam == 0``
-    this is the FLYP step: no spurious captions, no teacher.
+    this is the FLYP step: no spurious captions, no teacher. ``trim``: cut the token batches to
+    their longest caption (exact for models set up by ``text_prefix.install_prefix_encoding``).
     """
     batch = images.shape[0]
+    if trim:
+        texts, spurious = trim_tokens(texts, spurious)
     with autocast():
         if lam:
             out = model(images, torch.cat([texts, spurious]))
@@ -66,6 +70,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
     num_batches_per_epoch = dataloader.num_batches // args.accum_freq
     sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
     source = repr(args.train_data)
+    trim = has_prefix_encoding(model)
 
     losses_m = {}
     batch_time_m = AverageMeter()
@@ -87,7 +92,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
 
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
-        losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast)
+        losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast, trim)
         total_loss = sum(losses.values())
         losses["loss"] = total_loss
         backward(total_loss, scaler)

@@ -1,0 +1,66 @@
+"""Each exact speed-up gives the loss and features of the plain computation (within 1e-5)."""
+import random
+from contextlib import nullcontext
+
+import open_clip
+import torch
+
+from open_clip_starft.captions import CaptionBuilder
+from open_clip_starft.descriptors import load_descriptors
+from open_clip_starft.loss import StarLoss
+from open_clip_starft.teacher import make_teacher
+from open_clip_starft.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
+from open_clip_starft.tiny_model import build_tiny_model
+from open_clip_starft.train import starft_losses
+
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=32)
+
+
+def batch(seed=0, n=8):
+    rng = random.Random(seed)
+    builder = CaptionBuilder(["goldfish", "great white shark", "tree frog", "axolotl"], descriptors=load_descriptors("all"))
+    labels = [rng.randrange(4) for _ in range(n)]
+    pairs = [builder(c, rng) for c in labels]
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    return images, TOKENIZER([p[0] for p in pairs]), TOKENIZER([p[1] for p in pairs]), torch.tensor(labels)
+
+
+def test_prefix_encoding_equals_upstream_full_length_features():
+    model, _ = build_tiny_model(seed=1)
+    _, texts, spurious, _ = batch()
+    tokens = torch.cat([texts, spurious])
+    full = open_clip.CLIP.encode_text(model, tokens, normalize=True)
+    short, = trim_tokens(tokens)
+    assert short.shape[1] < tokens.shape[1] and (tokens[:, short.shape[1]:] == 0).all()
+    prefix = encode_text_prefix(model, short, normalize=True)
+    assert torch.allclose(prefix, full, atol=1e-5)
+    assert torch.equal(encode_text_prefix(model, tokens), open_clip.CLIP.encode_text(model, tokens))
+
+
+def test_installed_prefix_encoding_is_detected_through_wrappers():
+    model, _ = build_tiny_model()
+    assert not has_prefix_encoding(model)
+    assert install_prefix_encoding(model) and has_prefix_encoding(model)
+
+
+def test_star_step_loss_and_gradients_with_and_without_trimming():
+    images, texts, spurious, labels = batch(seed=2)
+    results = []
+    for trim in (False, True):
+        model, _ = build_tiny_model(seed=3)
+        teacher = make_teacher(model)
+        with torch.no_grad():  # let the student differ from the teacher so the Star term is not 0
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        if trim:
+            install_prefix_encoding(model)
+            install_prefix_encoding(teacher)
+        losses, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext, trim=trim)
+        sum(losses.values()).backward()
+        results.append((losses, model.token_embedding.weight.grad.clone(), model.visual.conv1.weight.grad.clone()))
+    (plain, plain_tok, plain_conv), (fast, fast_tok, fast_conv) = results
+    assert plain["star_loss"] > 1e-4
+    for key in plain:
+        assert abs(plain[key] - fast[key]) < 1e-5, key
+    assert torch.allclose(plain_tok, fast_tok, atol=1e-5) and torch.allclose(plain_conv, fast_conv, atol=1e-5)
