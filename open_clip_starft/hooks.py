@@ -43,7 +43,7 @@ from .data import get_train_data
 from .descriptors import load_descriptors
 from .errors import StarftError
 from .loss import StarLoss
-from .teacher import fingerprint, make_teacher
+from .teacher import TeacherTextCache, fingerprint, make_teacher
 from .text_prefix import install_prefix_encoding
 
 
@@ -85,6 +85,7 @@ class StarftHooks:
         self.starft = starft
         self.builder: CaptionBuilder | None = None
         self.teacher: torch.nn.Module | None = None
+        self.text_cache: TeacherTextCache | None = None
         self._saved: dict = {}
 
     # -- installing -------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class StarftHooks:
         if self.starft.starft_lambda > 0:
             self.teacher = make_teacher(model)
             install_prefix_encoding(self.teacher)
+            if self.starft.starft_teacher_text_cache_mb > 0 and self.starft.starft_suffix != "random":
+                self.text_cache = TeacherTextCache(self.starft.starft_teacher_text_cache_mb)
             logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
         if install_prefix_encoding(model):
             logging.info("StarFT: the text tower runs only as far as the longest caption of each batch (exact)")
@@ -175,7 +178,7 @@ class StarftHooks:
         if self.teacher is not None and host.is_master(args):
             logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {fingerprint(self.teacher):.10g}")
         starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
-                                     tb_writer=tb_writer)
+                                     tb_writer=tb_writer, text_cache=self.text_cache)
 
     def pt_load(self, path, map_location="cpu"):
         checkpoint = self.original("pt_load")(path, map_location=map_location)

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--starft-templates", default="single",
                    help=f"caption templates: {', '.join(CAPTION_TEMPLATE_SETS)} ('a photo of a {{}}.'; OpenCLIP's 80), "
                         "or a file with one '{}' template per line. Default single.")
+    g.add_argument("--starft-teacher-text-cache-mb", type=float, default=1024,
+                   help="memory for the teacher's features of spurious captions, each computed once (exact; "
+                        "58,000 captions × 512 dims ≈ 113 MB for ImageNet + background); 0 turns it off. Default 1024.")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,

@@ -6,6 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .text_prefix import prefix_length
+
 
 def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
     """An exact, frozen copy of ``model`` in eval mode. Take it right after model creation:
@@ -16,13 +18,63 @@ def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
-def teacher_features(teacher: torch.nn.Module, images: torch.Tensor, spurious: torch.Tensor, autocast=nullcontext):
+class TeacherTextCache:
+    """The teacher's features of spurious captions, kept per caption.
+
+    Spurious captions come from a finite set (classes × caption templates × descriptors: 58,000
+    for ImageNet with one template and the background set), and the teacher never changes, so
+    each caption's features need computing once. Entries are keyed by the caption's token ids
+    (padding excluded) and added until ``max_mb`` is reached; captions beyond that are computed
+    each step. Exact: the same features, up to float summation order.
+    """
+
+    def __init__(self, max_mb: float):
+        self.max_bytes = max_mb * 2 ** 20
+        self.features: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def keys(tokens: torch.Tensor) -> list[bytes]:
+        """One key per row of ``tokens [B, L]``: its ids up to the last non-pad token."""
+        rows = tokens.cpu()
+        return [row[:prefix_length(row[None])].numpy().tobytes() for row in rows]
+
+    def __call__(self, teacher, tokens: torch.Tensor, keys: list[bytes], autocast=nullcontext) -> torch.Tensor:
+        """Features ``[B, D]`` of ``tokens [B, L]`` (normalised), computing only unseen captions."""
+        missing = [i for i, k in enumerate(keys) if k not in self.features]
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        fresh = {}
+        if missing:
+            with torch.inference_mode(), autocast():
+                computed = teacher.encode_text(tokens[missing], normalize=True)
+            for i, row in zip(missing, computed.clone()):
+                fresh[keys[i]] = row
+                if keys[i] not in self.features and self.bytes + row.numel() * row.element_size() <= self.max_bytes:
+                    self.features[keys[i]] = row.clone()  # its own storage, not a view of the batch
+                    self.bytes += row.numel() * row.element_size()
+        return torch.stack([self.features.get(k, fresh.get(k)) for k in keys])
+
+    def summary(self) -> str:
+        total = self.hits + self.misses
+        return (f"{len(self.features)} captions, {self.bytes / 2 ** 20:.1f} MB of {self.max_bytes / 2 ** 20:.0f} MB, "
+                f"hit rate {self.hits / total if total else 0:.3f}")
+
+
+def teacher_features(teacher: torch.nn.Module, images: torch.Tensor, spurious: torch.Tensor, autocast=nullcontext,
+                     text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None):
     """The teacher's image features ``[B, D]``, spurious-caption features ``[B, D]`` and
     ``logit_scale.exp()`` (0-dim), under inference mode and the run's autocast."""
     with torch.inference_mode(), autocast():
-        out = teacher(images, spurious)
+        image_features = teacher.encode_image(images, normalize=True)
+        if text_cache is None:
+            spurious_features = teacher.encode_text(spurious, normalize=True)
+        scale = teacher.logit_scale.exp()
+    if text_cache is not None:
+        spurious_features = text_cache(teacher, spurious, spurious_keys, autocast)
     # Inference tensors may not enter the student's autograd graph; clones of these [B, D] are cheap.
-    return out["image_features"].clone(), out["text_features"].clone(), out["logit_scale"].clone()
+    return image_features.clone(), spurious_features.clone(), scale.clone()
 
 
 def fingerprint(model: torch.nn.Module) -> float:

@@ -20,7 +20,7 @@ from open_clip_train.train import AverageMeter, backward, unwrap_model
 
 from .errors import StarftError
 from .schedule import star_lambda
-from .teacher import teacher_features
+from .teacher import TeacherTextCache, teacher_features
 from .text_prefix import has_prefix_encoding, trim_tokens
 
 try:
@@ -29,12 +29,15 @@ except ImportError:
     wandb = None
 
 
-def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast, trim: bool = False):
+def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast, trim: bool = False,
+                  text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None):
     """One forward of the StarFT objective: ``({"contrastive_loss", "star_loss"}, logit_scale)``.
 
     ``images [B,3,H,W]``, ``texts``/``spurious [B,L]`` token ids, ``labels [B]``. With ``lam == 0``
     this is the FLYP step: no spurious captions, no teacher. ``trim``: cut the token batches to
     their longest caption (exact for models set up by ``text_prefix.install_prefix_encoding``).
+    ``text_cache`` with ``spurious_keys`` (``TeacherTextCache.keys`` of ``spurious``): reuse the
+    teacher's features of captions seen before.
     """
     batch = images.shape[0]
     if trim:
@@ -48,7 +51,8 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
             text_features, spurious_features = out["text_features"], None
     teacher_image = teacher_spurious = teacher_scale = None
     if lam:
-        teacher_image, teacher_spurious, teacher_scale = teacher_features(teacher, images, spurious, autocast)
+        teacher_image, teacher_spurious, teacher_scale = teacher_features(
+            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys)
     with autocast():
         losses = loss(out["image_features"], text_features, out["logit_scale"],
                       spurious_features=spurious_features, teacher_image_features=teacher_image,
@@ -58,7 +62,8 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
     return losses, out["logit_scale"]
 
 
-def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None):
+def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None,
+                    text_cache: TeacherTextCache | None = None):
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
@@ -84,6 +89,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
         lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
 
         images, texts, spurious, labels = batch
+        spurious_keys = text_cache.keys(spurious) if text_cache is not None and lam else None
         images = images.to(device=device, dtype=input_dtype, non_blocking=True)
         texts = texts.to(device=device, non_blocking=True)
         spurious = spurious.to(device=device, non_blocking=True)
@@ -92,7 +98,8 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
 
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
-        losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast, trim)
+        losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast, trim,
+                                            text_cache, spurious_keys)
         total_loss = sum(losses.values())
         losses["loss"] = total_loss
         backward(total_loss, scaler)
@@ -161,3 +168,5 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
                           "check that the shards hold images with a 'cls' label and that --batch-size fits the data")
     if is_master(args):
         logging.info(f"StarFT data, epoch {epoch}: {label_stats.summary()}")
+        if text_cache is not None:
+            logging.info(f"StarFT teacher text cache, epoch {epoch}: {text_cache.summary()}")

@@ -8,7 +8,7 @@ import torch
 from open_clip_starft.captions import CaptionBuilder
 from open_clip_starft.descriptors import load_descriptors
 from open_clip_starft.loss import StarLoss
-from open_clip_starft.teacher import make_teacher
+from open_clip_starft.teacher import TeacherTextCache, make_teacher
 from open_clip_starft.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
 from open_clip_starft.tiny_model import build_tiny_model
 from open_clip_starft.train import starft_losses
@@ -64,3 +64,40 @@ def test_star_step_loss_and_gradients_with_and_without_trimming():
     for key in plain:
         assert abs(plain[key] - fast[key]) < 1e-5, key
     assert torch.allclose(plain_tok, fast_tok, atol=1e-5) and torch.allclose(plain_conv, fast_conv, atol=1e-5)
+
+
+def test_teacher_text_cache_gives_the_same_loss_cold_and_warm():
+    images, texts, spurious, labels = batch(seed=4)
+    model, _ = build_tiny_model(seed=5)
+    teacher = make_teacher(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext)
+    cache = TeacherTextCache(max_mb=1)
+    keys = cache.keys(spurious)
+    assert len(set(keys)) == len({tuple(r.tolist()) for r in spurious})  # one key per distinct caption
+    cold, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext,
+                            text_cache=cache, spurious_keys=keys)
+    assert cache.misses == len(keys) and cache.hits == 0
+    warm, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext,
+                            text_cache=cache, spurious_keys=keys)
+    assert cache.hits == len(keys)
+    assert plain["star_loss"] > 1e-4
+    for key in plain:
+        assert abs(plain[key] - cold[key]) < 1e-5 and abs(plain[key] - warm[key]) < 1e-5, key
+    # keys ignore padding: the same caption padded to another length has the same key
+    assert cache.keys(spurious[:, :20]) == keys
+
+
+def test_teacher_text_cache_respects_its_memory_cap():
+    images, texts, spurious, labels = batch(seed=6, n=16)
+    model, _ = build_tiny_model(seed=7)
+    teacher = make_teacher(model)
+    row_bytes = 32 * 4  # embed_dim 32, float32
+    cache = TeacherTextCache(max_mb=3 * row_bytes / 2 ** 20)
+    features = cache(teacher, spurious, cache.keys(spurious))
+    assert len(cache.features) == 3 and cache.bytes == 3 * row_bytes
+    with torch.no_grad():
+        want = teacher.encode_text(spurious, normalize=True)
+    assert torch.allclose(features, want, atol=1e-6)  # captions beyond the cap are computed, not dropped
