@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": ("open_clip_starft.main", "StarFT fine-tuning through OpenCLIP's training code (all open_clip_train flags work)"),
     "demo": ("open_clip_starft.demo", "build a small built-in dataset and model and run a short StarFT fine-tune"),
+    "descriptors": ("open_clip_starft.descriptor_tools", "generate descriptor sets with a language model; show, validate, stats"),
 }
 
 
