@@ -43,6 +43,7 @@ from .data import get_train_data
 from .descriptors import load_descriptors
 from .errors import StarftError
 from .loss import StarLoss
+from .preemption import checkpoint_name
 from .teacher import TeacherTextCache, fingerprint, make_teacher
 from .text_prefix import install_prefix_encoding
 
@@ -86,6 +87,8 @@ class StarftHooks:
         self.builder: CaptionBuilder | None = None
         self.teacher: torch.nn.Module | None = None
         self.text_cache: TeacherTextCache | None = None
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a preemption checkpoint
+        self.checkpoint_path: str | None = None
         self._saved: dict = {}
 
     # -- installing -------------------------------------------------------------------------
@@ -177,11 +180,39 @@ class StarftHooks:
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         if self.teacher is not None and host.is_master(args):
             logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {fingerprint(self.teacher):.10g}")
+        start_batch = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+
+        def on_preempt(batches_done: int) -> str:
+            return self.save_preemption_checkpoint(model, optimizer, scaler, epoch, batches_done, args)
+
         starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
-                                     tb_writer=tb_writer, text_cache=self.text_cache)
+                                     tb_writer=tb_writer, text_cache=self.text_cache, start_batch=start_batch,
+                                     on_preempt=on_preempt)
+        logging.info(f"StarFT rank {args.rank}: model fingerprint after epoch {epoch}: {fingerprint(model):.10g}")
+
+    def save_preemption_checkpoint(self, model, optimizer, scaler, epoch, batches_done, args) -> str:
+        """Upstream's checkpoint dict for a run stopped after ``batches_done`` batches of ``epoch``."""
+        path = os.path.join(args.checkpoint_path, checkpoint_name(epoch, batches_done))
+        if args.save_logs:
+            checkpoint = {
+                "epoch": epoch,  # epochs completed: upstream resumes at this epoch
+                "name": args.name,
+                "state_dict": getattr(model, "_orig_mod", model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
+            if scaler is not None:
+                checkpoint["scaler"] = scaler.state_dict()
+            self.save_checkpoint(checkpoint, path, batches_done=batches_done)
+            logging.info(f"StarFT: stopped by signal after batch {batches_done} of epoch {epoch}; saved {path}")
+        if args.distributed:
+            torch.distributed.barrier()
+        return path
 
     def pt_load(self, path, map_location="cpu"):
         checkpoint = self.original("pt_load")(path, map_location=map_location)
+        if "batches_done" in checkpoint.get("starft", {}):
+            self.resume_at = (checkpoint["epoch"], checkpoint["starft"]["batches_done"])
+            logging.info(f"StarFT: resuming epoch {self.resume_at[0]} after batch {self.resume_at[1]} (preemption checkpoint)")
         if self.teacher is not None and "epoch" not in checkpoint:
             state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
             self.teacher.load_state_dict(state)
@@ -189,10 +220,12 @@ class StarftHooks:
                          f"(fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
         return checkpoint
 
-    def save_checkpoint(self, obj, f, *a, **kw):
+    def save_checkpoint(self, obj, f, *a, batches_done: int | None = None, **kw):
         if not (isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj):
             return torch.save(obj, f, *a, **kw)
         obj = {**obj, "starft": starft_settings(self.starft)}
+        if batches_done is not None:
+            obj["starft"]["batches_done"] = batches_done
         if not isinstance(f, (str, os.PathLike)):
             return torch.save(obj, f, *a, **kw)
         partial = f"{os.fspath(f)}.partial"

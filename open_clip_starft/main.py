@@ -19,6 +19,7 @@ from .captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
 from .descriptors import CONCEPTS
 from .errors import StarftError
 from .hooks import StarftHooks
+from .preemption import FLAG, Preempted
 from .schedule import list_schedules
 
 
@@ -87,12 +88,17 @@ def main(argv=None) -> int:
     starft, rest = parser.parse_known_args(argv)
     try:
         check(starft)
+        FLAG.install()
         with StarftHooks(starft):
             status = host.main(rest)
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"open-clip-starft: stopped by a signal; saved {stop}; continue with --resume latest", file=sys.stderr)
+        return 0
     finally:
+        FLAG.uninstall()
         quiet_torch_loggers()
     if status == -1:  # upstream returns -1 (no exception) when it refuses to start, e.g. the run name exists
         print("open-clip-starft: error: OpenCLIP refused to start the run (see above): pass a new --name, "

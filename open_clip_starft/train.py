@@ -19,6 +19,7 @@ from open_clip_train.precision import get_autocast
 from open_clip_train.train import AverageMeter, backward, unwrap_model
 
 from .errors import StarftError
+from .preemption import FLAG, Preempted
 from .schedule import star_lambda
 from .teacher import TeacherTextCache, teacher_features
 from .text_prefix import has_prefix_encoding, trim_tokens
@@ -63,7 +64,12 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
 
 
 def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None,
-                    text_cache: TeacherTextCache | None = None):
+                    text_cache: TeacherTextCache | None = None, start_batch: int = 0, on_preempt=None):
+    """One epoch of StarFT, from batch ``start_batch`` (a resumed preemption checkpoint) on.
+
+    ``on_preempt(batches_done)``, when given, writes a mid-epoch checkpoint; it is called after
+    the step during which SIGUSR1/SIGTERM arrived, and ``Preempted`` is raised after it.
+    """
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
@@ -81,8 +87,10 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
     batch_time_m = AverageMeter()
     data_time_m = AverageMeter()
     end = time.time()
-    batch_count = 0
-    for i, batch in enumerate(dataloader):
+    batch_count = start_batch
+    for i, batch in enumerate(dataloader, start=start_batch):
+        if i >= num_batches_per_epoch:  # resumed mid-epoch: this epoch has fewer batches left
+            break
         step = num_batches_per_epoch * epoch + i
         if not args.skip_scheduler:
             scheduler(step)
@@ -118,6 +126,9 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
         # as upstream: clamp to ln(100)
         with torch.no_grad():
             unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+
+        if on_preempt is not None and FLAG.requested(args.distributed, device):
+            raise Preempted(on_preempt(i + 1))
 
         batch_time_m.update(time.time() - end)
         end = time.time()
@@ -163,7 +174,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
             data_time_m.reset()
 
     label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, source, final=True)
-    if batch_count == 0:
+    if batch_count == start_batch < num_batches_per_epoch:
         raise StarftError(f"--train-data {source} gave no training batch in epoch {epoch} ({label_stats.summary()}): "
                           "check that the shards hold images with a 'cls' label and that --batch-size fits the data")
     if is_master(args):

@@ -1,0 +1,69 @@
+"""SIGUSR1/SIGTERM mid-epoch: a checkpoint, exit 0, and --resume latest finishes the same run."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runs import checkpoints, log_of, make_workspace, metric, run, train_args
+from test_slurm import SCRIPTS, slurm_env
+
+EPOCHS, STEPS_PER_EPOCH = 2, 16  # 128 samples, batch 8
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("preempt"))
+
+
+def wait_for_step(ws, name, proc, step, timeout=240):
+    path = os.path.join(ws["root"], "logs", name, "out.log")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and f"Step: {step} " in open(path).read():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run {name} never logged step {step}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_mid_epoch_saves_exits_zero_and_resume_finishes(ws, sig):
+    name = f"sig{int(sig)}"
+    args = train_args(ws, name, batch_size=8, epochs=EPOCHS)
+    proc = subprocess.Popen([sys.executable, "-m", "open_clip_starft.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for_step(ws, name, proc, 2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal" in stderr and "--resume latest" in stderr
+    saved = checkpoints(ws, name)
+    assert len(saved) == 1 and re.fullmatch(r"epoch_0_step_\d+\.pt", saved[0]), saved
+    done = int(re.search(r"step_(\d+)", saved[0]).group(1))
+    assert 3 <= done < STEPS_PER_EPOCH  # mid-epoch: after the step the signal arrived in
+
+    resumed = run(args + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = log_of(ws, name)
+    steps = metric(log, "Step")
+    assert steps[-1] == EPOCHS * STEPS_PER_EPOCH - 1  # the same step count as an uninterrupted run
+    resumed_steps = steps[steps.index(done):]  # after the resume: each remaining step exactly once
+    assert resumed_steps == list(range(done, EPOCHS * STEPS_PER_EPOCH))
+    assert checkpoints(ws, name)[-1] == f"epoch_{EPOCHS}.pt"
+
+
+def test_sbatch_script_forwards_usr1_and_requeues(ws, tmp_path):
+    env = slurm_env(ws, tmp_path, "requeue", 29614)
+    del env["SLURM_NTASKS"]
+    env["EXTRA_ARGS"] = env["EXTRA_ARGS"].replace("--batch-size 16 --epochs 1", "--batch-size 8 --epochs 2")
+    proc = subprocess.Popen(["bash", os.path.join(SCRIPTS, "train_1node.sbatch")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(ws, "requeue", proc, 1)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 4242"
+    assert any(re.fullmatch(r"epoch_\d+_step_\d+\.pt", c) for c in checkpoints(ws, "requeue")), checkpoints(ws, "requeue")

@@ -1,0 +1,113 @@
+"""The SLURM scripts: lint, and each launch line run on CPU with a faked 2-task SLURM job."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from runs import checkpoints, make_workspace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts", "slurm")
+SBATCH = sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".sbatch"))
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: start $SLURM_NTASKS local copies of the command, as SLURM would on one node
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$FAKE_SLURM_DIR/task-$i.log" 2>&1 &
+    pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}"' USR1
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit "$status"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol stand-in: one host name; requeue calls are recorded
+case "$1" in
+    show) echo localhost ;;
+    requeue) echo "requeue $2" >> "$FAKE_SLURM_DIR/scontrol.log" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("script", SBATCH)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    path = os.path.join(SCRIPTS, script)
+    subprocess.run(["bash", "-n", path], check=True)
+    assert shutil.which("shellcheck"), "shellcheck is needed (Debian package shellcheck; .ci/run installs it)"
+    result = subprocess.run(["shellcheck", path], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("slurm"), n=64, shards=2)
+
+
+def slurm_env(ws, tmp_path, name, port, **extra):
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for tool, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / tool).write_text(text)
+        (fake / tool).chmod(0o755)
+    path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = dict(os.environ, PATH=path, FAKE_SLURM_DIR=str(tmp_path), OMP_NUM_THREADS="1",
+               SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[001]", MASTER_PORT=str(port),
+               GPUS="2", DATA=ws["data"], MODEL=ws["model"], DEVICE="cpu", OUTPUT=os.path.join(ws["root"], "logs"),
+               NAME=name, EXTRA_ARGS=f"--batch-size 16 --epochs 1 --workers 1 --lr 1e-3 --log-every-n-steps 1 "
+                                     f"--gather-with-grad --starft-classnames {ws['classes']}")
+    env.update(extra)
+    return env
+
+
+def rank_fingerprints(text):
+    return {int(r): float(v) for r, v in re.findall(r"StarFT rank (\d+): model fingerprint after epoch 0: ([0-9.e+]+)", text)}
+
+
+def assert_two_ranks_agree(text):
+    prints = rank_fingerprints(text)
+    assert set(prints) == {0, 1}, text[-3000:]
+    assert prints[0] == prints[1]
+
+
+def test_multinode_script_with_srun_two_tasks(ws, tmp_path):
+    env = slurm_env(ws, tmp_path, "srun2", 29611)
+    result = subprocess.run(["bash", os.path.join(SCRIPTS, "train_multinode.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    logs = "".join((tmp_path / f"task-{i}.log").read_text() for i in range(2))
+    assert result.returncode == 0, result.stderr[-2000:] + logs[-3000:]
+    assert "total 2" in logs  # OpenCLIP's SLURM detection made a 2-process job
+    assert_two_ranks_agree(logs)
+    assert checkpoints(ws, "srun2") == ["epoch_1.pt"]
+
+
+def test_one_node_script_with_torchrun_two_processes(ws, tmp_path):
+    env = slurm_env(ws, tmp_path, "torchrun2", 29612)
+    del env["SLURM_NTASKS"]  # one task (torchrun) that starts the processes
+    result = subprocess.run(["bash", os.path.join(SCRIPTS, "train_1node.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_two_ranks_agree(result.stdout + result.stderr)
+    assert checkpoints(ws, "torchrun2") == ["epoch_1.pt"]
+    assert not (tmp_path / "scontrol.log").exists()  # a finished run is not requeued
+
+
+def test_sweep_script_runs_its_grid_point(ws, tmp_path):
+    env = slurm_env(ws, tmp_path, "unused", 29613, SLURM_ARRAY_TASK_ID="7", SCRIPT_DIR=SCRIPTS)
+    del env["SLURM_NTASKS"], env["NAME"]
+    result = subprocess.run(["bash", os.path.join(SCRIPTS, "sweep.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # task 7 of LAMBDAS (0 0.25 0.5 1) × CONCEPT_SETS (background texture all): λ 0.5, texture
+    assert "--starft-lambda 0.5 --starft-concepts texture" in result.stdout
+    assert_two_ranks_agree(result.stdout + result.stderr)
+    params = open(os.path.join(ws["root"], "logs", "starft-sweep-lambda0.5-texture", "params.txt")).read()
+    assert "starft_lambda: 0.5" in params and "starft_concepts: texture" in params
+    outside = subprocess.run(["bash", os.path.join(SCRIPTS, "sweep.sbatch")], capture_output=True, text=True,
+                             env=dict(env, SLURM_ARRAY_TASK_ID="12"))
+    assert outside.returncode == 2 and "--array=0-11" in outside.stderr
