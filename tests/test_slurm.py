@@ -111,3 +111,34 @@ def test_sweep_script_runs_its_grid_point(ws, tmp_path):
     outside = subprocess.run(["bash", os.path.join(SCRIPTS, "sweep.sbatch")], capture_output=True, text=True,
                              env=dict(env, SLURM_ARRAY_TASK_ID="12"))
     assert outside.returncode == 2 and "--array=0-11" in outside.stderr
+
+
+FAKE_TORCHRUN = """#!/bin/bash
+# torchrun stand-in: record the command line
+printf '%s\\n' "$@" > "$FAKE_SLURM_DIR/torchrun.args"
+"""
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ("recipe_imagenet_vitb16.sbatch", ["--model", "ViT-B-16-quickgelu", "--starft-lambda", "0.5", "--starft-schedule",
+                                       "staircase", "--precision", "fp32", "--batch-size", "64", "--lr", "1e-5",
+                                       "--wd", "0.1", "--warmup", "500", "--epochs", "10", "scale=(0.9,1.0)"]),
+    ("recipe_imagenet_vitl14.sbatch", ["--model", "ViT-L-14", "--starft-lambda", "0.5", "--precision", "amp_bf16"]),
+    ("recipe_flyp_imagenet_vitb16.sbatch", ["--model", "ViT-B-16-quickgelu", "--starft-lambda", "0", "--precision", "fp32"]),
+    ("recipe_transfer.sbatch", ["--starft-classnames", "/data/mydata/shards/classnames.txt", "--starft-templates", "openai"]),
+])
+def test_recipes_launch_train_1node_with_their_flags(tmp_path, recipe, expected):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text(FAKE_TORCHRUN)
+    (fake / "torchrun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPUS", "DATA", "MODEL", "NAME", "EXTRA_ARGS")}
+    env.update(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_DIR=str(tmp_path), SCRIPT_DIR=SCRIPTS)
+    result = subprocess.run(["bash", os.path.join(SCRIPTS, recipe)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "torchrun.args").read_text().split("\n")
+    assert args[:5] == ["--standalone", "--nproc-per-node", args[2], "-m", "--"] and args[5] == "open_clip_starft.main"
+    for flag, value in zip(expected[::2], expected[1::2]):
+        assert args[args.index(flag) + 1] == value, (flag, args)
+    if len(expected) % 2:
+        assert expected[-1] in args
