@@ -1,0 +1,297 @@
+"""``open-clip-starft bench step|data``: speed and memory of StarFT, measured side by side.
+
+``step`` times, interleaved in one run, three training steps on the same model and batch:
+
+- ``flyp``: our training step with λ = 0 (contrastive fine-tuning only);
+- ``starft``: our StarFT step (one student text forward for both caption kinds, text towers cut
+  at the longest caption, teacher under inference mode, the teacher's spurious-caption features
+  from its cache, warm as in training once each caption has been seen);
+- ``naive``: a direct port (student on captions and spurious captions separately, full-length
+  text, teacher image and text forward every step).
+
+It reports median step times and their ratios, FLOPs per step (``torch.utils.flop_counter``)
+with the floor ratio ``(FLYP + teacher image forward) / FLYP`` (the teacher's image forward is
+the one extra cost no exact trick removes), and peak memory of each step (CUDA: allocator peak;
+CPU: peak RSS of a fresh process running only that step). Prints a table; writes JSON records.
+
+``data`` compares samples/s of our training pipeline with upstream's ``get_wds_dataset`` on the
+same shards and worker count, alternating epochs in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+
+import open_clip
+import torch
+from open_clip import get_input_dtype
+from open_clip_train.precision import get_autocast
+from torch.utils.flop_counter import FlopCounterMode
+
+from .captions import CaptionBuilder, load_classnames
+from .descriptors import load_descriptors
+from .loss import StarLoss
+from .teacher import TeacherTextCache, make_teacher
+from .text_prefix import install_prefix_encoding
+from .tiny_model import build_tiny_model
+from .train import starft_losses
+
+VARIANTS = ("flyp", "starft", "naive")
+
+
+# -- the step benchmark ---------------------------------------------------------------------
+class StepBench:
+    """One model, optimizer, teacher and batch; ``step(variant)`` runs one optimizer step."""
+
+    def __init__(self, model_name: str, batch_size: int, precision: str, device: str, seed: int = 0,
+                 with_teacher: bool = True):
+        torch.manual_seed(seed)
+        if model_name == "tiny":
+            self.model, _ = build_tiny_model(seed)
+            tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=self.model.context_length)
+        else:
+            self.model = open_clip.create_model(model_name, pretrained=None, output_dict=True)
+            tokenizer = open_clip.get_tokenizer(model_name)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.teacher = make_teacher(self.model) if with_teacher else None
+        install_prefix_encoding(self.model)
+        if self.teacher is not None:
+            install_prefix_encoding(self.teacher)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
+        self.loss = StarLoss()
+        self.autocast = get_autocast(precision, device_type=self.device.type)
+        self.scaler = torch.amp.GradScaler(device=self.device.type) if precision == "amp" else None
+
+        rng = random.Random(seed)
+        builder = CaptionBuilder(load_classnames("imagenet"), descriptors=load_descriptors("background"))
+        labels = [rng.randrange(builder.num_classes) for _ in range(batch_size)]
+        pairs = [builder(c, rng) for c in labels]
+        size = self.model.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        dtype = get_input_dtype(precision)
+        self.images = torch.randn(batch_size, 3, *size, device=self.device, dtype=dtype)
+        self.texts = tokenizer([p[0] for p in pairs]).to(self.device)
+        self.spurious = tokenizer([p[1] for p in pairs]).to(self.device)
+        self.labels = torch.tensor(labels, device=self.device)
+        # warm after the first step, as in training once each caption has been seen
+        self.text_cache = TeacherTextCache(1024)
+        self.spurious_keys = self.text_cache.keys(self.spurious)
+
+    def _losses(self, variant: str):
+        if variant == "naive":
+            return self._naive_losses()
+        lam = 0.0 if variant == "flyp" else 0.5
+        losses, _ = starft_losses(self.model, self.teacher, self.loss, self.images, self.texts, self.spurious,
+                                  self.labels, lam, self.autocast, trim=True,
+                                  text_cache=self.text_cache, spurious_keys=self.spurious_keys)
+        return losses
+
+    def _naive_losses(self):
+        """A direct port: separate full-length text forwards, teacher image and text every step."""
+        with self.autocast():
+            out = self.model(self.images, self.texts)
+            spurious = self.model.encode_text(self.spurious, normalize=True)
+            with torch.no_grad():
+                t_image = self.teacher.encode_image(self.images, normalize=True)
+                t_spurious = self.teacher.encode_text(self.spurious, normalize=True)
+                t_scale = self.teacher.logit_scale.exp()
+            return self.loss(out["image_features"], out["text_features"], out["logit_scale"],
+                             spurious_features=spurious, teacher_image_features=t_image,
+                             teacher_spurious_features=t_spurious, labels=self.labels,
+                             teacher_logit_scale=t_scale, star_lambda=0.5, output_dict=True)
+
+    def step(self, variant: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = sum(self._losses(variant).values())
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_steps(self, variants, steps: int) -> dict:
+        """Median seconds per step of each variant, the variants interleaved step by step."""
+        for v in variants:  # warm-up
+            self.step(v)
+        times = {v: [] for v in variants}
+        for _ in range(steps):
+            for v in variants:
+                self.sync()
+                start = time.perf_counter()
+                self.step(v)
+                self.sync()
+                times[v].append(time.perf_counter() - start)
+        return {v: statistics.median(t) for v, t in times.items()}
+
+    def flops(self, variant: str) -> int:
+        with FlopCounterMode(display=False) as counter:
+            self.step(variant)
+        return counter.get_total_flops()
+
+    def teacher_image_flops(self) -> int:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode(), self.autocast():
+            self.teacher.encode_image(self.images)
+        return counter.get_total_flops()
+
+    def teacher_mb(self) -> float:
+        return sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2 ** 20
+
+
+def _peak_memory_mb(args, variant: str) -> float:
+    """Peak memory of ``variant``'s steps: CUDA allocator peak, or a fresh process's peak RSS on CPU."""
+    if args.device.startswith("cuda"):
+        bench = StepBench(args.model, args.batch_size, args.precision, args.device, with_teacher=variant != "flyp")
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            bench.step(variant)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    cmd = [sys.executable, "-m", "open_clip_starft.bench", "step", "--model", args.model, "--batch-size", str(args.batch_size),
+           "--precision", args.precision, "--device", args.device, "--memory-of", variant]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def bench_step(args) -> dict:
+    if args.memory_of:  # child process: run only this variant, print peak RSS (MB)
+        bench = StepBench(args.model, args.batch_size, args.precision, args.device, with_teacher=args.memory_of != "flyp")
+        for _ in range(2):
+            bench.step(args.memory_of)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {}
+    bench = StepBench(args.model, args.batch_size, args.precision, args.device)
+    seconds = bench.time_steps(VARIANTS, args.steps)
+    flops = {v: bench.flops(v) for v in VARIANTS}
+    teacher_image = bench.teacher_image_flops()
+    memory = {v: _peak_memory_mb(args, v) for v in VARIANTS}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {
+        "model": args.model, "device": args.device, "device_name": device_name,
+        "cpu_threads": torch.get_num_threads(), "batch_size": args.batch_size, "precision": args.precision,
+        "steps": args.steps,
+        "flyp_step_s": seconds["flyp"], "starft_step_s": seconds["starft"], "naive_step_s": seconds["naive"],
+        "starft_over_flyp": seconds["starft"] / seconds["flyp"], "starft_over_naive": seconds["starft"] / seconds["naive"],
+        "naive_over_flyp": seconds["naive"] / seconds["flyp"],
+        "flyp_flops": flops["flyp"], "starft_flops": flops["starft"], "naive_flops": flops["naive"],
+        "teacher_image_forward_flops": teacher_image,
+        "flop_floor_ratio": (flops["flyp"] + teacher_image) / flops["flyp"],
+        "starft_flop_ratio": flops["starft"] / flops["flyp"],
+        "images_per_s": {v: args.batch_size / s for v, s in seconds.items()},
+        "peak_mem_mb": memory, "teacher_mb": bench.teacher_mb(),
+        "starft_mem_over_flyp_mb": memory["starft"] - memory["flyp"],
+        "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def print_step_table(record: dict) -> None:
+    r = record
+    print(f"model {r['model']}, {r['device']} ({r['device_name']}, {r['cpu_threads']} threads), batch {r['batch_size']}, "
+          f"{r['precision']}, median of {r['steps']} interleaved steps")
+    print(f"{'step':<8}{'s/step':>10}{'images/s':>10}{'GFLOP':>10}{'peak MB':>10}")
+    for v in VARIANTS:
+        print(f"{v:<8}{r[v + '_step_s']:>10.3f}{r['images_per_s'][v]:>10.1f}{r[v + '_flops'] / 1e9:>10.1f}{r['peak_mem_mb'][v]:>10.0f}")
+    print(f"StarFT/FLYP {r['starft_over_flyp']:.3f}   StarFT/naive {r['starft_over_naive']:.3f}   "
+          f"naive/FLYP {r['naive_over_flyp']:.3f}   FLOP floor {r['flop_floor_ratio']:.3f}   StarFT FLOPs/FLYP {r['starft_flop_ratio']:.3f}")
+    print(f"memory: StarFT − FLYP {r['starft_mem_over_flyp_mb']:.0f} MB, teacher {r['teacher_mb']:.0f} MB")
+
+
+# -- the data benchmark ---------------------------------------------------------------------
+def bench_data(args) -> dict:
+    from open_clip_train.data import get_wds_dataset
+    from open_clip_train.params import parse_args
+
+    from .data import get_wds_train_data
+
+    host_args = parse_args(["--train-data", args.shards, "--dataset-type", "webdataset", "--batch-size", str(args.batch_size),
+                            "--workers", str(args.workers), "--seed", "0"]
+                           + (["--train-num-samples", str(args.num_samples)] if args.num_samples else []))
+    host_args.world_size, host_args.rank, host_args.distributed = 1, 0, False
+    host_args.starft_max_skipped_fraction = 0.01
+    _, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, force_image_size=args.image_size)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    classnames = load_classnames(args.classnames)
+    builder = CaptionBuilder(classnames, descriptors=load_descriptors("background"))
+    pipelines = {
+        "starft": get_wds_train_data(host_args, preprocess, builder, tokenizer=tokenizer),
+        "upstream": get_wds_dataset(host_args, preprocess, is_train=True, tokenizer=tokenizer),
+    }
+    rates = {name: [] for name in pipelines}
+    for epoch in range(args.epochs):
+        for name, info in pipelines.items():
+            info.set_epoch(epoch)
+            samples, start = 0, None
+            for batch in info.dataloader:
+                if start is None:  # the first batch carries worker start-up; time the rest
+                    start = time.perf_counter()
+                    continue
+                samples += len(batch[0])
+            rates[name].append(samples / (time.perf_counter() - start))
+    ours, theirs = statistics.median(rates["starft"]), statistics.median(rates["upstream"])
+    return {"shards": args.shards, "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
+            "epochs": args.epochs, "starft_samples_per_s": ours, "upstream_samples_per_s": theirs,
+            "starft_over_upstream": ours / theirs, "per_epoch": rates,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+
+
+def _write(out: str, record: dict, key: tuple) -> None:
+    """Add ``record`` to the JSON list in ``out``, replacing one with the same ``key`` fields."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    records = json.load(open(out)) if os.path.exists(out) else []
+    records = [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
+    with open(out, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="open-clip-starft bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    step = sub.add_parser("step", help="FLYP vs StarFT vs naive StarFT training steps")
+    step.add_argument("--model", default="tiny", help="tiny, or an OpenCLIP model name (random init), e.g. ViT-B-16")
+    step.add_argument("--batch-size", type=int, default=8)
+    step.add_argument("--precision", default="fp32", help="fp32, amp, amp_bf16 (OpenCLIP's names)")
+    step.add_argument("--device", default="cpu")
+    step.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    step.add_argument("--out", default="docs/bench/step.json", help="JSON file of records (one per model/device/batch/precision)")
+    step.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    data = sub.add_parser("data", help="our training pipeline vs upstream's get_wds_dataset")
+    data.add_argument("--shards", required=True, help="brace pattern of shards with jpg, cls and txt")
+    data.add_argument("--num-samples", type=int, help="samples per epoch if the shards have no sizes.json")
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--image-size", type=int, default=224)
+    data.add_argument("--classnames", default="imagenet")
+    data.add_argument("--epochs", type=int, default=4, help="epochs per pipeline, alternating")
+    data.add_argument("--out", default="docs/bench/data.json")
+    args = parser.parse_args(argv)
+    if args.what == "step":
+        record = bench_step(args)
+        if record:
+            print_step_table(record)
+            _write(args.out, record, ("model", "device", "batch_size", "precision"))
+    else:
+        record = bench_data(args)
+        print(f"samples/s over {args.epochs} epochs each (median): ours {record['starft_samples_per_s']:.1f}, "
+              f"upstream {record['upstream_samples_per_s']:.1f}, ratio {record['starft_over_upstream']:.3f}")
+        _write(args.out, record, ("shards", "workers", "batch_size", "image_size"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
