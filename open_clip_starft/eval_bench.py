@@ -1,0 +1,124 @@
+"""``open-clip-starft eval-bench``: eval throughput and zero-shot head cost per model, as a table.
+
+Throughput is images/s through ``eval``'s whole path (JPEG decode, preprocessing, image tower,
+head, metrics); the head cost is class names × templates (80 OpenAI templates by default).
+
+    open-clip-starft eval-bench --models tiny,ViT-B-16 --images 64 --head-classes 10
+
+Models are random-init (speed does not depend on the weights). The head cost is measured on
+``--head-classes`` ImageNet classes and scaled to 1000 classes (linear in the class count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from .errors import StarftError
+from .eval_sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
+from .evaluation import HeadCache, evaluate_prepared
+
+
+def _model(name: str, device: str):
+    if name == "tiny":
+        from .tiny_model import build_tiny_model
+        model, _ = build_tiny_model(0)
+        _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, force_image_size=32)
+        tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)
+    else:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        except RuntimeError:
+            raise StarftError(f"unknown model {name!r} in --models: use tiny or an OpenCLIP model name") from None
+        tokenizer = open_clip.get_tokenizer(name)
+    return model.to(device).eval(), preprocess, tokenizer
+
+
+def _image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def _write_images(root: str, n: int, size: int, classes: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = os.path.join(root, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+
+
+def bench_model(name: str, images: int, batch_size: int, head_classes: int, templates: str, device: str, workers: int) -> dict:
+    model, preprocess, tokenizer = _model(name, device)
+    size = _image_size(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_images(tmp, images, size)
+        spec = EvalSetSpec(name="bench", root=tmp, format="folder", classnames=[f"class {i}" for i in range(4)], templates="single")
+        prepared = [prepare_set(spec)]
+        evaluate_prepared(model, preprocess, tokenizer, prepared, device=device, batch_size=batch_size, workers=workers)  # warm-up
+        start = time.perf_counter()
+        record = evaluate_prepared(model, preprocess, tokenizer, prepared, device=device, batch_size=batch_size, workers=workers)[0]
+        eval_seconds = time.perf_counter() - start - record["settings"]["head_seconds"]
+    names = open_clip.IMAGENET_CLASSNAMES[:head_classes]
+    temps, _ = resolve_templates(templates)
+    head_set = PreparedSet(name="head", format="folder", root="", head_classnames=list(names), templates=temps,
+                           class_map=None, classnames=list(names))
+    heads = HeadCache(model, tokenizer, device)
+    heads.prepare([head_set])
+    return {
+        "model": name, "device": device, "threads": torch.get_num_threads(), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "image_size": size, "images": record["n"], "batch_size": batch_size, "eval_seconds": eval_seconds,
+        "images_per_s": record["n"] / eval_seconds, "head_classes": head_classes, "templates": len(temps),
+        "head_seconds": heads.seconds, "head_seconds_per_1000_classes": heads.seconds * 1000 / head_classes,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "params (M)", "px", "eval images/s", "head: classes × templates", "head s", "head s / 1000 classes"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['image_size']} | {r['images_per_s']:.1f} | "
+                     f"{r['head_classes']} × {r['templates']} | {r['head_seconds']:.2f} | {r['head_seconds_per_1000_classes']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="open-clip-starft eval-bench", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--models", default="tiny", help="comma list: tiny and/or OpenCLIP model names (default tiny)")
+    parser.add_argument("--images", type=int, default=256, help="images per model (default 256)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
+    parser.add_argument("--head-classes", type=int, default=50, help="classes of the measured head (default 50)")
+    parser.add_argument("--templates", default="openai", help="templates of the head (default openai: 80)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.images < 1 or args.batch_size < 1 or args.head_classes < 1 or args.head_classes > 1000:
+            raise StarftError("--images and --batch-size must be ≥ 1 and --head-classes in 1..1000")
+        rows = []
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            rows.append(bench_model(name, args.images, args.batch_size, args.head_classes, args.templates, args.device, args.workers))
+            print(f"  {name}: {rows[-1]['images_per_s']:.1f} images/s, head {rows[-1]['head_seconds']:.2f} s", file=sys.stderr)
+        print(f"eval throughput on {args.device} ({torch.get_num_threads()} threads)\n")
+        print(table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    except StarftError as e:
+        print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""``open-clip-starft eval``: zero-shot evaluation of OpenCLIP checkpoints on eval sets.
+
+ImageNet's shifts and group-shift sets, with top-1/top-5, per-class, per-group, worst-group and
+average-group accuracy and expected calibration error.
+
+    open-clip-starft eval --model ViT-B-16-quickgelu --pretrained zs=/ckpt/openai.pt \\
+        --run logs/starft --epochs last --suite suite.yaml --out results.jsonl
+    open-clip-starft eval --model local-dir:DIR --data /data/waterbirds --out wb.jsonl
+    open-clip-starft eval --model M --pretrained FILE --set imagenet-r=/data/imagenet-r --set imagenet=/data/val --out r.jsonl
+
+Checkpoints × sets; each set's zero-shot head (class names × templates) is computed once per
+checkpoint (sets sharing class names and templates share it). Writes ``--out`` (JSON lines, one
+record per checkpoint × set), a Markdown table (``--table``, default beside ``--out``) and
+per-group accuracy plots (``--plots``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from .errors import StarftError
+from .eval_models import ModelCache, checkpoints_from_args
+from .eval_report import markdown_table, plot_groups, write_jsonl
+from .eval_sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
+from .evaluation import evaluate_prepared
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The eval-set options shared by ``eval`` and ``wise``."""
+    g = parser.add_argument_group("eval sets (at least one of --data, --set, --suite)")
+    g.add_argument("--data", action="append", default=[], metavar="ROOT",
+                   help="an eval set: a class-subfolder folder, shards (pattern, .tar or folder), a CSV, a CLIP_benchmark "
+                        "wds folder or a known release (Waterbirds, CIFAR-10.02, ObjectNet, PACS); named after its folder")
+    g.add_argument("--set", action="append", default=[], metavar="NAME=ROOT",
+                   help=f"a named eval set; built-in names take their settings: {', '.join(BUILTIN_SETS)}")
+    g.add_argument("--suite", metavar="FILE", help="a JSON or YAML suite file naming sets with their roots")
+    g.add_argument("--id", dest="id_set", metavar="NAME", help="the in-distribution set of the table (default: imagenet or the first set)")
+    g.add_argument("--format", default="auto", choices=FORMATS, help="layout of --data/--set roots (default: detected)")
+    g.add_argument("--classnames", metavar="imagenet|FILE", help="class names by label (default: the set's own)")
+    g.add_argument("--templates", metavar="single|openai|FILE", help="caption templates of the head (default: the set's own or single)")
+    g.add_argument("--subset", metavar="imagenet-r|imagenet-a|FILE|IDS", help="restrict the logits to these head class ids")
+    g.add_argument("--subset-labels", default=None, choices=("local", "full"),
+                   help="labels are positions in the subset (local, as ImageNet-R/-A folders give) or head class ids (full)")
+    g.add_argument("--split", metavar="NAME", help="CLIP_benchmark split folder or Waterbirds split (default test)")
+    g.add_argument("--csv-path-key", metavar="COL")
+    g.add_argument("--csv-label-key", metavar="COL")
+    g.add_argument("--csv-group-key", metavar="COL")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("running")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--workers", type=int, default=4, help="data-loader workers (default 4)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16"))
+    g.add_argument("--ece-bins", type=int, default=15, help="bins of the expected calibration error (default 15)")
+
+
+def set_specs_from_args(args) -> tuple[list[EvalSetSpec], str | None]:
+    """Eval set specs from ``--suite``, ``--set`` and ``--data`` (CLI class/template/subset options
+    apply to ``--set`` and ``--data`` sets)."""
+    specs, id_set = [], None
+    if args.suite:
+        specs, id_set = load_suite(args.suite)
+    overrides = {k: v for k, v in {
+        "format": args.format, "classnames": args.classnames, "templates": args.templates, "subset": args.subset,
+        "subset_labels": args.subset_labels, "split": args.split, "csv_path_key": args.csv_path_key,
+        "csv_label_key": args.csv_label_key, "csv_group_key": args.csv_group_key}.items() if v is not None}
+    for item in args.set:
+        if "=" not in item:
+            raise StarftError(f"--set {item!r}: write NAME=ROOT, e.g. imagenet-r=/data/imagenet-r")
+        name, root = item.split("=", 1)
+        specs.append(EvalSetSpec(name=name, root=root, **overrides))
+    for root in args.data:
+        name = os.path.basename(root.rstrip("/")) or root
+        name = name.split("{")[0].rstrip("-_.") or name
+        if name.lower().endswith((".csv", ".tsv", ".tar")):
+            name = os.path.splitext(name)[0]
+        specs.append(EvalSetSpec(name=name, root=root, **overrides))
+    if not specs:
+        raise StarftError("no eval set: pass --data ROOT, --set NAME=ROOT or --suite FILE")
+    names = [s.name for s in specs]
+    for i, s in enumerate(specs):
+        if names.count(s.name) > 1:
+            s.name = f"{s.name}#{names[:i].count(s.name) + 1}"
+    id_set = args.id_set or id_set
+    if id_set is not None and id_set not in [s.name for s in specs]:
+        raise StarftError(f"--id {id_set!r} is not one of the sets ({', '.join(s.name for s in specs)}): name one of them")
+    return specs, id_set
+
+
+def _check_positive(args) -> None:
+    if args.batch_size < 1 or args.workers < 0 or args.ece_bins < 1:
+        raise StarftError("--batch-size and --ece-bins must be ≥ 1 and --workers ≥ 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open-clip-starft eval", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--model", metavar="NAME|local-dir:DIR", help="OpenCLIP architecture (default for --run: its params.txt)")
+    g.add_argument("--pretrained", action="append", default=[], metavar="[LABEL=]FILE",
+                   help="weights file of --model (repeatable: one checkpoint each)")
+    g.add_argument("--run", action="append", default=[], metavar="DIR", help="a training run folder (LOGS/NAME): its epoch checkpoints")
+    g.add_argument("--epochs", default="all", metavar="all|last|N,M", help="which epochs of each --run (default all)")
+    add_data_args(parser)
+    o = parser.add_argument_group("outputs")
+    o.add_argument("--out", required=True, metavar="results.jsonl", help="JSON lines, one record per checkpoint × set")
+    o.add_argument("--table", metavar="FILE.md", help="Markdown table (default: --out with .md)")
+    o.add_argument("--plots", metavar="DIR", help="per-group accuracy plots (default: --out without suffix + _plots)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_run_args(parser)
+    return parser
+
+
+def default_paths(out: str, table: str | None, plots: str | None) -> tuple[str, str]:
+    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else os.path.splitext(out)[0]
+    return table or stem + ".md", plots or stem + "_plots"
+
+
+def run(args) -> int:
+    _check_positive(args)
+    specs, id_set = set_specs_from_args(args)
+    checkpoints = checkpoints_from_args(args.model, args.pretrained, args.run, args.epochs)
+    prepared = [prepare_set(s) for s in specs]  # every set is checked before any model runs
+    table_path, plots_dir = default_paths(args.out, args.table, args.plots)
+    print(f"evaluating {len(checkpoints)} checkpoint(s) × {len(prepared)} set(s) on {args.device}")
+    for p in prepared:
+        n = len(p.items) if p.items is not None else f"{len(p.shards)} shard(s)"
+        print(f"  set {p.name}: {p.settings['format']}, {p.num_classes} classes, {len(p.templates)} template(s), {n}")
+    cache, records, start = ModelCache(args.device), [], time.time()
+    for ckpt in checkpoints:
+        model, preprocess, tokenizer = cache.load(ckpt)
+        records += evaluate_prepared(
+            model, preprocess, tokenizer, prepared, label=ckpt.label, device=args.device, precision=args.precision,
+            batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins,
+            settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size}, log=print)
+        write_jsonl(records, args.out)  # after every checkpoint, so a long run leaves its results
+    table = markdown_table(records, id_set)
+    with open(table_path, "w") as f:
+        f.write(table)
+    print("\n" + table)
+    plots = [] if args.no_plots else plot_groups(records, plots_dir)
+    print(f"results: {args.out}\ntable:   {table_path}" + (f"\nplots:   {', '.join(plots)}" if plots else "")
+          + f"\ndone in {time.time() - start:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except StarftError as e:
+        print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

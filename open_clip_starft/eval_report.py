@@ -1,0 +1,157 @@
+"""Reports of eval records: JSON lines, a Markdown table with checkpoints side by side (the paper's
+Tables 2 and 3: ID, each OOD set, OOD average; worst-group and average accuracy of group sets),
+per-group accuracy bar plots and the WiSE-FT curve (PNG, matplotlib's Agg backend)."""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import StarftError
+
+
+def write_jsonl(records: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".partial", "w") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=False) + "\n")
+    os.replace(path + ".partial", path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_group_set(records: list[dict], name: str) -> bool:
+    """A set with more than one group (Waterbirds, PACS, CIFAR-10.02) is reported by worst-group
+    and average accuracy."""
+    return any(len(r["groups"]) > 1 for r in records if r["dataset"] == name)
+
+
+def layout(records: list[dict], id_set: str | None = None) -> tuple[str | None, list[str], list[str]]:
+    """``(ID set, OOD sets, group sets)`` in the order the sets first appear. The ID set is
+    ``id_set``, else ``imagenet`` when present, else the first set without groups."""
+    names = list(dict.fromkeys(r["dataset"] for r in records))
+    if id_set is not None and id_set not in names:
+        raise StarftError(f"--id {id_set!r} is not one of the evaluated sets ({', '.join(names)}): name one of them")
+    group_sets = [n for n in names if is_group_set(records, n) and n != id_set]
+    plain = [n for n in names if n not in group_sets]
+    if id_set is None:
+        id_set = "imagenet" if "imagenet" in plain else (plain[0] if plain else None)
+    return id_set, [n for n in plain if n != id_set], group_sets
+
+
+def summary(records: list[dict], id_set: str | None = None) -> dict:
+    """Per checkpoint: ``id`` (top-1 of the ID set), ``ood`` {set: top-1}, ``ood_avg``, and for
+    group sets ``{set: {"wg": worst-group, "avg": top-1}}``."""
+    id_name, ood, groups = layout(records, id_set)
+    out = {}
+    for r in records:
+        row = out.setdefault(r["checkpoint"], {"id": None, "ood": {}, "group": {}})
+        if r["dataset"] == id_name:
+            row["id"] = r["top1"]
+        elif r["dataset"] in ood:
+            row["ood"][r["dataset"]] = r["top1"]
+        else:
+            row["group"][r["dataset"]] = {"wg": r["worst_group"], "avg": r["top1"]}
+    for row in out.values():
+        row["ood_avg"] = sum(row["ood"].values()) / len(row["ood"]) if row["ood"] else None
+    return out
+
+
+def markdown_table(records: list[dict], id_set: str | None = None) -> str:
+    """Checkpoints as rows, sets as columns, accuracies in %: ``ID``, each OOD set, ``OOD avg``;
+    ``WG`` and ``Avg`` (overall top-1) of each group set."""
+    id_name, ood, group_sets = layout(records, id_set)
+    rows = summary(records, id_set)
+    head = ["checkpoint"]
+    if id_name:
+        head.append(f"{id_name} (ID)")
+    head += ood
+    if ood:
+        head.append("OOD avg")
+    for g in group_sets:
+        head += [f"{g} WG", f"{g} Avg"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, row in rows.items():
+        cells = [name.replace("|", "\\|")]
+        if id_name:
+            cells.append(pct(row["id"]))
+        cells += [pct(row["ood"].get(n)) for n in ood]
+        if ood:
+            cells.append(pct(row["ood_avg"]))
+        for g in group_sets:
+            v = row["group"].get(g)
+            cells += [pct(v and v["wg"]), pct(v and v["avg"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise StarftError("plots need matplotlib: pip install matplotlib (or pass --no-plots)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def plot_groups(records: list[dict], out_dir: str) -> list[str]:
+    """One PNG per set with more than one group: per-group accuracy bars, one bar per checkpoint,
+    worst group marked in the legend. Returns the paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name in dict.fromkeys(r["dataset"] for r in records):
+        if not is_group_set(records, name):
+            continue
+        rs = [r for r in records if r["dataset"] == name]
+        groups = list(dict.fromkeys(g for r in rs for g in r["groups"]))
+        width = 0.8 / len(rs)
+        fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.6 * len(groups) * max(1, len(rs)) ** 0.5 + 2)), 3.8))
+        for i, r in enumerate(rs):
+            xs = [j - 0.4 + width * (i + 0.5) for j in range(len(groups))]
+            ax.bar(xs, [100 * r["groups"].get(g, float("nan")) for g in groups], width,
+                   label=f"{r['checkpoint']} (WG {100 * r['worst_group']:.1f})")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30 if max(map(len, groups)) > 8 else 0, ha="right" if max(map(len, groups)) > 8 else "center")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{name}: accuracy per group")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{_safe(name)}_groups.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_wise(points: list[dict], path: str, x_label: str, y_label: str) -> str:
+    """The WiSE-FT curve: one point per α (``x``, ``y``), labelled with α; α = 0 and 1 marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs, ys = [100 * p["x"] for p in points], [100 * p["y"] for p in points]
+    ax.plot(xs, ys, "-o", color="tab:blue", markersize=4, label="WiSE-FT θ(α)")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for p, x, y in zip(points, xs, ys):
+        if p["alpha"] == 0:
+            ax.plot([x], [y], "*", color="tab:green", markersize=12, label="zero-shot (α=0)")
+        elif p["alpha"] == 1:
+            ax.plot([x], [y], "s", color="tab:red", markersize=8, label="fine-tuned (α=1)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

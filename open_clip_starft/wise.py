@@ -1,0 +1,170 @@
+"""``open-clip-starft wise``: WiSE-FT weight interpolation, evaluated per α.
+
+θ(α) = (1−α)·θ_zero-shot + α·θ_fine-tuned for a list of α, each evaluated on the chosen sets.
+
+    open-clip-starft wise --model ViT-B-16-quickgelu --zero-shot /ckpt/openai.pt \\
+        --fine-tuned logs/starft/checkpoints/epoch_10.pt --alphas 0:1:0.1 --suite suite.yaml \\
+        --out wise/ --save-alpha 0.5 --save wise/alpha-0.5
+
+Writes ``OUT/wise.json`` (the curve: per α the ID accuracy, the OOD average and every set's
+metrics), ``OUT/wise.png`` (ID vs OOD accuracy, one point per α), ``OUT/results.jsonl`` and
+``OUT/results.md`` (checkpoints ``alpha=…`` side by side). ``--save`` writes the chosen α's
+weights in OpenCLIP's format: a ``.pt``/``.bin`` state dict (``--model M --pretrained FILE``) or a
+``local-dir:`` folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import StarftError
+from .eval_cli import _check_positive, add_data_args, add_run_args, set_specs_from_args
+from .eval_models import create_model, interpolate_state_dicts, load_weights, save_openclip
+from .eval_report import layout, markdown_table, plot_wise, summary, write_jsonl
+from .eval_sets import prepare_set
+from .evaluation import evaluate_prepared
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``0,0.25,1`` or ``START:STOP:STEP`` (inclusive), each in [0, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            alphas = [round(start + i * step, 10) for i in range(n + 1)]
+        else:
+            alphas = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StarftError(f"--alphas {text!r}: write a comma list (0,0.5,1) or START:STOP:STEP (0:1:0.1)") from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise StarftError(f"--alphas {text!r}: every α must lie in [0, 1]")
+    return sorted(set(alphas))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open-clip-starft wise", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--model", required=True, metavar="NAME|local-dir:DIR", help="OpenCLIP architecture of both checkpoints")
+    g.add_argument("--zero-shot", metavar="FILE", help="zero-shot weights (default: --model's own, e.g. a local-dir's)")
+    g.add_argument("--fine-tuned", required=True, metavar="FILE", help="fine-tuned weights (a training checkpoint or state dict)")
+    g.add_argument("--alphas", default="0:1:0.1", help="α list: 0,0.5,1 or START:STOP:STEP (default 0:1:0.1)")
+    add_data_args(parser)
+    o = parser.add_argument_group("outputs")
+    o.add_argument("--out", required=True, metavar="DIR", help="folder for wise.json, wise.png, results.jsonl and results.md")
+    o.add_argument("--save-alpha", metavar="A|best", help="save the weights of this α (best: the highest OOD average, "
+                   "else worst-group average, else ID accuracy)")
+    o.add_argument("--save", metavar="PATH", help="where --save-alpha's weights go: FILE.pt or a folder (local-dir format); "
+                   "default OUT/wise-alpha-A")
+    o.add_argument("--no-plots", action="store_true")
+    add_run_args(parser)
+    return parser
+
+
+def curve(records: list[dict], alphas: list[float], id_set: str | None) -> tuple[list[dict], str, str]:
+    """Per α: ``alpha``, ``id``, ``ood_avg``, ``worst_group_avg`` and ``sets``; with ``x``/``y`` for the plot."""
+    id_name, ood, group_sets = layout(records, id_set)
+    rows = summary(records, id_set)
+    points = []
+    for a in alphas:
+        label = f"alpha={a:g}"
+        row = rows[label]
+        wg = [v["wg"] for v in row["group"].values()]
+        points.append({
+            "alpha": a, "checkpoint": label, "id": row["id"], "ood_avg": row["ood_avg"],
+            "worst_group_avg": sum(wg) / len(wg) if wg else None,
+            "sets": {r["dataset"]: {k: r[k] for k in ("top1", "top5", "worst_group", "avg_group", "ece", "n")}
+                     for r in records if r["checkpoint"] == label},
+        })
+    if id_name and ood:
+        x_key, y_key, xl, yl = "id", "ood_avg", f"{id_name} (ID) top-1 (%)", f"OOD average top-1 (%) over {', '.join(ood)}"
+    elif id_name and group_sets:
+        x_key, y_key, xl, yl = "id", "worst_group_avg", f"{id_name} (ID) top-1 (%)", "worst-group accuracy (%)"
+    elif group_sets:
+        x_key, y_key, xl, yl = "alpha", "worst_group_avg", "α", "worst-group accuracy (%)"
+    else:
+        x_key, y_key, xl, yl = "alpha", "id", "α", f"{id_name} top-1 (%)"
+    for p in points:  # plot_wise shows x and y in %; α is shown as it is
+        p["x"] = p[x_key] / 100 if x_key == "alpha" else p[x_key]
+        p["y"] = p[y_key]
+    return points, xl, yl
+
+
+def choose_alpha(points: list[dict], spec: str) -> float:
+    if spec == "best":
+        key = next(k for k in ("ood_avg", "worst_group_avg", "id") if points[0][k] is not None)
+        return max(points, key=lambda p: p[key])["alpha"]
+    try:
+        alpha = float(spec)
+    except ValueError:
+        raise StarftError(f"--save-alpha {spec!r}: give one of the evaluated α or 'best'") from None
+    if alpha not in [p["alpha"] for p in points]:
+        listed = ", ".join(f"{p['alpha']:g}" for p in points)
+        raise StarftError(f"--save-alpha {spec}: not among --alphas ({listed})")
+    return alpha
+
+
+def run(args) -> int:
+    _check_positive(args)
+    alphas = parse_alphas(args.alphas)
+    specs, id_set = set_specs_from_args(args)
+    prepared = [prepare_set(s) for s in specs]
+    if not args.zero_shot and not args.model.startswith("local-dir:"):
+        raise StarftError(f"--model {args.model} has no weights of its own here: pass --zero-shot FILE "
+                          "(the pretrained weights the fine-tuning started from)")
+    model, preprocess, tokenizer = create_model(args.model, args.device)
+    if args.zero_shot:
+        load_weights(model, args.zero_shot, args.model)
+    zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    load_weights(model, args.fine_tuned, args.model)
+    fine_tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    os.makedirs(args.out, exist_ok=True)
+    print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
+    records, start = [], time.time()
+    settings = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
+    for a in alphas:
+        model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
+        records += evaluate_prepared(model, preprocess, tokenizer, prepared, label=f"alpha={a:g}", device=args.device,
+                                     precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                                     ece_bins=args.ece_bins, settings={**settings, "alpha": a}, log=print)
+        write_jsonl(records, os.path.join(args.out, "results.jsonl"))
+    points, x_label, y_label = curve(records, alphas, id_set)
+    result = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned,
+              "x": x_label, "y": y_label, "points": points}
+    table = markdown_table(records, id_set)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+    if args.save_alpha is not None or args.save is not None:
+        alpha = choose_alpha(points, args.save_alpha or "best")
+        target = args.save or os.path.join(args.out, f"wise-alpha-{alpha:g}")
+        saved = save_openclip(interpolate_state_dicts(zero_shot, fine_tuned, alpha), args.model, target)
+        result["saved"] = {"alpha": alpha, "path": saved}
+        how = f"--model {saved}" if saved.startswith("local-dir:") else f"--model {args.model} --pretrained {saved}"
+        print(f"saved θ(α={alpha:g}) in OpenCLIP format: use {how}")
+    with open(os.path.join(args.out, "wise.json"), "w") as f:
+        json.dump(result, f, indent=1, ensure_ascii=False)
+    if not args.no_plots:
+        plot_wise(points, os.path.join(args.out, "wise.png"), x_label, y_label)
+    print(f"curve: {os.path.join(args.out, 'wise.json')}" + ("" if args.no_plots else f", {os.path.join(args.out, 'wise.png')}")
+          + f"\ndone in {time.time() - start:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except StarftError as e:
+        print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
