@@ -132,17 +132,35 @@ class _AddCaptions:
             yield sample
 
 
+class _AddPlainImage:
+    """Pipeline stage (``--starft-teacher-image-cache``): the un-augmented image (eval transform)
+    and a sample id (shard URL + key), for the teacher's per-image feature cache."""
+
+    def __init__(self, preprocess_plain):
+        self.preprocess_plain = preprocess_plain
+
+    def __call__(self, samples):
+        for sample in samples:
+            sample["plain"] = self.preprocess_plain(sample["image"])
+            sample["__sample_id__"] = f"{sample.get('__url__', '')}/{sample['__key__']}"
+            yield sample
+
+
 class Collate:
-    """``[(image, text, spurious, label)]`` → ``(images [B,3,H,W], texts [B,L], spurious [B,L], labels [B])``;
-    captions are tokenized per batch."""
+    """``[(image, text, spurious, label[, plain image, sample id])]`` → ``(images [B,3,H,W],
+    texts [B,L], spurious [B,L], labels [B][, plain images [B,3,H,W], ids [B]])``; captions are
+    tokenized per batch."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, samples):
-        images, texts, spurious, labels = zip(*samples)
-        return (torch.stack(images), self.tokenizer(list(texts)), self.tokenizer(list(spurious)),
-                torch.tensor(labels, dtype=torch.long))
+        images, texts, spurious, labels, *plain = zip(*samples)
+        batch = (torch.stack(images), self.tokenizer(list(texts)), self.tokenizer(list(spurious)),
+                 torch.tensor(labels, dtype=torch.long))
+        if plain:
+            batch += (torch.stack(plain[0]), list(plain[1]))
+        return batch
 
 
 def _counting_handler(stats: LabelStats):
@@ -180,8 +198,10 @@ class _StopWhenEmpty(wds.DataPipeline):
                 return
 
 
-def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None) -> DataInfo:
-    """Upstream's training shard pipeline with StarFT's labelled tail (see the module docstring)."""
+def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
+                       preprocess_plain=None) -> DataInfo:
+    """Upstream's training shard pipeline with StarFT's labelled tail (see the module docstring).
+    With ``preprocess_plain`` each sample also carries its un-augmented image and an id."""
     pattern = args.train_data
     urls = check_shards_exist(pattern)
     resampled = getattr(args, "dataset_resampled", False)
@@ -219,8 +239,9 @@ def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
         wds.decode("pilrgb", handler=handler),
         wds.rename(image=";".join(IMAGE_KEYS)),
         _AddCaptions(builder, args.seed, args.rank, shared_epoch),
+        *([_AddPlainImage(preprocess_plain)] if preprocess_plain else []),
         wds.map_dict(image=preprocess_img, handler=handler),
-        wds.to_tuple("image", "text", "spurious", "__label__"),
+        wds.to_tuple("image", "text", "spurious", "__label__", *(("plain", "__sample_id__") if preprocess_plain else ())),
         wds.batched(args.batch_size, collation_fn=Collate(tokenizer), partial=False),
     ])
     dataset = _StopWhenEmpty(*pipeline)
@@ -243,7 +264,8 @@ def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
 class LabelledCsvDataset(Dataset):
     """Rows of a CSV/TSV with an image path and an integer class id; captions per sample and epoch."""
 
-    def __init__(self, path, transforms, builder: CaptionBuilder, tokenizer, img_key, label_key, sep, seed, stats):
+    def __init__(self, path, transforms, builder: CaptionBuilder, tokenizer, img_key, label_key, sep, seed, stats,
+                 preprocess_plain=None):
         try:
             df = pd.read_csv(path, sep=sep)
         except FileNotFoundError:
@@ -263,16 +285,20 @@ class LabelledCsvDataset(Dataset):
         self.images = [str(df[img_key].iloc[i]) for i in keep]
         self.labels = [labels[i] for i in keep]
         self.transforms, self.builder, self.tokenizer, self.seed = transforms, builder, tokenizer, seed
+        self.preprocess_plain = preprocess_plain
         self.epoch = 0
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, idx):
-        image = self.transforms(Image.open(self.images[idx]).convert("RGB"))
+        raw = Image.open(self.images[idx]).convert("RGB")
         rng = random.Random(hash((self.seed, self.epoch, idx)) & 0xFFFFFFFF)
         text, spurious = self.builder(self.labels[idx], rng)
-        return image, text, spurious, self.labels[idx]
+        sample = (self.transforms(raw), text, spurious, self.labels[idx])
+        if self.preprocess_plain is not None:
+            sample += (self.preprocess_plain(raw), self.images[idx])
+        return sample
 
 
 class _CsvDataInfo(DataInfo):
@@ -281,10 +307,11 @@ class _CsvDataInfo(DataInfo):
         self.dataloader.dataset.epoch = epoch
 
 
-def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None) -> DataInfo:
+def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
+                       preprocess_plain=None) -> DataInfo:
     stats = LabelStats()
     dataset = LabelledCsvDataset(args.train_data, preprocess_img, builder, tokenizer, args.csv_img_key,
-                                 args.starft_csv_label_key, args.csv_separator, args.seed, stats)
+                                 args.starft_csv_label_key, args.csv_separator, args.seed, stats, preprocess_plain)
     stats.check(args.starft_max_skipped_fraction, builder.num_classes, repr(args.train_data), final=True)
     sampler = DistributedSampler(dataset) if args.distributed else None
     dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -299,8 +326,10 @@ def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
     return info
 
 
-def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None) -> DataInfo:
-    """The StarFT training data for ``--dataset-type`` webdataset, csv or auto."""
+def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
+                   preprocess_plain=None) -> DataInfo:
+    """The StarFT training data for ``--dataset-type`` webdataset, csv or auto; with
+    ``preprocess_plain`` (the eval transform) batches also carry un-augmented images and sample ids."""
     kind = args.dataset_type
     if kind == "auto":
         ext = args.train_data.split("::")[0].rsplit(".", 1)[-1]
@@ -308,8 +337,8 @@ def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0
         if kind is None:
             raise StarftError(f"cannot tell the type of --train-data {args.train_data!r}: pass --dataset-type webdataset or csv")
     if kind == "webdataset":
-        return get_wds_train_data(args, preprocess_img, builder, epoch, tokenizer)
+        return get_wds_train_data(args, preprocess_img, builder, epoch, tokenizer, preprocess_plain)
     if kind == "csv":
-        return get_csv_train_data(args, preprocess_img, builder, epoch, tokenizer)
+        return get_csv_train_data(args, preprocess_img, builder, epoch, tokenizer, preprocess_plain)
     raise StarftError(f"--dataset-type {args.dataset_type} has no class labels: StarFT trains on webdataset shards "
                       "with 'cls' or a CSV with a label column")

@@ -44,7 +44,7 @@ from .descriptors import load_descriptors
 from .errors import StarftError
 from .loss import StarLoss
 from .preemption import checkpoint_name
-from .teacher import TeacherTextCache, fingerprint, make_teacher
+from .teacher import TeacherImageCache, TeacherTextCache, fingerprint, make_teacher
 from .text_prefix import install_prefix_encoding
 
 
@@ -87,6 +87,7 @@ class StarftHooks:
         self.builder: CaptionBuilder | None = None
         self.teacher: torch.nn.Module | None = None
         self.text_cache: TeacherTextCache | None = None
+        self.image_cache = TeacherImageCache() if starft.starft_teacher_image_cache and starft.starft_lambda > 0 else None
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a preemption checkpoint
         self.checkpoint_path: str | None = None
         self._saved: dict = {}
@@ -160,7 +161,8 @@ class StarftHooks:
             eval_args.dataset_type = "auto"
         data = self.original("get_data")(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         if args.train_data:
-            data["train"] = get_train_data(args, preprocess_fns[0], self.builder, epoch=epoch, tokenizer=tokenizer)
+            data["train"] = get_train_data(args, preprocess_fns[0], self.builder, epoch=epoch, tokenizer=tokenizer,
+                                           preprocess_plain=preprocess_fns[1] if self.image_cache is not None else None)
         return data
 
     def create_loss(self, args):
@@ -187,7 +189,7 @@ class StarftHooks:
 
         starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
                                      tb_writer=tb_writer, text_cache=self.text_cache, start_batch=start_batch,
-                                     on_preempt=on_preempt)
+                                     on_preempt=on_preempt, image_cache=self.image_cache)
         logging.info(f"StarFT rank {args.rank}: model fingerprint after epoch {epoch}: {fingerprint(model):.10g}")
 
     def save_preemption_checkpoint(self, model, optimizer, scaler, epoch, batches_done, args) -> str:

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--starft-teacher-text-cache-mb", type=float, default=1024,
                    help="memory for the teacher's features of spurious captions, each computed once (exact; "
                         "58,000 captions × 512 dims ≈ 113 MB for ImageNet + background); 0 turns it off. Default 1024.")
+    g.add_argument("--starft-teacher-image-cache", action="store_true",
+                   help="APPROXIMATION, off by default: the teacher's image features computed once per image on the "
+                        "un-augmented image (eval transform) and reused every epoch, instead of on each step's "
+                        "augmented view. Saves the teacher's image forward after the first epoch; memory: images × "
+                        "embed dim × 2 bytes on the device.")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,

@@ -21,7 +21,7 @@ from open_clip_train.train import AverageMeter, backward, unwrap_model
 from .errors import StarftError
 from .preemption import FLAG, Preempted
 from .schedule import star_lambda
-from .teacher import TeacherTextCache, teacher_features
+from .teacher import TeacherImageCache, TeacherTextCache, teacher_features
 from .text_prefix import has_prefix_encoding, trim_tokens
 
 try:
@@ -31,14 +31,16 @@ except ImportError:
 
 
 def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast, trim: bool = False,
-                  text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None):
+                  text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None,
+                  image_cache: TeacherImageCache | None = None, plain_images=None, sample_ids=None):
     """One forward of the StarFT objective: ``({"contrastive_loss", "star_loss"}, logit_scale)``.
 
     ``images [B,3,H,W]``, ``texts``/``spurious [B,L]`` token ids, ``labels [B]``. With ``lam == 0``
     this is the FLYP step: no spurious captions, no teacher. ``trim``: cut the token batches to
     their longest caption (exact for models set up by ``text_prefix.install_prefix_encoding``).
     ``text_cache`` with ``spurious_keys`` (``TeacherTextCache.keys`` of ``spurious``): reuse the
-    teacher's features of captions seen before.
+    teacher's features of captions seen before. ``image_cache`` with ``plain_images`` and
+    ``sample_ids``: the teacher's image features per image (an approximation, see TeacherImageCache).
     """
     batch = images.shape[0]
     if trim:
@@ -53,7 +55,8 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
     teacher_image = teacher_spurious = teacher_scale = None
     if lam:
         teacher_image, teacher_spurious, teacher_scale = teacher_features(
-            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys)
+            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys,
+            image_cache=image_cache, plain_images=plain_images, sample_ids=sample_ids)
     with autocast():
         losses = loss(out["image_features"], text_features, out["logit_scale"],
                       spurious_features=spurious_features, teacher_image_features=teacher_image,
@@ -64,7 +67,8 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
 
 
 def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None,
-                    text_cache: TeacherTextCache | None = None, start_batch: int = 0, on_preempt=None):
+                    text_cache: TeacherTextCache | None = None, start_batch: int = 0, on_preempt=None,
+                    image_cache: TeacherImageCache | None = None):
     """One epoch of StarFT, from batch ``start_batch`` (a resumed preemption checkpoint) on.
 
     ``on_preempt(batches_done)``, when given, writes a mid-epoch checkpoint; it is called after
@@ -96,7 +100,8 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
             scheduler(step)
         lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
 
-        images, texts, spurious, labels = batch
+        images, texts, spurious, labels, *plain = batch
+        plain_images, sample_ids = (plain[0].to(device=device, dtype=input_dtype), plain[1]) if plain else (None, None)
         spurious_keys = text_cache.keys(spurious) if text_cache is not None and lam else None
         images = images.to(device=device, dtype=input_dtype, non_blocking=True)
         texts = texts.to(device=device, non_blocking=True)
@@ -107,7 +112,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
         losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast, trim,
-                                            text_cache, spurious_keys)
+                                            text_cache, spurious_keys, image_cache, plain_images, sample_ids)
         total_loss = sum(losses.values())
         losses["loss"] = total_loss
         backward(total_loss, scaler)

@@ -8,7 +8,7 @@ import torch
 from open_clip_starft.captions import CaptionBuilder
 from open_clip_starft.descriptors import load_descriptors
 from open_clip_starft.loss import StarLoss
-from open_clip_starft.teacher import TeacherTextCache, make_teacher
+from open_clip_starft.teacher import TeacherImageCache, TeacherTextCache, make_teacher
 from open_clip_starft.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
 from open_clip_starft.tiny_model import build_tiny_model
 from open_clip_starft.train import starft_losses
@@ -101,3 +101,22 @@ def test_teacher_text_cache_respects_its_memory_cap():
     with torch.no_grad():
         want = teacher.encode_text(spurious, normalize=True)
     assert torch.allclose(features, want, atol=1e-6)  # captions beyond the cap are computed, not dropped
+
+
+def test_teacher_image_cache_computes_each_image_once():
+    model, _ = build_tiny_model(seed=8)
+    teacher = make_teacher(model)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    ids = ["a", "b", "c", "a", "d", "b"]
+    images[3], images[5] = images[0], images[1]  # one id, one image
+    calls = []
+    original = teacher.encode_image
+    teacher.encode_image = lambda x, normalize=False: calls.append(len(x)) or original(x, normalize=normalize)
+    cache = TeacherImageCache()
+    got = cache(teacher, images, ids)
+    again = cache(teacher, images.flip(0), ids)  # other pixels, same ids: the cached features come back
+    assert calls == [6] and len(cache.features) == 4  # one forward; repeats in a batch are computed with it
+    with torch.no_grad():
+        want = original(images, normalize=True)
+    assert torch.allclose(got, want, atol=2e-3)  # stored as float16
+    assert torch.equal(again, got)

@@ -157,3 +157,12 @@ def test_pretrained_file_with_a_named_architecture(ws):
     initial, _, _ = open_clip.create_model_and_transforms(ws["model"])
     teacher = float(re.search(r"teacher fingerprint at epoch 0: ([0-9.e+]+)", log).group(1))
     assert teacher == pytest.approx(fingerprint(initial), rel=1e-9)  # the teacher holds the pretrained weights
+
+
+def test_teacher_image_cache_approximation_trains(ws):
+    result = run(train_args(ws, "imgcache", "--starft-teacher-image-cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(ws, "imgcache")
+    star = metric(log, "Star_loss")
+    assert len(star) == 8 and all(math.isfinite(v) for v in star)
+    assert "starft_teacher_image_cache: True" in open(os.path.join(ws["root"], "logs", "imgcache", "params.txt")).read()
