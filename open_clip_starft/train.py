@@ -45,6 +45,13 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
     batch = images.shape[0]
     if trim:
         texts, spurious = trim_tokens(texts, spurious)
+    teacher_image = teacher_spurious = teacher_scale = None
+    if lam:
+        # The teacher first: its transient activations are freed before the student's, which are
+        # kept for backward, exist; so StarFT's peak memory over FLYP is little more than the teacher.
+        teacher_image, teacher_spurious, teacher_scale = teacher_features(
+            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys,
+            image_cache=image_cache, plain_images=plain_images, sample_ids=sample_ids)
     with autocast():
         if lam:
             out = model(images, torch.cat([texts, spurious]))
@@ -52,11 +59,6 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
         else:
             out = model(images, texts)
             text_features, spurious_features = out["text_features"], None
-    teacher_image = teacher_spurious = teacher_scale = None
-    if lam:
-        teacher_image, teacher_spurious, teacher_scale = teacher_features(
-            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys,
-            image_cache=image_cache, plain_images=plain_images, sample_ids=sample_ids)
     with autocast():
         losses = loss(out["image_features"], text_features, out["logit_scale"],
                       spurious_features=spurious_features, teacher_image_features=teacher_image,
