@@ -37,7 +37,7 @@ IMAGE_SIZE = 32
 P_SPURIOUS = 0.95  # fine-tuning set: share of samples on their class's background
 # Pre-training: samples, share of captions that also name the background, and the run's settings.
 PRETRAIN_SAMPLES, PRETRAIN_P_BACKGROUND = 8192, 0.1
-PRETRAIN = dict(epochs=8, lr=3e-3, batch_size=128, warmup=20)
+PRETRAIN = dict(epochs=12, lr=3e-3, batch_size=128, warmup=20)
 # Fine-tuning (FLYP and StarFT alike).
 FINETUNE_SAMPLES = 1024
 FINETUNE = dict(epochs=6, lr=5e-4, batch_size=64, warmup=10)
