@@ -6,12 +6,14 @@
 2. Makes a small zero-shot model: a tiny CLIP pre-trained contrastively on the captioned set
    with OpenCLIP's own ``open_clip_train.main``. Most pre-training captions name the shape only
    ("a photo of a circle."), one in ten names the background too ("a photo of a circle on the
-   water."): a random-init tiny CLIP trained on background captions only learns the backgrounds
-   (a colour, easy) and hardly the shapes in a CPU-sized run.
+   water."). Trained only on captions that name the background, a random-init tiny CLIP learns
+   the backgrounds (a colour, easy) and hardly the shapes in a CPU-sized run.
 3. Fine-tunes it on the biased set through ``open_clip_starft.main``: FLYP (λ = 0) and StarFT
    (λ = 0.5, descriptors naming the backgrounds), same flags otherwise.
-4. Evaluates each model zero-shot on the balanced test set (average and worst-group accuracy)
-   and prints where the checkpoints, logs and ``results.json`` went.
+4. Evaluates each model zero-shot on the balanced test set: its accuracy (every group alike),
+   the worst-group accuracy, and the in-distribution accuracy, the group accuracies weighted by
+   the fine-tuning set's group shares (Waterbirds' "average accuracy"); prints where the
+   checkpoints, logs and ``results.json`` went.
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ from .tiny_model import write_tiny_model
 
 IMAGE_SIZE = 32
 P_SPURIOUS = 0.95  # fine-tuning set: share of samples on their class's background
-# Pre-training: samples, share of captions that also name the background, and the run's settings.
+# Pre-training: samples, share of captions that also name the background, and the run's settings
+# (768 steps; a tiny random-init ViT needs a high lr and several hundred steps to tell the shapes apart).
 PRETRAIN_SAMPLES, PRETRAIN_P_BACKGROUND = 8192, 0.1
 PRETRAIN = dict(epochs=12, lr=3e-3, batch_size=128, warmup=20)
-# Fine-tuning (FLYP and StarFT alike).
+# Fine-tuning (FLYP and StarFT alike): 96 steps.
 FINETUNE_SAMPLES = 1024
-FINETUNE = dict(epochs=6, lr=5e-4, batch_size=64, warmup=10)
+FINETUNE = dict(epochs=6, lr=1.5e-4, batch_size=64, warmup=10)
+TEST_SAMPLES = 2048  # 128 per group
 
 
 def _run_stage(title: str, module: str, args: list[str], console: str) -> None:
@@ -64,11 +68,12 @@ def _common_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: fl
     return ["--train-data", data, "--dataset-type", "webdataset", "--device", "cpu", "--workers", "1",
             "--precision", "fp32",  # upstream's default "amp" is float16 autocast: several times slower on a CPU
             "--batch-size", str(batch_size), "--epochs", str(epochs), "--lr", str(lr), "--wd", "0.1",
-            "--warmup", str(warmup), "--seed", str(seed), "--logs", logs, "--name", name, "--log-every-n-steps", "4"]
+            "--warmup", str(warmup), "--seed", str(seed), "--logs", logs, "--name", name, "--log-every-n-steps", "4",
+            "--save-frequency", str(epochs)]  # only the last epoch's checkpoint (each one is ~40 MB)
 
 
 def _write_pretrain_shards(out_dir: str, n: int, seed: int, p_background: float, samples_per_shard: int = 1024) -> str:
-    """Balanced pre-training shards like ``demo_data.write_shards``', but the caption (``txt``) names
+    """Balanced pre-training shards like ``demo_data.write_shards``, but the caption (``txt``) names
     the shape only ("a photo of a circle.") except for a ``p_background`` share of samples, whose
     caption is ``demo_data.caption`` ("a photo of a circle on the water."). Returns the brace pattern."""
     os.makedirs(out_dir, exist_ok=True)
@@ -114,14 +119,15 @@ def main(argv=None) -> int:
     start = time.time()
     print(f"StarFT demo in {out}")
 
-    print("  writing the built-in dataset (shapes on water, grass, sand, snow) as webdataset shards")
+    print("  writing the built-in dataset (shapes on water, grass, sand, snow) as webdataset shards ...", end="", flush=True)
+    stage_start = time.time()
     write = lambda split, n, biased, seed: demo_data.brace_pattern(demo_data.write_shards(
         os.path.join(out, "data", split), n, seed=seed, biased=biased, p_spurious=P_SPURIOUS, image_size=IMAGE_SIZE,
         samples_per_shard=128, prefix=split))
     pretrain = _write_pretrain_shards(os.path.join(out, "data", "pretrain"), PRETRAIN_SAMPLES, args.seed + 1,
                                       PRETRAIN_P_BACKGROUND)
     finetune = write("finetune", FINETUNE_SAMPLES, True, args.seed + 2)
-    test = write("test", 512, False, args.seed + 3)
+    test = write("test", TEST_SAMPLES, False, args.seed + 3)
     classes = os.path.join(out, "data", "classnames.txt")
     with open(classes, "w") as f:
         f.write("\n".join(demo_data.CLASSNAMES) + "\n")
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
     with open(descriptors, "w") as f:
         f.write("# spurious descriptors for the demo: its backgrounds\n")
         f.writelines(f"{{}} {phrase}.\n" for phrase in demo_data.BACKGROUND_PHRASES.values())
+    print(f" {time.time() - stage_start:.0f} s")
 
     init_dir = os.path.join(out, "models", "init")
     init = write_tiny_model(init_dir, seed=args.seed, image_size=IMAGE_SIZE)
@@ -144,7 +151,12 @@ def main(argv=None) -> int:
                    [*finetune_args, "--starft-lambda", lam, *_common_args(finetune, logs, name, args.seed, **FINETUNE)],
                    os.path.join(logs, f"{name}.console.txt"))
 
-    print("  evaluating zero-shot on the balanced test set ('a photo of a {shape}.')")
+    print("  evaluating zero-shot on the balanced test set ('a photo of a {shape}.') ...", end="", flush=True)
+    stage_start = time.time()
+    # group shares of the fine-tuning set: a shape on its own background, or on one of the 3 others
+    n_bg = len(demo_data.BACKGROUNDS)
+    share = lambda g: P_SPURIOUS / len(demo_data.CLASSNAMES) if g // n_bg == g % n_bg else \
+        (1 - P_SPURIOUS) / (len(demo_data.CLASSNAMES) * (n_bg - 1))
     results = {}
     models = {"zero-shot": zero_shot,
               "flyp": os.path.join(logs, "flyp", "checkpoints", f"epoch_{FINETUNE['epochs']}.pt"),
@@ -154,13 +166,18 @@ def main(argv=None) -> int:
         if source.endswith(".pt"):
             source = _export(source, init_dir, os.path.join(out, "models", name))
         model, _, preprocess = open_clip.create_model_and_transforms(source)
-        results[name] = evaluate_zero_shot(model, tokenizer, preprocess, test, demo_data.CLASSNAMES)
+        r = evaluate_zero_shot(model, tokenizer, preprocess, test, demo_data.CLASSNAMES)
+        r["in_distribution"] = sum(share(g) * acc for g, acc in r["groups"].items())
+        results[name] = r
+    print(f" {time.time() - stage_start:.0f} s")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    print(f"\n  {'model':<10} {'accuracy':>9} {'worst group':>12}")
+    print(f"\n  {'model':<10} {'accuracy':>9} {'worst group':>12} {'in-distribution':>16}")
     for name, r in results.items():
-        print(f"  {name:<10} {r['top1']:>9.3f} {r['worst_group']:>12.3f}")
+        print(f"  {name:<10} {r['top1']:>9.3f} {r['worst_group']:>12.3f} {r['in_distribution']:>16.3f}")
+    print(f"  (accuracy: every group alike; in-distribution: groups weighted as in the fine-tuning set, "
+          f"{P_SPURIOUS:.0%} on the shape's own background)")
     print(f"\n  checkpoints: {os.path.join(logs, '{flyp,starft}', 'checkpoints')}")
     print(f"  logs:        {os.path.join(logs, '<run>', 'out.log')}")
     print(f"  results:     {os.path.join(out, 'results.json')}")
