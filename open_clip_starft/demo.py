@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -29,7 +28,6 @@ import time
 
 import open_clip
 import torch
-import webdataset as wds
 
 from . import demo_data
 from .evaluation import evaluate_zero_shot
@@ -73,28 +71,16 @@ def _common_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: fl
 
 
 def _write_pretrain_shards(out_dir: str, n: int, seed: int, p_background: float, samples_per_shard: int = 1024) -> str:
-    """Balanced pre-training shards like ``demo_data.write_shards``, but the caption (``txt``) names
-    the shape only ("a photo of a circle.") except for a ``p_background`` share of samples, whose
-    caption is ``demo_data.caption`` ("a photo of a circle on the water."). Returns the brace pattern."""
-    os.makedirs(out_dir, exist_ok=True)
-    pick = random.Random(seed)
-    paths, sizes = [], {}
-    for start in range(0, n, samples_per_shard):
-        path = os.path.join(out_dir, f"pretrain-{start // samples_per_shard:06d}.tar")
-        stop = min(start + samples_per_shard, n)
-        with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
-            for i in range(start, stop):
-                img, cls, bg = demo_data.render_sample(i, seed=seed, biased=False, image_size=IMAGE_SIZE)
-                text = demo_data.caption(cls, bg) if pick.random() < p_background else f"a photo of a {demo_data.CLASSNAMES[cls]}."
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                sink.write({"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": str(cls).encode(),
-                            "group": str(demo_data.group_id(cls, bg)).encode(), "txt": text.encode()})
-        paths.append(path)
-        sizes[os.path.basename(path)] = stop - start
-    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
-        json.dump(sizes, f, indent=1, sort_keys=True)
-    return demo_data.brace_pattern(paths)
+    """Balanced pre-training shards whose caption (``txt``) names the shape only ("a photo of a
+    circle.") except for a ``p_background`` share of samples, captioned with the background too
+    ("a photo of a circle on the water."). Returns the brace pattern."""
+    def text(i: int, cls: int, bg: int) -> str:
+        if random.Random(hash((seed, i))).random() < p_background:
+            return demo_data.caption(cls, bg)
+        return f"a photo of a {demo_data.CLASSNAMES[cls]}."
+    return demo_data.brace_pattern(demo_data.write_shards(
+        out_dir, n, seed=seed, biased=False, image_size=IMAGE_SIZE, samples_per_shard=samples_per_shard,
+        prefix="pretrain", caption_fn=text))
 
 
 def _export(checkpoint: str, template_dir: str, out_dir: str) -> str:

@@ -143,7 +143,7 @@ def group_id(cls, bg):
 
 
 def write_shards(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_size=64,
-                 samples_per_shard=64, prefix="shard"):
+                 samples_per_shard=64, prefix="shard", caption_fn=None):
     """Write ``n_samples`` samples as webdataset shards ``out_dir/{prefix}-NNNNNN.tar``.
 
     Each sample has ``__key__`` ``sNNNNNN`` (global index), ``jpg`` (JPEG, quality
@@ -151,6 +151,7 @@ def write_shards(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image
     headers use a fixed mtime, so reruns produce identical files. ``out_dir/sizes.json``
     maps each shard basename to its sample count (entries of other prefixes already
     in it are kept), as read by ``open_clip_train.data.get_dataset_size``.
+    ``caption_fn(index, cls, bg) -> str`` replaces ``caption(cls, bg)`` as the ``txt`` field.
     Returns the sorted list of shard paths.
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -169,7 +170,7 @@ def write_shards(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image
                     "jpg": buf.getvalue(),
                     "cls": str(cls).encode(),
                     "group": str(group_id(cls, bg)).encode(),
-                    "txt": caption(cls, bg).encode(),
+                    "txt": (caption_fn(i, cls, bg) if caption_fn else caption(cls, bg)).encode(),
                 })
         paths.append(path)
         sizes[os.path.basename(path)] = stop - start
