@@ -15,6 +15,7 @@ COMMANDS = {
     "wise": ("open_clip_starft.wise", "WiSE-FT weight interpolation between zero-shot and fine-tuned checkpoints, evaluated per α"),
     "make-shards": ("open_clip_starft.make_shards", "class-subfolder tree or CSV to webdataset shards (resumable, parallel)"),
     "eval-bench": ("open_clip_starft.eval_bench", "eval throughput (images/s) and zero-shot head cost, per model"),
+    "bench": ("open_clip_starft.bench", "training benchmarks: step (FLYP vs StarFT vs naive port) and data (ours vs upstream's pipeline)"),
 }
 
 

@@ -2,6 +2,7 @@
 import json
 
 from open_clip_starft.bench import main
+from open_clip_starft.cli import main as cli_main
 from open_clip_starft.demo_data import brace_pattern, write_shards
 
 STEP_KEYS = {"model", "device", "batch_size", "precision", "flyp_step_s", "starft_step_s", "naive_step_s",
@@ -10,7 +11,8 @@ STEP_KEYS = {"model", "device", "batch_size", "precision", "flyp_step_s", "starf
 
 def test_bench_step_tiny(tmp_path, capsys):
     out = tmp_path / "step.json"
-    assert main(["step", "--model", "tiny", "--batch-size", "4", "--steps", "1", "--out", str(out)]) == 0
+    # through the console command's dispatcher, as README gives it
+    assert cli_main(["bench", "step", "--model", "tiny", "--batch-size", "4", "--steps", "1", "--out", str(out)]) == 0
     record, = json.loads(out.read_text())
     assert STEP_KEYS <= set(record)
     # FLOPs are exact counts: StarFT adds the teacher's image forward and the spurious-caption text work
