@@ -10,8 +10,9 @@ unchanged after rebinding these names on that module (restored on exit):
                                model (before lock, grad checkpointing, DDP, compile, resume);
                                CLIP text towers learn to stop at the batch's longest caption
 ``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
-``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass)
-``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels)
+``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass); not with patches/0003
+``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels);
+                               not with patches/0003
 ``pt_load``                    upstream's; a bare (model-only) ``--resume`` file, which upstream
                                loads as the starting weights, is loaded into the teacher too
 ``torch``                      upstream's ``torch`` with two overrides: ``torch.save`` adds the
@@ -21,8 +22,11 @@ unchanged after rebinding these names on that module (restored on exit):
                                CPU modules (upstream passes them, DDP rejects them; gloo runs)
 =============================  ===========================================================
 
-and ``open_clip_train.zero_shot.accuracy`` gets the fix upstream made after 3.3.0 (numpy ≥ 2.4
-refuses ``float()`` of a 1-element array). Optimizer, scheduler, checkpointing, ``--resume
+With ``patches/0003-plugin-hook-losses-and-train-steps.patch`` applied to OpenCLIP, the host
+builds the loss and the train step itself, by name, from this package's entry points
+(``plugin.py``: ``--loss starft --train-step starft``, added to the command line here), and
+``create_loss`` and ``train_one_epoch`` stay upstream's. ``open_clip_train.zero_shot.accuracy``
+gets the fix upstream made after 3.3.0 (numpy ≥ 2.4 refuses ``float()`` of a 1-element array). Optimizer, scheduler, checkpointing, ``--resume
 latest``, logging, distributed set-up and zero-shot ImageNet eval stay upstream's.
 """
 from __future__ import annotations
@@ -37,12 +41,12 @@ import open_clip_train.main as host
 import open_clip_train.zero_shot as host_zero_shot
 import torch
 
+from . import plugin
 from . import train as starft_train
 from .captions import CaptionBuilder, load_classnames, load_templates
 from .data import get_train_data
 from .descriptors import load_descriptors
 from .errors import StarftError
-from .loss import StarLoss
 from .preemption import checkpoint_name
 from .teacher import TeacherImageCache, TeacherTextCache, fingerprint, make_teacher
 from .text_prefix import install_prefix_encoding
@@ -90,6 +94,8 @@ class StarftHooks:
         self.image_cache = TeacherImageCache() if starft.starft_teacher_image_cache and starft.starft_lambda > 0 else None
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a preemption checkpoint
         self.checkpoint_path: str | None = None
+        # OpenCLIP with patches/0003 loads StarFT's loss and train step by name (entry points)
+        self.use_plugin_hook = plugin.host_has_plugin_hook()
         self._saved: dict = {}
 
     # -- installing -------------------------------------------------------------------------
@@ -98,12 +104,13 @@ class StarftHooks:
             "parse_args": self.parse_args,
             "create_model_and_transforms": self.create_model_and_transforms,
             "get_data": self.get_data,
-            "create_loss": self.create_loss,
-            "train_one_epoch": self.train_one_epoch,
             "pt_load": self.pt_load,
             "torch": _Overlay(torch, save=self.save_checkpoint, nn=_Overlay(
                 torch.nn, parallel=_Overlay(torch.nn.parallel, DistributedDataParallel=cpu_safe_ddp))),
         }
+        if not self.use_plugin_hook:  # else the host loads plugin.create_loss and plugin.StarftStep by name
+            host_names.update(create_loss=self.create_loss, train_one_epoch=self.train_one_epoch)
+        plugin.ACTIVE = self
         self._saved = {(host, name): getattr(host, name) for name in host_names}
         self._saved[(host_zero_shot, "accuracy")] = host_zero_shot.accuracy
         for name, value in host_names.items():
@@ -112,6 +119,7 @@ class StarftHooks:
         return self
 
     def __exit__(self, *exc):
+        plugin.ACTIVE = None
         for (module, name), value in self._saved.items():
             setattr(module, name, value)
         return False
@@ -121,6 +129,12 @@ class StarftHooks:
 
     # -- the hooks --------------------------------------------------------------------------
     def parse_args(self, argv):
+        argv = list(argv)
+        if self.use_plugin_hook:
+            for flag in ("--loss", "--train-step"):
+                if any(a == flag or a.startswith(flag + "=") for a in argv):
+                    raise StarftError(f"{flag} is set by open_clip_starft (to {plugin.NAME!r}): drop {flag}")
+            argv += ["--loss", plugin.NAME, "--train-step", plugin.NAME]
         args = self.original("parse_args")(argv)
         vars(args).update(vars(self.starft))
         if args.accum_freq > 1:
@@ -150,6 +164,8 @@ class StarftHooks:
             if self.starft.starft_teacher_text_cache_mb > 0 and self.starft.starft_suffix != "random":
                 self.text_cache = TeacherTextCache(self.starft.starft_teacher_text_cache_mb)
             logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
+        if self.use_plugin_hook:
+            logging.info("StarFT: OpenCLIP has the plugin hook (patches/0003): loss and train step 'starft' by name")
         if install_prefix_encoding(model):
             logging.info("StarFT: the text tower runs only as far as the longest caption of each batch (exact)")
         return model, preprocess_train, preprocess_val
@@ -166,23 +182,16 @@ class StarftHooks:
         return data
 
     def create_loss(self, args):
-        if args.world_size > 1 and args.starft_lambda > 0 and not args.gather_with_grad:
-            logging.warning("StarFT under DDP without --gather-with-grad: the Star term's columns from other processes "
-                            "carry no gradient (as ClipLoss's); pass --gather-with-grad for the exact global-batch gradient")
-        return StarLoss(
-            mask_same_class=not args.starft_no_mask,
-            local_loss=args.local_loss,
-            gather_with_grad=args.gather_with_grad,
-            cache_labels=True,
-            rank=args.rank,
-            world_size=args.world_size,
-            use_horovod=args.horovod,
-        )
+        return plugin.create_loss(args)
+
+    def first_batch(self, epoch: int) -> int:
+        """Batches of ``epoch`` a resumed preemption checkpoint had done, else 0."""
+        return self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
 
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         if self.teacher is not None and host.is_master(args):
             logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {fingerprint(self.teacher):.10g}")
-        start_batch = self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
+        start_batch = self.first_batch(epoch)
 
         def on_preempt(batches_done: int) -> str:
             return self.save_preemption_checkpoint(model, optimizer, scaler, epoch, batches_done, args)

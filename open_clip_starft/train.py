@@ -68,6 +68,48 @@ def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: fl
     return losses, out["logit_scale"]
 
 
+def batch_losses(model, teacher, loss, batch, args, step: int, num_batches_per_epoch: int, label_stats,
+                 text_cache: TeacherTextCache | None = None, image_cache: TeacherImageCache | None = None):
+    """One StarFT batch, as the data pipeline gives it, to ``(losses, logit_scale, λ)`` at global ``step``.
+
+    ``batch``: ``(images [B,3,H,W], texts [B,L], spurious [B,L], labels [B])`` on the CPU, plus
+    ``(plain_images, sample_ids)`` with the teacher image cache. This is the part of the epoch
+    loop that differs from upstream's; OpenCLIP's plugin train step (patches/0003) calls it too.
+    """
+    device = torch.device(args.device)
+    autocast = get_autocast(args.precision, device_type=device.type)
+    input_dtype = get_input_dtype(args.precision)
+    lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
+
+    images, texts, spurious, labels, *plain = batch
+    plain_images, sample_ids = (plain[0].to(device=device, dtype=input_dtype), plain[1]) if plain else (None, None)
+    spurious_keys = text_cache.keys(spurious) if text_cache is not None and lam else None
+    images = images.to(device=device, dtype=input_dtype, non_blocking=True)
+    texts = texts.to(device=device, non_blocking=True)
+    spurious = spurious.to(device=device, non_blocking=True)
+    labels = labels.to(device=device, non_blocking=True)
+    label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, repr(args.train_data))
+
+    losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast,
+                                        has_prefix_encoding(model), text_cache, spurious_keys, image_cache,
+                                        plain_images, sample_ids)
+    return losses, logit_scale, lam
+
+
+def finish_epoch(epoch: int, batch_count: int, start_batch: int, num_batches_per_epoch: int, label_stats, args,
+                 text_cache: TeacherTextCache | None = None) -> None:
+    """End-of-epoch checks (too many skipped samples; no batch at all: one-line errors) and summaries."""
+    source = repr(args.train_data)
+    label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, source, final=True)
+    if batch_count == start_batch < num_batches_per_epoch:
+        raise StarftError(f"--train-data {source} gave no training batch in epoch {epoch} ({label_stats.summary()}): "
+                          "check that the shards hold images with a 'cls' label and that --batch-size fits the data")
+    if is_master(args):
+        logging.info(f"StarFT data, epoch {epoch}: {label_stats.summary()}")
+        if text_cache is not None:
+            logging.info(f"StarFT teacher text cache, epoch {epoch}: {text_cache.summary()}")
+
+
 def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None,
                     text_cache: TeacherTextCache | None = None, start_batch: int = 0, on_preempt=None,
                     image_cache: TeacherImageCache | None = None):
@@ -77,17 +119,12 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
     the step during which SIGUSR1/SIGTERM arrived, and ``Preempted`` is raised after it.
     """
     device = torch.device(args.device)
-    autocast = get_autocast(args.precision, device_type=device.type)
-    input_dtype = get_input_dtype(args.precision)
-
     model.train()
     data["train"].set_epoch(epoch)
     dataloader = data["train"].dataloader
     label_stats = data["train"].label_stats
     num_batches_per_epoch = dataloader.num_batches // args.accum_freq
     sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
-    source = repr(args.train_data)
-    trim = has_prefix_encoding(model)
 
     losses_m = {}
     batch_time_m = AverageMeter()
@@ -100,21 +137,10 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
         step = num_batches_per_epoch * epoch + i
         if not args.skip_scheduler:
             scheduler(step)
-        lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
-
-        images, texts, spurious, labels, *plain = batch
-        plain_images, sample_ids = (plain[0].to(device=device, dtype=input_dtype), plain[1]) if plain else (None, None)
-        spurious_keys = text_cache.keys(spurious) if text_cache is not None and lam else None
-        images = images.to(device=device, dtype=input_dtype, non_blocking=True)
-        texts = texts.to(device=device, non_blocking=True)
-        spurious = spurious.to(device=device, non_blocking=True)
-        labels = labels.to(device=device, non_blocking=True)
-        label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, source)
-
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
-        losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast, trim,
-                                            text_cache, spurious_keys, image_cache, plain_images, sample_ids)
+        losses, logit_scale, lam = batch_losses(model, teacher, loss, batch, args, step, num_batches_per_epoch,
+                                                label_stats, text_cache=text_cache, image_cache=image_cache)
         total_loss = sum(losses.values())
         losses["loss"] = total_loss
         backward(total_loss, scaler)
@@ -141,7 +167,7 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
         end = time.time()
         batch_count = i + 1
         if is_master(args) and (i % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-            batch_size = len(images)
+            batch_size = len(batch[0])
             num_samples = batch_count * batch_size * args.world_size
             percent_complete = 100.0 * batch_count / num_batches_per_epoch
             for key, val in losses.items():
@@ -180,11 +206,4 @@ def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, schedu
             batch_time_m.reset()
             data_time_m.reset()
 
-    label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, source, final=True)
-    if batch_count == start_batch < num_batches_per_epoch:
-        raise StarftError(f"--train-data {source} gave no training batch in epoch {epoch} ({label_stats.summary()}): "
-                          "check that the shards hold images with a 'cls' label and that --batch-size fits the data")
-    if is_master(args):
-        logging.info(f"StarFT data, epoch {epoch}: {label_stats.summary()}")
-        if text_cache is not None:
-            logging.info(f"StarFT teacher text cache, epoch {epoch}: {text_cache.summary()}")
+    finish_epoch(epoch, batch_count, start_batch, num_batches_per_epoch, label_stats, args, text_cache)

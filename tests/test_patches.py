@@ -65,3 +65,51 @@ def test_patched_main_trains_with_two_cpu_processes(tmp_path):
     patched = run_python(launcher, copy, *args, "--name", "patched")
     assert patched.returncode == 0, patched.stderr[-3000:]
     assert os.path.exists(tmp_path / "logs" / "patched" / "checkpoints" / "epoch_1.pt")
+
+
+def test_patches_apply_together_in_order(tmp_path):
+    shutil.copytree(INSTALLED, tmp_path / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__"))
+    for patch in PATCHES:
+        result = subprocess.run(["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-i", patch],
+                                cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0 and "fuzz" not in result.stdout and "FAILED" not in result.stdout, result.stdout
+
+
+def test_starft_trains_through_the_plugin_hook_as_through_the_runtime_hooks(tmp_path):
+    """patches/0003: open_clip_train loads StarFT's loss and train step by name (entry points); same numbers."""
+    from runs import NO_CROP, checkpoints, log_of, metric, train_args
+    ws = make_workspace(tmp_path / "ws", n=64, shards=2)
+    copy = patched_copy(tmp_path / "copy", [p for p in PATCHES if "plugin-hook" in p])
+    starft = ["-m", "open_clip_starft.main"]
+    # one batch of all 64 images per epoch without crops: step 0 sees the same batch in both runs
+    # (the sample order of later steps is not reproducible run to run, on either path)
+    args = train_args(ws, "runtime", "--starft-lambda", "0.5", *NO_CROP, epochs=3, batch_size=64)
+    runtime = run_python(starft, tmp_path / "nothing", *args)
+    assert runtime.returncode == 0, runtime.stderr[-3000:]
+    args[args.index("--name") + 1] = "plugin"
+    plugin = run_python(starft, copy, *args)
+    assert plugin.returncode == 0, plugin.stderr[-3000:]
+    logs = {name: log_of(ws, name) for name in ("runtime", "plugin")}
+    assert "plugin hook (patches/0003)" in logs["plugin"] and "plugin hook" not in logs["runtime"]
+    assert "train_step: starft" in open(os.path.join(ws["root"], "logs", "plugin", "params.txt")).read()
+    for key in ("Star lambda", "Step"):
+        assert metric(logs["runtime"], key) == metric(logs["plugin"], key) and len(metric(logs["plugin"], key)) == 3
+    assert metric(logs["plugin"], "Contrastive_loss")[0] == pytest.approx(metric(logs["runtime"], "Contrastive_loss")[0], rel=1e-4)
+    star = metric(logs["plugin"], "Star_loss")
+    assert star[0] < 1e-6 < max(star)  # step 0: the student is the teacher; then they part
+    assert checkpoints(ws, "plugin") == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    import torch
+    ckpt = torch.load(os.path.join(ws["root"], "logs", "plugin", "checkpoints", "epoch_3.pt"), weights_only=False)
+    assert ckpt["starft"]["starft_lambda"] == 0.5
+
+
+def test_plugin_train_step_refuses_to_run_without_starft_main(tmp_path):
+    copy = patched_copy(tmp_path / "copy", [p for p in PATCHES if "plugin-hook" in p])
+    ws = make_workspace(tmp_path / "ws", n=32, shards=1)
+    args = ["--train-data", ws["data"], "--dataset-type", "webdataset", "--model", ws["model"], "--device", "cpu",
+            "--batch-size", "16", "--epochs", "1", "--workers", "1", "--logs", str(tmp_path / "logs"),
+            "--loss", "starft", "--train-step", "starft"]
+    result = run_python(["-m", "open_clip_train.main"], copy, *args)
+    assert result.returncode != 0 and "run `python -m open_clip_starft.main`" in result.stderr
+    unknown = run_python(["-m", "open_clip_train.main"], copy, *args[:-1], "nonesuch")
+    assert unknown.returncode != 0 and "No open_clip_train.train_steps entry point named 'nonesuch'" in unknown.stderr

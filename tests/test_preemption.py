@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from runs import checkpoints, log_of, make_workspace, metric, run, train_args
+from runs import checkpoints, log_of, make_workspace, metric, train_args
+from test_patches import PATCHES, patched_copy
 from test_slurm import SCRIPTS, slurm_env
 
 EPOCHS, STEPS_PER_EPOCH = 2, 16  # 128 samples, batch 8
@@ -29,12 +30,17 @@ def wait_for_step(ws, name, proc, step, timeout=240):
     raise AssertionError(f"run {name} never logged step {step}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_mid_epoch_saves_exits_zero_and_resume_finishes(ws, sig):
-    name = f"sig{int(sig)}"
+@pytest.mark.parametrize("sig,host", [(signal.SIGUSR1, "runtime-hooks"), (signal.SIGTERM, "runtime-hooks"),
+                                      (signal.SIGUSR1, "plugin-hook")])
+def test_signal_mid_epoch_saves_exits_zero_and_resume_finishes(ws, sig, host, tmp_path):
+    """Through our runtime hooks, and through OpenCLIP's plugin loop (patches/0003, StarftStep.after_step)."""
+    name = f"sig{int(sig)}-{host}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if host == "plugin-hook":
+        env["PYTHONPATH"] = str(patched_copy(tmp_path, [p for p in PATCHES if "plugin-hook" in p]))
     args = train_args(ws, name, batch_size=8, epochs=EPOCHS)
     proc = subprocess.Popen([sys.executable, "-m", "open_clip_starft.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stderr=subprocess.PIPE, text=True, env=env)
     wait_for_step(ws, name, proc, 2)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -45,9 +51,11 @@ def test_signal_mid_epoch_saves_exits_zero_and_resume_finishes(ws, sig):
     done = int(re.search(r"step_(\d+)", saved[0]).group(1))
     assert 3 <= done < STEPS_PER_EPOCH  # mid-epoch: after the step the signal arrived in
 
-    resumed = run(args + ["--resume", "latest"])
+    resumed = subprocess.run([sys.executable, "-m", "open_clip_starft.main", *args, "--resume", "latest"],
+                             capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = log_of(ws, name)
+    assert ("plugin hook (patches/0003)" in log) == (host == "plugin-hook")
     steps = metric(log, "Step")
     assert steps[-1] == EPOCHS * STEPS_PER_EPOCH - 1  # the same step count as an uninterrupted run
     resumed_steps = steps[steps.index(done):]  # after the resume: each remaining step exactly once
