@@ -1,0 +1,352 @@
+"""Waterbirds-lite data: real photographic cut-outs pasted on real scene photographs.
+
+Material, all from Debian packages (``PACKAGES``): the photographic stamps of Tux Paint
+(``tuxpaint-stamps-default``: objects and ~35 birds with alpha masks) and landscape photographs
+(Tux Paint's templates and five wallpaper packages). ``labels.json`` (beside this file, made by
+looking at every image) says which birds live on water and which on land, which scenes are water
+and which land, each scene's caption phrase ("on the beach"), and each object's natural place.
+
+A sample is a random crop of a scene (resized to ``image_size``) with one cut-out pasted at a
+random scale, position and flip. Everything is deterministic from the seeds: sample ``i`` of a
+set is drawn from ``numpy.random.default_rng([seed, set_id, i])``.
+
+Sets written (webdataset shards with ``jpg``, ``cls``, ``group``, ``txt``; ``classnames.txt`` and
+``sizes.json`` beside them; ``manifest.json`` at the top):
+
+- ``pretrain``: every stamp on every scene, uniformly; the class is a caption body ("duck on the
+  beach" or "duck", half each), so a contrastive run through ``open_clip_starft.main`` with
+  ``--starft-lambda 0`` and template ``a photo of a {}.`` learns from object-and-scene captions;
+- per split (``identity-s{seed}``: birds split by identity; ``shared-s{seed}``: every bird in
+  every split; scenes are always split by photograph, 50/20/30 % within each place):
+  ``wb-train`` (95 % waterbirds on water and landbirds on land), ``wb-val``, ``wb-test``
+  (balanced over the four groups; group = 2·label + place, as Waterbirds), ``source-train`` (the
+  ImageNet stand-in: the source object classes, each on a scene of its natural place 80 % of the
+  time), ``heldout-test`` (the other object classes, uniform scenes: retained zero-shot).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from ..errors import StarftError
+
+PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
+            "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
+STAMPS_ROOT = "/usr/share/tuxpaint/stamps"
+LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels.json")
+PLACES = ("land", "water")
+WB_CLASSNAMES = ("landbird", "waterbird")
+WB_GROUP_NAMES = ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water")
+SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
+# the sets' ids in the sample seeds (never reuse one)
+SET_IDS = {"pretrain": 1, "wb-train": 2, "wb-val": 3, "wb-test": 4, "source-train": 5, "heldout-test": 6}
+
+
+@dataclass(frozen=True)
+class Stamp:
+    file: str    # relative to STAMPS_ROOT
+    name: str    # class name ("duck")
+    kind: str    # waterbird | landbird | object
+    place: str   # where it naturally is: land | water
+
+
+@dataclass(frozen=True)
+class Scene:
+    package: str
+    file: str    # absolute path
+    place: str   # land | water
+    phrase: str  # "on the beach"
+
+
+@dataclass
+class Sizes:
+    """Sample counts per set and the image size (pixels)."""
+    image_size: int = 64
+    pretrain: int = 12000
+    wb_train: int = 1200
+    wb_val: int = 400
+    wb_test: int = 1000
+    source_train: int = 2400
+    heldout_test: int = 800
+    source_fraction: float = 0.6  # share of the object classes that form the source task
+    p_aligned: float = 0.95       # wb-train: share of birds on their own place
+    p_natural: float = 0.8        # source-train: share of objects on their natural place
+
+
+# -- material ------------------------------------------------------------------------------------
+def missing_packages(packages=PACKAGES) -> list[str]:
+    """The Debian packages of ``packages`` that are not installed (all of them where dpkg is absent)."""
+    if shutil.which("dpkg-query") is None:
+        return list(packages)
+    missing = []
+    for p in packages:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True)
+        if out.returncode != 0 or "install ok installed" not in out.stdout:
+            missing.append(p)
+    return missing
+
+
+def ensure_packages(packages=PACKAGES, install: bool = True) -> None:
+    """Install the missing Debian packages with apt-get, or a one-line StarftError saying how."""
+    missing = missing_packages(packages)
+    if not missing:
+        return
+    hint = f"install them: apt-get install -y {' '.join(missing)}"
+    if not install:
+        raise StarftError(f"Waterbirds-lite needs the Debian packages {', '.join(missing)}: {hint}")
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise StarftError(f"Waterbirds-lite needs the Debian packages {', '.join(missing)}, which cannot be installed "
+                          f"here ({'no apt-get' if shutil.which('apt-get') is None else 'not root'}): {hint} as root")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    result = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+        result = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], capture_output=True, text=True, env=env)
+    still = missing_packages(missing)
+    if result.returncode != 0 or still:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StarftError(f"Waterbirds-lite: apt-get could not install {', '.join(still or missing)} ({last}): {hint}")
+
+
+def load_labels(path: str = LABELS) -> tuple[list[Stamp], list[Scene]]:
+    """The labelled stamps and scenes of ``labels.json``; a one-line error for a file that is not there."""
+    with open(path) as f:
+        data = json.load(f)
+    stamps = [Stamp(s["file"], s["name"], s["kind"], s["place"]) for s in data["stamps"]]
+    scenes = [Scene(s["package"], s["file"], s["place"], s["phrase"]) for s in data["scenes"]]
+    for s in stamps:
+        if not os.path.exists(os.path.join(STAMPS_ROOT, s.file)):
+            raise StarftError(f"stamp {s.file!r} of {path} is not in {STAMPS_ROOT}: reinstall tuxpaint-stamps-default")
+    for s in scenes:
+        if not os.path.exists(s.file):
+            raise StarftError(f"scene {s.file!r} of {path} does not exist: reinstall {s.package}")
+    return stamps, scenes
+
+
+class Material:
+    """The stamps (RGBA, cropped to their mask) and scenes (RGB), decoded once at working sizes."""
+
+    def __init__(self, stamps: list[Stamp], scenes: list[Scene], image_size: int):
+        self.image_size = image_size
+        self.stamps, self.scenes = stamps, scenes
+        self.stamp_images = [self._stamp(os.path.join(STAMPS_ROOT, s.file)) for s in stamps]
+        self.scene_images = [self._scene(s.file) for s in scenes]
+
+    def _stamp(self, path: str) -> Image.Image:
+        img = Image.open(path).convert("RGBA")
+        box = img.getchannel("A").point(lambda a: 255 if a > 16 else 0).getbbox()
+        if box is None:
+            raise StarftError(f"stamp {path!r} has an empty alpha mask: drop it from labels.json")
+        img = img.crop(box)
+        img.thumbnail((2 * self.image_size, 2 * self.image_size), Image.LANCZOS)
+        return img
+
+    def _scene(self, path: str) -> Image.Image:
+        img = Image.open(path).convert("RGB")
+        short = 3 * self.image_size  # room for crops at several scales
+        scale = short / min(img.size)
+        return img.resize((max(short, round(img.width * scale)), max(short, round(img.height * scale))), Image.LANCZOS)
+
+    def compose(self, stamp: int, scene: int, rng: np.random.Generator) -> Image.Image:
+        """Cut-out ``stamp`` at a random scale, flip and position on a random crop of ``scene``."""
+        size = self.image_size
+        bg = self.scene_images[scene]
+        side = int(rng.uniform(0.5, 1.0) * min(bg.size))
+        x, y = int(rng.integers(0, bg.width - side + 1)), int(rng.integers(0, bg.height - side + 1))
+        canvas = bg.crop((x, y, x + side, y + side)).resize((size, size), Image.BILINEAR)
+        fg = self.stamp_images[stamp]
+        longest = rng.uniform(0.5, 0.85) * size
+        scale = longest / max(fg.size)
+        fg = fg.resize((max(1, round(fg.width * scale)), max(1, round(fg.height * scale))), Image.LANCZOS)
+        if rng.random() < 0.5:
+            fg = ImageOps.mirror(fg)
+        px, py = int(rng.integers(0, size - fg.width + 1)), int(rng.integers(0, size - fg.height + 1))
+        canvas.paste(fg, (px, py), fg)
+        return canvas
+
+
+# -- splits --------------------------------------------------------------------------------------
+def _split(indices: list[int], seed: int, what: str) -> dict[str, list[int]]:
+    """``indices`` shuffled by ``seed`` and cut 50/20/30 % into train/val/test; none may be empty."""
+    order = list(np.random.default_rng(seed).permutation(indices))
+    n = len(order)
+    n_train, n_val = round(n * SPLIT_FRACTIONS["train"]), round(n * SPLIT_FRACTIONS["val"])
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    empty = [k for k, v in parts.items() if not v]
+    if empty:
+        raise StarftError(f"Waterbirds-lite: the {empty[0]} split of the {what} would be empty ({n} in all): "
+                          "label more of them in labels.json or use the shared-identity split")
+    return {k: [int(i) for i in v] for k, v in parts.items()}
+
+
+def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int, source_fraction: float) -> dict:
+    """Which scenes, birds and object classes each part of split ``{variant}-s{seed}`` uses (indices)."""
+    if variant not in ("identity", "shared"):
+        raise StarftError(f"unknown split variant {variant!r}: use identity (birds split by identity) or shared")
+    split = {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "scenes": {}, "birds": {}}
+    for place in PLACES:
+        split["scenes"][place] = _split([i for i, s in enumerate(scenes) if s.place == place], seed * 7 + 1,
+                                        f"{place} scenes")
+    for kind in ("landbird", "waterbird"):
+        birds = [i for i, s in enumerate(stamps) if s.kind == kind]
+        if not birds:
+            raise StarftError(f"Waterbirds-lite: labels.json has no {kind}: label at least one")
+        split["birds"][kind] = (_split(birds, seed * 7 + 2, f"{kind}s") if variant == "identity"
+                                else {k: birds for k in SPLIT_FRACTIONS})
+    objects = [i for i, s in enumerate(stamps) if s.kind == "object"]
+    order = [int(i) for i in np.random.default_rng(seed * 7 + 3).permutation(objects)]
+    n_source = round(len(order) * source_fraction)
+    if not 2 <= n_source <= len(order) - 2:
+        raise StarftError(f"Waterbirds-lite: {len(order)} object stamps cannot make a source task and held-out "
+                          f"classes with source_fraction {source_fraction}: label more objects")
+    split["source_classes"] = sorted(order[:n_source], key=lambda i: stamps[i].name)
+    split["heldout_classes"] = sorted(order[n_source:], key=lambda i: stamps[i].name)
+    return split
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Material, seed: int, set_id: int,
+               samples_per_shard: int = 500) -> dict:
+    """Shards of ``n`` samples, ``draw(rng) -> (stamp, scene, cls, group, caption)``; returns counts."""
+    os.makedirs(out_dir, exist_ok=True)
+    sizes, groups = {}, {}
+    for start in range(0, n, samples_per_shard):
+        name = f"{os.path.basename(out_dir)}-{start // samples_per_shard:06d}.tar"
+        stop = min(start + samples_per_shard, n)
+        with wds.TarWriter(os.path.join(out_dir, name), encoder=False, mtime=0.0) as sink:
+            for i in range(start, stop):
+                rng = np.random.default_rng([seed, set_id, i])
+                stamp, scene, cls, group, caption = draw(rng)
+                buf = io.BytesIO()
+                material.compose(stamp, scene, rng).save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": str(cls).encode(),
+                            "group": str(group).encode(), "txt": f"a photo of a {caption}.".encode()})
+                groups[group] = groups.get(group, 0) + 1
+        sizes[name] = stop - start
+    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
+        json.dump(sizes, f, indent=1)
+    with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
+        f.write("\n".join(classnames) + "\n")
+    return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())},
+            "pattern": brace(out_dir, sorted(sizes))}
+
+
+def brace(out_dir: str, names: list[str]) -> str:
+    """A brace pattern over the shards ``names`` of ``out_dir``."""
+    from ..demo_data import brace_pattern
+    return brace_pattern([os.path.join(out_dir, n) for n in names])
+
+
+def pretrain_classnames(stamps: list[Stamp], scenes: list[Scene]) -> list[str]:
+    """Caption bodies of the pre-training set: each stamp alone, then each stamp with each scene phrase."""
+    phrases = sorted({s.phrase for s in scenes})
+    return [s.name for s in stamps] + [f"{s.name} {p}" for s in stamps for p in phrases]
+
+
+def write_pretrain(out: str, material: Material, sizes: Sizes, seed: int) -> dict:
+    stamps, scenes = material.stamps, material.scenes
+    names = pretrain_classnames(stamps, scenes)
+    phrases = sorted({s.phrase for s in scenes})
+
+    def draw(rng):
+        stamp, scene = int(rng.integers(len(stamps))), int(rng.integers(len(scenes)))
+        with_scene = rng.random() < 0.5
+        cls = len(stamps) + stamp * len(phrases) + phrases.index(scenes[scene].phrase) if with_scene else stamp
+        return stamp, scene, cls, PLACES.index(scenes[scene].place), names[cls]
+    return _write_set(os.path.join(out, "pretrain"), sizes.pretrain, draw, names, material, seed, SET_IDS["pretrain"])
+
+
+def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: int) -> dict:
+    """The five sets of one split under ``out/{split name}``; returns their counts and patterns."""
+    stamps, scenes = material.stamps, material.scenes
+    root = os.path.join(out, split["name"])
+    sets = {}
+
+    def birds_on(part: str, balanced: bool):
+        def draw(rng):
+            label = int(rng.integers(2))
+            place = (int(rng.integers(2)) if balanced else
+                     (label if rng.random() < sizes.p_aligned else 1 - label))
+            birds = split["birds"][WB_CLASSNAMES[label]][part]
+            pool = split["scenes"][PLACES[place]][part]
+            stamp, scene = birds[int(rng.integers(len(birds)))], pool[int(rng.integers(len(pool)))]
+            return stamp, scene, label, 2 * label + place, f"{WB_CLASSNAMES[label]} {scenes[scene].phrase}"
+        return draw
+
+    for part, n, balanced in (("train", sizes.wb_train, False), ("val", sizes.wb_val, True), ("test", sizes.wb_test, True)):
+        sets[f"wb-{part}"] = _write_set(os.path.join(root, f"wb-{part}"), n, birds_on(part, balanced),
+                                        list(WB_CLASSNAMES), material, seed, SET_IDS[f"wb-{part}"])
+
+    def objects_on(classes: list[int], part: str, p_natural: float | None):
+        def draw(rng):
+            cls = int(rng.integers(len(classes)))
+            natural = stamps[classes[cls]].place
+            if p_natural is None:
+                place = PLACES[int(rng.integers(2))]
+            else:
+                place = natural if rng.random() < p_natural else PLACES[1 - PLACES.index(natural)]
+            pool = split["scenes"][place][part]
+            scene = pool[int(rng.integers(len(pool)))]
+            return classes[cls], scene, cls, PLACES.index(place), stamps[classes[cls]].name
+        return draw
+
+    source, heldout = split["source_classes"], split["heldout_classes"]
+    sets["source-train"] = _write_set(os.path.join(root, "source-train"), sizes.source_train,
+                                      objects_on(source, "train", sizes.p_natural), [stamps[i].name for i in source],
+                                      material, seed, SET_IDS["source-train"])
+    sets["heldout-test"] = _write_set(os.path.join(root, "heldout-test"), sizes.heldout_test,
+                                      objects_on(heldout, "test", None), [stamps[i].name for i in heldout],
+                                      material, seed, SET_IDS["heldout-test"])
+    # spurious descriptors for StarFT: the scene phrases of this split's training scenes
+    phrases = sorted({scenes[i].phrase for place in PLACES for i in split["scenes"][place]["train"]})
+    with open(os.path.join(root, "scene-descriptors.txt"), "w") as f:
+        f.write("# the scene phrases of the training scenes (StarFT's spurious descriptors)\n")
+        f.writelines(f"{{}} {p}.\n" for p in phrases)
+    return sets
+
+
+def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed: int = 0, install: bool = True,
+          labels: str = LABELS, log=print) -> dict:
+    """Write the pre-training set and every split's sets under ``out``; returns (and writes) the manifest."""
+    ensure_packages(install=install)
+    stamps, scenes = load_labels(labels)
+    for place in PLACES:
+        if not any(s.place == place for s in scenes):
+            raise StarftError(f"Waterbirds-lite: labels.json has no {place} scene: label at least three")
+    material = Material(stamps, scenes, sizes.image_size)
+    manifest = {"sizes": asdict(sizes), "seed": seed, "packages": {p: _version(p) for p in PACKAGES},
+                "stamps": len(stamps), "scenes": len(scenes), "splits": {}}
+    log(f"  material: {len(stamps)} stamps ({sum(s.kind == 'waterbird' for s in stamps)} waterbirds, "
+        f"{sum(s.kind == 'landbird' for s in stamps)} landbirds), {len(scenes)} scenes "
+        f"({sum(s.place == 'water' for s in scenes)} water)")
+    manifest["pretrain"] = write_pretrain(out, material, sizes, seed)
+    for variant, split_seed in splits:
+        split = make_split(stamps, scenes, variant, split_seed, sizes.source_fraction)
+        sets = write_split(out, material, split, sizes, seed + 1000 * (split_seed + 1))
+        manifest["splits"][split["name"]] = {
+            "sets": sets,
+            "scenes": {p: {k: [scenes[i].file for i in v] for k, v in split["scenes"][p].items()} for p in PLACES},
+            "birds": {k: {part: [stamps[i].name for i in v] for part, v in parts.items()}
+                      for k, parts in split["birds"].items()},
+            "source_classes": [stamps[i].name for i in split["source_classes"]],
+            "heldout_classes": [stamps[i].name for i in split["heldout_classes"]],
+        }
+        log(f"  split {split['name']}: " + ", ".join(f"{k} {v['samples']}" for k, v in sets.items()))
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _version(package: str) -> str | None:
+    if shutil.which("dpkg-query") is None:
+        return None
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return out.stdout.strip() or None
