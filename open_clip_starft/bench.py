@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 
 import open_clip
@@ -284,6 +283,12 @@ def main(argv=None) -> int:
     data.add_argument("--classnames", default="imagenet")
     data.add_argument("--epochs", type=int, default=4, help="epochs per pipeline, alternating")
     data.add_argument("--out", default="docs/bench/data.json")
+    sub.add_parser("waterbirds-lite", add_help=False,
+                   help="the Waterbirds-lite real-image benchmark (its own --help: bench waterbirds-lite --help)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["waterbirds-lite"]:
+        from .waterbirds_lite.cli import main as waterbirds_lite
+        return waterbirds_lite(argv[1:])
     args = parser.parse_args(argv)
     if args.what == "step":
         record = bench_step(args)
