@@ -26,8 +26,9 @@ With ``patches/0003-plugin-hook-losses-and-train-steps.patch`` applied to OpenCL
 builds the loss and the train step itself, by name, from this package's entry points
 (``plugin.py``: ``--loss starft --train-step starft``, added to the command line here), and
 ``create_loss`` and ``train_one_epoch`` stay upstream's. ``open_clip_train.zero_shot.accuracy``
-gets the fix upstream made after 3.3.0 (numpy ≥ 2.4 refuses ``float()`` of a 1-element array). Optimizer, scheduler, checkpointing, ``--resume
-latest``, logging, distributed set-up and zero-shot ImageNet eval stay upstream's.
+gets the fix upstream made after 3.3.0 (numpy ≥ 2.4 refuses ``float()`` of a 1-element array).
+Optimizer, scheduler, checkpointing, ``--resume latest``, logging, distributed set-up and
+zero-shot ImageNet eval stay upstream's.
 """
 from __future__ import annotations
 

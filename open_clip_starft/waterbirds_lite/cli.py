@@ -88,6 +88,8 @@ def _run(args, argv) -> int:
     methods = _list(args.methods, benchmark.METHODS, "--methods")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
+        f.write("open-clip-starft bench waterbirds-lite " + " ".join(argv) + "\n")
     timing_path = os.path.join(out, "stage_seconds.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -103,6 +105,11 @@ def _run(args, argv) -> int:
             if not os.path.exists(manifest_path):
                 raise StarftError(f"{manifest_path} does not exist: run the build stage first (or 'all')")
             manifest = json.load(open(manifest_path))
+            wanted = [f"{variant}-s{seed}" for variant, seed in splits]
+            missing = [name for name in wanted if name not in manifest["splits"]]
+            if missing:
+                raise StarftError(f"split {missing[0]} was not built in {out}: run build with --splits {args.splits}")
+            manifest["splits"] = {name: manifest["splits"][name] for name in wanted}
             zero_shot_dir = os.path.join(out, "models", "zero-shot")
             zero_shot = f"local-dir:{zero_shot_dir}"
             if stage == "pretrain":
@@ -127,8 +134,8 @@ def _run(args, argv) -> int:
                 else:
                     records = benchmark.evaluate_runs(out, manifest, zero_shot, protocols, methods, seeds, seconds, log=log)
                     _write_report(args, argv, records, timing, manifest)
-        if stage != "report":
-            timing[stage] = time.time() - start
+        if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
+            timing[stage] = timing.get(stage, 0.0) + time.time() - start
             json.dump(timing, open(timing_path, "w"), indent=1)
     return 0
 
@@ -161,7 +168,9 @@ def _write_report(args, argv, records, timing, manifest) -> None:
         f"{n_splits} splits × {len(args.train_seeds.split(','))} training seeds; the descriptors are the shipped "
         "`background` set (the paper's concept), not the scenes' own phrases.",
     ]
-    meta = {"command": "open-clip-starft bench waterbirds-lite " + " ".join(argv),
+    with open(os.path.join(os.path.abspath(args.out), "commands.txt")) as f:
+        commands = f.read().strip()
+    meta = {"command": commands,
             "wall_seconds": sum(timing.values()), "stage_seconds": timing,
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "setup": setup}
     with open(os.path.join(args.docs, "waterbirds-lite.md"), "w") as f:

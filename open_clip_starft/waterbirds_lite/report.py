@@ -150,6 +150,8 @@ def markdown(records: list[dict], meta: dict) -> str:
              "every number below is measured by the command in *How it was run*.", ""]
     lines += meta.get("setup", [])
     lines += ["", "## How it was run", "", "```", meta["command"], "```", "",
+              "(the calls that made these results, in order; `all` runs the stages build, pretrain, run, report "
+              "in one call, and a later call reuses every finished stage and fine-tune)", "",
               f"Wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['machine']} "
               f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in meta['stage_seconds'].items())}).", ""]
     lines += ["## What holds here", "", *reading(records), ""]
