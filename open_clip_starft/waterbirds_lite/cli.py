@@ -133,6 +133,8 @@ def _run(args, argv) -> int:
                     json.dump(seconds, open(seconds_path, "w"), indent=1)
                 else:
                     records = benchmark.evaluate_runs(out, manifest, zero_shot, protocols, methods, seeds, seconds, log=log)
+                    timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
+                    json.dump(timing, open(timing_path, "w"), indent=1)
                     _write_report(args, argv, records, timing, manifest)
         if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
             timing[stage] = timing.get(stage, 0.0) + time.time() - start

@@ -114,6 +114,10 @@ def reading(records: list[dict]) -> list[str]:
             return f"{what}: StarFT − FLYP = {m:+.1f} ± {h:.1f} points over {len(diffs)} paired runs: {word}"
         out.append(f"- **{protocol}** — " + verdict(d_wg, "worst-group accuracy") + "; " + verdict(d_avg, "average accuracy")
                    + "; " + verdict(d_ho, "held-out-class accuracy (retained zero-shot)") + ".")
+    step0 = [r["star_loss_step0"] for r in records if r["method"].startswith("starft") and r.get("star_loss_step0") is not None]
+    if step0:
+        out.append(f"- The Star term at step 0 of each of the {len(step0)} StarFT fine-tunes (teacher = student): "
+                   f"at most {max(step0):.2g}.")
     return out
 
 
