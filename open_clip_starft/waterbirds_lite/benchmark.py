@@ -16,6 +16,7 @@ selection; the validation split is reported beside the test split).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,10 +70,11 @@ class Job:
 
     @property
     def checkpoint(self) -> str:
+        """The run's last end-of-epoch checkpoint (``epoch_N.pt``), or "" when it has none."""
         folder = os.path.join(self.logs, self.name, "checkpoints")
-        done = sorted((f for f in os.listdir(folder) if f.startswith("epoch_") and "_step_" not in f),
-                      key=lambda f: int(f[6:-3])) if os.path.isdir(folder) else []
-        return os.path.join(folder, done[-1]) if done else ""
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        done = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(r"epoch_(\d+)\.pt", n)))
+        return os.path.join(folder, done[-1][1]) if done else ""
 
 
 def run_job(job: Job, threads: int = 1) -> float:
@@ -97,11 +99,11 @@ def run_job(job: Job, threads: int = 1) -> float:
 
 
 def run_jobs(jobs: list[Job], parallel: int, log=print) -> dict[str, float]:
-    """Run ``jobs``, ``parallel`` at a time with one compute thread each; seconds per job."""
+    """Run ``jobs``, ``parallel`` at a time, the machine's two cores shared among them; seconds per job."""
     seconds = {}
 
     def one(job):
-        seconds[job.name] = run_job(job, threads=max(1, 2 // parallel) if parallel <= 2 else 1)
+        seconds[job.name] = run_job(job, threads=max(1, 2 // parallel))
         log(f"    {job.name}: {seconds[job.name]:.0f} s")
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for future in [pool.submit(one, j) for j in jobs]:
@@ -109,15 +111,15 @@ def run_jobs(jobs: list[Job], parallel: int, log=print) -> dict[str, float]:
     return seconds
 
 
-def pretrain(out: str, manifest: dict, schedule: Schedule, seed: int, init_model: str) -> tuple[Job, str]:
-    """The pre-training job and the ``local-dir:`` folder its result is exported to."""
+def pretrain(out: str, manifest: dict, schedule: Schedule, seed: int, init_model: str) -> Job:
+    """The pre-training job: contrastive, λ = 0, on the pre-training set's caption classes."""
     pre = manifest["pretrain"]
     data_dir = os.path.join(out, "data", "pretrain")
     job = Job("pretrain", ["--model", init_model, *_train_args(
         pre["pattern"], os.path.join(out, "logs"), "pretrain", seed, schedule.pretrain_epochs, schedule.pretrain_lr,
         schedule.pretrain_batch_size, 4 * schedule.warmup, os.path.join(data_dir, "classnames.txt")),
         "--starft-lambda", "0"], os.path.join(out, "logs"))
-    return job, os.path.join(out, "models", "zero-shot")
+    return job
 
 
 def export(checkpoint: str, template_model: str, out_dir: str) -> str:
@@ -171,8 +173,7 @@ class Evaluator:
 
 
 def first_star_loss(log_path: str) -> float | None:
-    """The Star term logged at a run's first step (≈ 0: the student starts as the teacher); None for λ = 0."""
-    import re
+    """The Star term logged at a run's first step (≈ 0: the student starts as the teacher); None if none logged."""
     with open(log_path) as f:
         found = re.search(r"Star_loss: ([-0-9.e+naif]+)", f.read())
     return float(found.group(1)) if found else None

@@ -80,6 +80,41 @@ def main(argv=None) -> int:
         return 2
 
 
+def _read_json(path: str, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) -> dict:
+    """The build's manifest, its splits narrowed to ``splits`` (each must have been built)."""
+    path = os.path.join(out, "data", "manifest.json")
+    manifest = _read_json(path, None)
+    if manifest is None:
+        raise StarftError(f"{path} does not exist: run the build stage first (or 'all')")
+    wanted = [f"{variant}-s{seed}" for variant, seed in splits]
+    missing = [name for name in wanted if name not in manifest["splits"]]
+    if missing:
+        raise StarftError(f"split {missing[0]} was not built in {out}: run build with --splits {splits_text}")
+    manifest["splits"] = {name: manifest["splits"][name] for name in wanted}
+    return manifest
+
+
+def _zero_shot(out: str) -> str:
+    """The pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
+    from .clip_lite import check_clip_lite
+    folder = os.path.join(out, "models", "zero-shot")
+    if not os.path.isdir(folder):
+        raise StarftError(f"{folder} does not exist: run the pretrain stage first (or 'all')")
+    return check_clip_lite(f"local-dir:{folder}")
+
+
 def _run(args, argv) -> int:
     scale = SCALES[args.scale]
     splits = _splits(args.splits)
@@ -90,59 +125,42 @@ def _run(args, argv) -> int:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
         f.write("open-clip-starft bench waterbirds-lite " + " ".join(argv) + "\n")
-    timing_path = os.path.join(out, "stage_seconds.json")
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    manifest_path = os.path.join(out, "data", "manifest.json")
+    timing_path, seconds_path = os.path.join(out, "stage_seconds.json"), os.path.join(out, "run_seconds.json")
+    timing = _read_json(timing_path, {})
     log = lambda text: print(text, flush=True)  # noqa: E731
 
-    for stage in stages:
+    for stage in STAGES if args.stage == "all" else (args.stage,):
         start = time.time()
         log(f"waterbirds-lite: {stage}")
         if stage == "build":
             build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed, install=not args.no_install, log=log)
+        elif stage == "pretrain":
+            from .clip_lite import write_clip_lite
+            manifest = _load_manifest(out, splits, args.splits)
+            init = write_clip_lite(os.path.join(out, "models", "init"), seed=args.seed, **scale["model"])
+            job = benchmark.pretrain(out, manifest, scale["schedule"], args.seed, init)
+            benchmark.run_job(job, threads=2)
+            benchmark.export(job.checkpoint, init, os.path.join(out, "models", "zero-shot"))
+        elif stage == "run":
+            jobs = benchmark.finetune_jobs(out, _load_manifest(out, splits, args.splits), _zero_shot(out), protocols,
+                                           methods, seeds, scale["schedule"])
+            log(f"  {len(jobs)} fine-tunes, {args.parallel} at a time")
+            done = benchmark.run_jobs(jobs, args.parallel, log=log)
+            _write_json(seconds_path, {**_read_json(seconds_path, {}), **{k: v for k, v in done.items() if v}})
         else:
-            if not os.path.exists(manifest_path):
-                raise StarftError(f"{manifest_path} does not exist: run the build stage first (or 'all')")
-            manifest = json.load(open(manifest_path))
-            wanted = [f"{variant}-s{seed}" for variant, seed in splits]
-            missing = [name for name in wanted if name not in manifest["splits"]]
-            if missing:
-                raise StarftError(f"split {missing[0]} was not built in {out}: run build with --splits {args.splits}")
-            manifest["splits"] = {name: manifest["splits"][name] for name in wanted}
-            zero_shot_dir = os.path.join(out, "models", "zero-shot")
-            zero_shot = f"local-dir:{zero_shot_dir}"
-            if stage == "pretrain":
-                from .clip_lite import write_clip_lite
-                init = write_clip_lite(os.path.join(out, "models", "init"), seed=args.seed, **scale["model"])
-                job, _ = benchmark.pretrain(out, manifest, scale["schedule"], args.seed, init)
-                benchmark.run_job(job, threads=2)
-                benchmark.export(job.checkpoint, init, zero_shot_dir)
-            else:
-                if not os.path.isdir(zero_shot_dir):
-                    raise StarftError(f"{zero_shot_dir} does not exist: run the pretrain stage first (or 'all')")
-                from .clip_lite import check_clip_lite
-                check_clip_lite(zero_shot)  # its text tower's config path is absolute: a moved folder fails clearly
-                jobs = benchmark.finetune_jobs(out, manifest, zero_shot, protocols, methods, seeds, scale["schedule"])
-                seconds_path = os.path.join(out, "run_seconds.json")
-                seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
-                if stage == "run":
-                    log(f"  {len(jobs)} fine-tunes, {args.parallel} at a time")
-                    done = benchmark.run_jobs(jobs, args.parallel, log=log)
-                    seconds.update({k: v for k, v in done.items() if v})
-                    json.dump(seconds, open(seconds_path, "w"), indent=1)
-                else:
-                    records = benchmark.evaluate_runs(out, manifest, zero_shot, protocols, methods, seeds, seconds, log=log)
-                    timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
-                    json.dump(timing, open(timing_path, "w"), indent=1)
-                    _write_report(args, argv, records, timing, manifest)
+            manifest = _load_manifest(out, splits, args.splits)
+            records = benchmark.evaluate_runs(out, manifest, _zero_shot(out), protocols, methods, seeds,
+                                              _read_json(seconds_path, {}), log=log)
+            timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
+            _write_json(timing_path, timing)
+            _write_report(args, records, timing, manifest)
         if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
             timing[stage] = timing.get(stage, 0.0) + time.time() - start
-            json.dump(timing, open(timing_path, "w"), indent=1)
+            _write_json(timing_path, timing)
     return 0
 
 
-def _write_report(args, argv, records, timing, manifest) -> None:
+def _write_report(args, records, timing, manifest) -> None:
     os.makedirs(args.docs, exist_ok=True)
     with open(os.path.join(args.docs, "waterbirds-lite.json"), "w") as f:
         json.dump(records, f, indent=1)
