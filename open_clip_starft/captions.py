@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SimpleTokenizer
 
-from .descriptors import _read_text, load_descriptors
+from .descriptors import _read_text
 from .errors import StarftError
 
 SINGLE_TEMPLATE = "a photo of a {}."

@@ -25,7 +25,7 @@ import urllib.request
 
 from .captions import load_classnames, strip_period
 from .descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
-from .errors import StarftError
+from .errors import StarftError, one_line_errors
 
 CONCEPTS_PROMPT = ("List possible spurious correlations while classifying natural images. Answer in a word. "
                    "Give {n} different answers, one per line.")
@@ -576,13 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except StarftError as e:
-        print(f"open-clip-starft: error: {e}", file=sys.stderr)
-        return 2
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The one error type for bad StarFT input."""
+"""The one error type for bad StarFT input, and how commands report it."""
+from __future__ import annotations
+
+import functools
+import sys
 
 
 class StarftError(ValueError):
@@ -6,3 +10,16 @@ class StarftError(ValueError):
 
     Entry points catch it and print ``open-clip-starft: error: <message>`` with no traceback.
     """
+
+
+def one_line_errors(main, prog: str = "open-clip-starft"):
+    """Wrap a command's ``main(argv) -> int``: a ``StarftError`` becomes ``PROG: error: <message>`` on
+    stderr and exit status 2, with no traceback."""
+    @functools.wraps(main)
+    def wrapped(argv=None) -> int:
+        try:
+            return main(argv)
+        except StarftError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+    return wrapped

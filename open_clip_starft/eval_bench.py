@@ -22,7 +22,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from .errors import StarftError
+from .errors import StarftError, one_line_errors
 from .eval_sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
 from .evaluation import HeadCache, evaluate_prepared
 
@@ -89,6 +89,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="open-clip-starft eval-bench", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -102,23 +103,18 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    try:
-        if args.images < 1 or args.batch_size < 1 or args.head_classes < 1 or args.head_classes > 1000:
-            raise StarftError("--images and --batch-size must be ≥ 1 and --head-classes in 1..1000")
-        rows = []
-        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            rows.append(bench_model(name, args.images, args.batch_size, args.head_classes, args.templates, args.device, args.workers))
-            print(f"  {name}: {rows[-1]['images_per_s']:.1f} images/s, head {rows[-1]['head_seconds']:.2f} s", file=sys.stderr)
-        print(f"eval throughput on {args.device} ({torch.get_num_threads()} threads)\n")
-        print(table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return 0
-    except StarftError as e:
-        print(f"open-clip-starft: error: {e}", file=sys.stderr)
-        return 2
-
+    if args.images < 1 or args.batch_size < 1 or args.head_classes < 1 or args.head_classes > 1000:
+        raise StarftError("--images and --batch-size must be ≥ 1 and --head-classes in 1..1000")
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        rows.append(bench_model(name, args.images, args.batch_size, args.head_classes, args.templates, args.device, args.workers))
+        print(f"  {name}: {rows[-1]['images_per_s']:.1f} images/s, head {rows[-1]['head_seconds']:.2f} s", file=sys.stderr)
+    print(f"eval throughput on {args.device} ({torch.get_num_threads()} threads)\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .errors import StarftError
+from .errors import StarftError, one_line_errors
 from .eval_models import ModelCache, checkpoints_from_args
 from .eval_report import markdown_table, plot_groups, write_jsonl
 from .eval_sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
@@ -151,13 +151,9 @@ def run(args) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except StarftError as e:
-        print(f"open-clip-starft: error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

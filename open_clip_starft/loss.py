@@ -16,7 +16,6 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 
 try:

@@ -29,7 +29,7 @@ import time
 from PIL import Image
 
 from .captions import load_classnames
-from .errors import StarftError
+from .errors import StarftError, one_line_errors
 from .eval_sets import EvalSetSpec, Item, _csv_items, _folder_labels, _folder_names, _image_folder
 
 STATE_DIR = ".make-shards"
@@ -259,20 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        start = time.time()
-        make_shards(args.source, args.out, classnames=args.classnames, samples_per_shard=args.samples_per_shard,
-                    workers=args.workers, prefix=args.prefix, shuffle=not args.no_shuffle, seed=args.seed,
-                    max_side=args.max_side, path_key=args.csv_path_key, label_key=args.csv_label_key,
-                    group_key=args.csv_group_key, overwrite=args.overwrite, limit_shards=args.limit_shards,
-                    progress=not args.no_progress)
-        print(f"done in {time.time() - start:.0f} s")
-        return 0
-    except StarftError as e:
-        print(f"open-clip-starft: error: {e}", file=sys.stderr)
-        return 2
+    start = time.time()
+    make_shards(args.source, args.out, classnames=args.classnames, samples_per_shard=args.samples_per_shard,
+                workers=args.workers, prefix=args.prefix, shuffle=not args.no_shuffle, seed=args.seed,
+                max_side=args.max_side, path_key=args.csv_path_key, label_key=args.csv_label_key,
+                group_key=args.csv_group_key, overwrite=args.overwrite, limit_shards=args.limit_shards,
+                progress=not args.no_progress)
+    print(f"done in {time.time() - start:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

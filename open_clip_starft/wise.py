@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from .errors import StarftError
+from .errors import StarftError, one_line_errors
 from .eval_cli import _check_positive, add_data_args, add_run_args, set_specs_from_args
 from .eval_models import create_model, interpolate_state_dicts, load_weights, save_openclip
 from .eval_report import layout, markdown_table, plot_wise, summary, write_jsonl
@@ -157,13 +157,9 @@ def run(args) -> int:
     return 0
 
 
+@one_line_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except StarftError as e:
-        print(f"open-clip-starft: error: {e}", file=sys.stderr)
-        return 2
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

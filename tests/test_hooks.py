@@ -1,5 +1,4 @@
 """The host hooks: names rebound and restored, upstream's eval fixed, DDP on CPU, ImageNet eval."""
-import argparse
 import os
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Bad input to the entry point: a non-zero exit and one line that names the input and the fix."""
 import io
 import os
-import tarfile
 
 import pytest
 import webdataset as wds

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 
-from ..errors import StarftError
+from ..errors import StarftError, one_line_errors
 from . import benchmark, build, report
 
 SCALES = {
@@ -71,13 +71,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return _run(args, argv if argv is not None else sys.argv[1:])
-    except StarftError as e:
-        print(f"open-clip-starft bench waterbirds-lite: error: {e}", file=sys.stderr)
-        return 2
+def _main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _run(parser().parse_args(argv), argv)
+
+
+main = one_line_errors(_main, "open-clip-starft bench waterbirds-lite")
 
 
 def _read_json(path: str, default):
