@@ -305,11 +305,6 @@ def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: i
     sets["heldout-test"] = _write_set(os.path.join(root, "heldout-test"), sizes.heldout_test,
                                       objects_on(heldout, "test", None), [stamps[i].name for i in heldout],
                                       material, seed, SET_IDS["heldout-test"])
-    # spurious descriptors for StarFT: the scene phrases of this split's training scenes
-    phrases = sorted({scenes[i].phrase for place in PLACES for i in split["scenes"][place]["train"]})
-    with open(os.path.join(root, "scene-descriptors.txt"), "w") as f:
-        f.write("# the scene phrases of the training scenes (StarFT's spurious descriptors)\n")
-        f.writelines(f"{{}} {p}.\n" for p in phrases)
     return sets
 
 
