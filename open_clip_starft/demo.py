@@ -27,9 +27,10 @@ import sys
 import time
 
 import open_clip
-import torch
+from open_clip.factory import load_state_dict
 
 from . import demo_data
+from .eval_models import save_openclip
 from .evaluation import evaluate_zero_shot
 from .tiny_model import write_tiny_model
 
@@ -85,11 +86,8 @@ def _write_pretrain_shards(out_dir: str, n: int, seed: int, p_background: float,
 
 def _export(checkpoint: str, template_dir: str, out_dir: str) -> str:
     """A training checkpoint as a ``local-dir:`` model (config from ``template_dir``)."""
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copy(os.path.join(template_dir, "open_clip_config.json"), out_dir)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    torch.save({k.removeprefix("module."): v for k, v in state.items()}, os.path.join(out_dir, "open_clip_pytorch_model.bin"))
-    return f"local-dir:{out_dir}"
+    # OpenCLIP's loader takes the checkpoint's "state_dict" and drops DDP's "module." prefix
+    return save_openclip(load_state_dict(checkpoint, weights_only=False), f"local-dir:{template_dir}", out_dir)
 
 
 def main(argv=None) -> int:

@@ -116,5 +116,6 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,9 +23,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
+from open_clip.factory import load_state_dict
 
 from ..errors import StarftError
+from ..eval_models import interpolate_state_dicts, save_openclip
+from ..evaluation import evaluate_zero_shot
+from .build import WB_GROUP_NAMES
 
 METHODS = {
     "flyp": ["--starft-lambda", "0"],
@@ -124,9 +127,7 @@ def pretrain(out: str, manifest: dict, schedule: Schedule, seed: int, init_model
 
 def export(checkpoint: str, template_model: str, out_dir: str) -> str:
     """A training checkpoint as a ``local-dir:`` model with ``template_model``'s config."""
-    from ..eval_models import save_openclip
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    return save_openclip({k.removeprefix("module."): v for k, v in state.items()}, template_model, out_dir)
+    return save_openclip(load_state_dict(checkpoint, weights_only=False), template_model, out_dir)
 
 
 def finetune_jobs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds, schedule: Schedule) -> list[Job]:
@@ -161,12 +162,10 @@ class Evaluator:
         self.zero_shot_state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def state_of(self, checkpoint: str) -> dict:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-        return {k.removeprefix("module."): v for k, v in state.items()}
+        return load_state_dict(checkpoint, weights_only=False)  # OpenCLIP's: "state_dict", no "module."
 
     def evaluate(self, state: dict, sets: dict) -> dict:
         """``{set name: group metrics}`` for ``sets`` = {name: (pattern, classnames)}."""
-        from ..evaluation import evaluate_zero_shot
         self.model.load_state_dict(state)
         return {name: evaluate_zero_shot(self.model, self.tokenizer, self.preprocess, pattern, classnames)
                 for name, (pattern, classnames) in sets.items()}
@@ -187,7 +186,6 @@ def _classnames(pattern: str) -> list[str]:
 def record(protocol: str, method: str, split: str, seed, metrics: dict, train_groups: dict, seconds=None) -> dict:
     """One JSON record: Waterbirds-lite test (balanced avg, worst group, per group, in-distribution
     accuracy weighted by the train split's group shares), validation, held-out classes."""
-    from .build import WB_GROUP_NAMES
     test = metrics["wb-test"]
     total = sum(train_groups.values())
     in_dist = sum(test["groups"].get(int(g), 0.0) * n / total for g, n in train_groups.items())
@@ -204,7 +202,6 @@ def record(protocol: str, method: str, split: str, seed, metrics: dict, train_gr
 
 def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds,
                   seconds: dict, log=print) -> list[dict]:
-    from ..eval_models import interpolate_state_dicts
     ev = Evaluator(zero_shot)
     records = []
     for split, info in manifest["splits"].items():

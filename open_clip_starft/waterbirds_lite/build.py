@@ -36,6 +36,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from ..demo_data import brace_pattern
 from ..errors import StarftError
 
 PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
@@ -236,13 +237,7 @@ def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Mate
     with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
         f.write("\n".join(classnames) + "\n")
     return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())},
-            "pattern": brace(out_dir, sorted(sizes))}
-
-
-def brace(out_dir: str, names: list[str]) -> str:
-    """A brace pattern over the shards ``names`` of ``out_dir``."""
-    from ..demo_data import brace_pattern
-    return brace_pattern([os.path.join(out_dir, n) for n in names])
+            "pattern": brace_pattern([os.path.join(out_dir, n) for n in sorted(sizes)])}
 
 
 def pretrain_classnames(stamps: list[Stamp], scenes: list[Scene]) -> list[str]:
