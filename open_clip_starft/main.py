@@ -15,12 +15,12 @@ import sys
 
 import open_clip_train.main as host
 
-from .captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
-from .descriptors import CONCEPTS
-from .errors import StarftError
-from .hooks import StarftHooks
-from .preemption import FLAG, Preempted
-from .schedule import list_schedules
+from open_clip_starft.method.captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
+from open_clip_starft.method.descriptors import CONCEPTS
+from open_clip_starft.errors import StarftError
+from open_clip_starft.host.hooks import StarftHooks
+from open_clip_starft.host.preemption import FLAG, Preempted
+from open_clip_starft.method.schedule import list_schedules
 
 
 def build_parser() -> argparse.ArgumentParser:

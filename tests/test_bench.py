@@ -1,9 +1,9 @@
 """The benchmarks keep working: one short run of each writes the records the README quotes."""
 import json
 
-from open_clip_starft.bench import main
+from open_clip_starft.bench.step import main
 from open_clip_starft.cli import main as cli_main
-from open_clip_starft.demo_data import brace_pattern, write_shards
+from open_clip_starft.demo.data import brace_pattern, write_shards
 
 STEP_KEYS = {"model", "device", "batch_size", "precision", "flyp_step_s", "starft_step_s", "naive_step_s",
              "starft_over_flyp", "starft_over_naive", "flop_floor_ratio", "peak_mem_mb"}

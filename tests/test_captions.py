@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from open_clip_starft.captions import CaptionBuilder, load_classnames, load_templates, vocabulary_words
-from open_clip_starft.descriptors import load_descriptors
+from open_clip_starft.method.captions import CaptionBuilder, load_classnames, load_templates, vocabulary_words
+from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.errors import StarftError
 
 

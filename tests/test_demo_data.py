@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from open_clip_starft import demo_data as dd
+from open_clip_starft.demo import data as dd
 
 N_CLS, N_BG = len(dd.CLASSNAMES), len(dd.BACKGROUNDS)
 

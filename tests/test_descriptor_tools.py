@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from open_clip_starft.descriptor_tools import (chat_url, clean_item, concepts_from_answer, main, parse_items,
+from open_clip_starft.tools.descriptors import (chat_url, clean_item, concepts_from_answer, main, parse_items,
                                                templates_from_answer, to_template, _retry_after)
-from open_clip_starft.descriptors import load_descriptors
+from open_clip_starft.method.descriptors import load_descriptors
 from runs import log_of, make_workspace, metric, run, train_args
 
 SECRET = "sk-test-SECRET123"

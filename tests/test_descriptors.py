@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from open_clip_starft.descriptors import load_descriptors
+from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.errors import StarftError
 
 ROOT = Path(__file__).parents[1]

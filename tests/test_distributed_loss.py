@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from open_clip_starft.loss import StarLoss
+from open_clip_starft.method.loss import StarLoss
 
 WORLD, B, D = 2, 5, 12
 

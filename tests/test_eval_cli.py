@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from open_clip_starft import eval_cli
-from open_clip_starft.demo_data import CLASSNAMES, brace_pattern, render_sample, write_shards
-from open_clip_starft.eval_sets import EvalSetSpec, batches, load_suite, prepare_set
-from open_clip_starft.hooks import zero_shot_accuracy
-from open_clip_starft.tiny_model import build_tiny_model, write_tiny_model
+from open_clip_starft.eval import cli as eval_cli
+from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, render_sample, write_shards
+from open_clip_starft.eval.sets import EvalSetSpec, batches, load_suite, prepare_set
+from open_clip_starft.host.hooks import zero_shot_accuracy
+from open_clip_starft.demo.tiny_model import build_tiny_model, write_tiny_model
 
 NAMES6 = CLASSNAMES + ["star", "hexagon"]  # two distractor names, so that top-5 is defined
 
@@ -206,7 +206,7 @@ def test_layouts_suites_tables_plots_and_run_folders(ws, tmp_path):
 
 
 def test_imagenet_r_builtin_restricts_to_its_200_classes(ws, tmp_path):
-    from open_clip_starft.eval_sets import builtin_subset
+    from open_clip_starft.eval.sets import builtin_subset
     root = tmp_path / "imagenet-r"
     subset = builtin_subset("imagenet-r")
     for j in range(200):
@@ -274,7 +274,7 @@ def test_unreadable_images_are_counted_not_fatal(ws, tmp_path):
 
 
 def test_objectnet_release_maps_to_imagenet_classes(ws, tmp_path):
-    from open_clip_starft.evaluation import evaluate_prepared
+    from open_clip_starft.eval.metrics import evaluate_prepared
     root = tmp_path / "objectnet-1.0"
     os.makedirs(root / "mappings")
     (root / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps({"fa": "Alpha", "fb": "Beta", "fc": "Gamma"}))

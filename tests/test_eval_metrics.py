@@ -6,8 +6,8 @@ import torch
 from open_clip import IMAGENET_CLASSNAMES
 
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval_sets import builtin_subset, load_subset
-from open_clip_starft.evaluation import (
+from open_clip_starft.eval.sets import builtin_subset, load_subset
+from open_clip_starft.eval.metrics import (
     classification_metrics, expected_calibration_error, per_class_accuracy, restrict_logits, topk_accuracy,
 )
 

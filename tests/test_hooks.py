@@ -7,8 +7,8 @@ import open_clip_train.zero_shot as host_zero_shot
 import pytest
 import torch
 
-from open_clip_starft.demo_data import render_sample
-from open_clip_starft.hooks import StarftHooks, cpu_safe_ddp, zero_shot_accuracy
+from open_clip_starft.demo.data import render_sample
+from open_clip_starft.host.hooks import StarftHooks, cpu_safe_ddp, zero_shot_accuracy
 from open_clip_starft.main import build_parser
 from runs import log_of, make_workspace, run, train_args
 

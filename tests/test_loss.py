@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from open_clip_starft.loss import StarLoss, star_loss
+from open_clip_starft.method.loss import StarLoss, star_loss
 from reference import clip_loss_reference, star_loss_reference
 
 

@@ -10,10 +10,10 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import PILToTensor
 
-from open_clip_starft import make_shards as ms
-from open_clip_starft.captions import CaptionBuilder
-from open_clip_starft.data import get_wds_train_data
-from open_clip_starft.demo_data import CLASSNAMES, render_sample
+from open_clip_starft.tools import make_shards as ms
+from open_clip_starft.method.captions import CaptionBuilder
+from open_clip_starft.data.training import get_wds_train_data
+from open_clip_starft.demo.data import CLASSNAMES, render_sample
 
 
 @pytest.fixture(scope="module")

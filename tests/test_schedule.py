@@ -2,7 +2,7 @@
 import pytest
 
 from open_clip_starft.errors import StarftError
-from open_clip_starft.schedule import star_lambda
+from open_clip_starft.method.schedule import star_lambda
 
 STEPS, EPOCHS = 10, 4  # 40 steps: first 0, middle 20, last 39
 

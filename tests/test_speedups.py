@@ -5,13 +5,13 @@ from contextlib import nullcontext
 import open_clip
 import torch
 
-from open_clip_starft.captions import CaptionBuilder
-from open_clip_starft.descriptors import load_descriptors
-from open_clip_starft.loss import StarLoss
-from open_clip_starft.teacher import TeacherImageCache, TeacherTextCache, make_teacher
-from open_clip_starft.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
-from open_clip_starft.tiny_model import build_tiny_model
-from open_clip_starft.train import starft_losses
+from open_clip_starft.method.captions import CaptionBuilder
+from open_clip_starft.method.descriptors import load_descriptors
+from open_clip_starft.method.loss import StarLoss
+from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, make_teacher
+from open_clip_starft.host.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
+from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.host.step import starft_losses
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=32)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from open_clip_starft.demo_data import CLASSNAMES, render_sample, write_csv
-from open_clip_starft.teacher import fingerprint
+from open_clip_starft.demo.data import CLASSNAMES, render_sample, write_csv
+from open_clip_starft.host.teacher import fingerprint
 from runs import NO_CROP, checkpoints, log_of, make_workspace, metric, register_tiny_config, run, train_args
 
 

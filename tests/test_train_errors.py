@@ -5,7 +5,7 @@ import os
 import pytest
 import webdataset as wds
 
-from open_clip_starft.demo_data import brace_pattern, render_sample
+from open_clip_starft.demo.data import brace_pattern, render_sample
 from runs import log_of, make_workspace, metric, run, train_args
 
 

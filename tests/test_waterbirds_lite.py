@@ -8,8 +8,8 @@ import webdataset as wds
 from PIL import Image
 
 from open_clip_starft.errors import StarftError
-from open_clip_starft.waterbirds_lite import build, report
-from open_clip_starft.waterbirds_lite.cli import main as wbl_main
+from open_clip_starft.bench.waterbirds_lite import build, report
+from open_clip_starft.bench.waterbirds_lite.cli import main as wbl_main
 
 
 def test_labels_cover_both_places_and_both_bird_kinds():

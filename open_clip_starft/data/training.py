@@ -31,8 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from .captions import CaptionBuilder
-from .errors import StarftError
+from open_clip_starft.method.captions import CaptionBuilder
+from open_clip_starft.errors import StarftError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _MIN_SEEN_FOR_CHECK = 50  # the skipped share is judged once this many samples were read

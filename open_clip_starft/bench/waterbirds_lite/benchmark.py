@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from open_clip.factory import load_state_dict
 
-from ..errors import StarftError
-from ..eval_models import interpolate_state_dicts, save_openclip
-from ..evaluation import evaluate_zero_shot
-from .build import WB_GROUP_NAMES
+from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.models import interpolate_state_dicts, save_openclip
+from open_clip_starft.eval.metrics import evaluate_zero_shot
+from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
 
 METHODS = {
     "flyp": ["--starft-lambda", "0"],

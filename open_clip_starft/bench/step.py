@@ -37,13 +37,13 @@ from open_clip import get_input_dtype
 from open_clip_train.precision import get_autocast
 from torch.utils.flop_counter import FlopCounterMode
 
-from .captions import CaptionBuilder, load_classnames
-from .descriptors import load_descriptors
-from .loss import StarLoss
-from .teacher import TeacherTextCache, make_teacher
-from .text_prefix import install_prefix_encoding
-from .tiny_model import build_tiny_model
-from .train import starft_losses
+from open_clip_starft.method.captions import CaptionBuilder, load_classnames
+from open_clip_starft.method.descriptors import load_descriptors
+from open_clip_starft.method.loss import StarLoss
+from open_clip_starft.host.teacher import TeacherTextCache, make_teacher
+from open_clip_starft.host.text_prefix import install_prefix_encoding
+from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.host.step import starft_losses
 
 VARIANTS = ("flyp", "starft", "naive")
 
@@ -162,7 +162,7 @@ def _peak_memory_mb(args, variant: str) -> float:
             bench.step(variant)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    cmd = [sys.executable, "-m", "open_clip_starft.bench", "step", "--model", args.model, "--batch-size", str(args.batch_size),
+    cmd = [sys.executable, "-m", "open_clip_starft.bench.step", "step", "--model", args.model, "--batch-size", str(args.batch_size),
            "--precision", args.precision, "--device", args.device, "--memory-of", variant]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -221,7 +221,7 @@ def bench_data(args) -> dict:
     from open_clip_train.data import get_wds_dataset
     from open_clip_train.params import parse_args
 
-    from .data import get_wds_train_data
+    from open_clip_starft.data.training import get_wds_train_data
 
     host_args = parse_args(["--train-data", args.shards, "--dataset-type", "webdataset", "--batch-size", str(args.batch_size),
                             "--workers", str(args.workers), "--seed", "0"]
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
                    help="the Waterbirds-lite real-image benchmark (its own --help: bench waterbirds-lite --help)")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["waterbirds-lite"]:
-        from .waterbirds_lite.cli import main as waterbirds_lite
+        from open_clip_starft.bench.waterbirds_lite.cli import main as waterbirds_lite
         return waterbirds_lite(argv[1:])
     args = parser.parse_args(argv)
     if args.what == "step":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .errors import StarftError
+from open_clip_starft.errors import StarftError
 
 ScheduleFn = Callable[[float, int, int, int], float]
 _SCHEDULES: dict[str, ScheduleFn] = {}

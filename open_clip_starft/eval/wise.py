@@ -20,12 +20,12 @@ import os
 import sys
 import time
 
-from .errors import StarftError, one_line_errors
-from .eval_cli import _check_positive, add_data_args, add_run_args, set_specs_from_args
-from .eval_models import create_model, interpolate_state_dicts, load_weights, save_openclip
-from .eval_report import layout, markdown_table, plot_wise, summary, write_jsonl
-from .eval_sets import prepare_set
-from .evaluation import evaluate_prepared
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.cli import _check_positive, add_data_args, add_run_args, set_specs_from_args
+from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, save_openclip
+from open_clip_starft.eval.report import layout, markdown_table, plot_wise, summary, write_jsonl
+from open_clip_starft.eval.sets import prepare_set
+from open_clip_starft.eval.metrics import evaluate_prepared
 
 
 def parse_alphas(text: str) -> list[float]:

@@ -29,10 +29,10 @@ import time
 import open_clip
 from open_clip.factory import load_state_dict
 
-from . import demo_data
-from .eval_models import save_openclip
-from .evaluation import evaluate_zero_shot
-from .tiny_model import write_tiny_model
+from open_clip_starft.demo import data as demo_data
+from open_clip_starft.eval.models import save_openclip
+from open_clip_starft.eval.metrics import evaluate_zero_shot
+from open_clip_starft.demo.tiny_model import write_tiny_model
 
 IMAGE_SIZE = 32
 P_SPURIOUS = 0.95  # fine-tuning set: share of samples on their class's background

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SimpleTokenizer
 
-from .descriptors import _read_text
-from .errors import StarftError
+from open_clip_starft.method.descriptors import _read_text
+from open_clip_starft.errors import StarftError
 
 SINGLE_TEMPLATE = "a photo of a {}."
 

@@ -36,8 +36,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from ..demo_data import brace_pattern
-from ..errors import StarftError
+from open_clip_starft.demo.data import brace_pattern
+from open_clip_starft.errors import StarftError
 
 PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
             "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")

@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .text_prefix import prefix_length
+from open_clip_starft.host.text_prefix import prefix_length
 
 
 def make_teacher(model: torch.nn.Module) -> torch.nn.Module:

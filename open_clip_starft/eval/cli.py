@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from .errors import StarftError, one_line_errors
-from .eval_models import ModelCache, checkpoints_from_args
-from .eval_report import markdown_table, plot_groups, write_jsonl
-from .eval_sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
-from .evaluation import evaluate_prepared
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.models import ModelCache, checkpoints_from_args
+from open_clip_starft.eval.report import markdown_table, plot_groups, write_jsonl
+from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
+from open_clip_starft.eval.metrics import evaluate_prepared
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

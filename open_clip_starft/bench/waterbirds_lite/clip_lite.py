@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StarftError
+from open_clip_starft.errors import StarftError
 
 MODEL_CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_pytorch_model.bin"
@@ -142,7 +142,7 @@ def check_clip_lite(model: str) -> str:
     ``hf_model_name`` still exists; returns ``local-dir:DIR``. Raises ``ClipLiteError`` saying what
     is wrong (OpenCLIP's own error for a vanished ``hf_model_name`` is a Hub look-up failure)."""
     folder = os.path.abspath(model.removeprefix("local-dir:"))
-    rebuild = "rebuild it with open_clip_starft.waterbirds_lite.clip_lite.write_clip_lite"
+    rebuild = "rebuild it with open_clip_starft.bench.waterbirds_lite.clip_lite.write_clip_lite"
     config_path = os.path.join(folder, MODEL_CONFIG)
     if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(folder, WEIGHTS)):
         raise ClipLiteError(f"{folder} is not a CLIP-lite folder (needs {MODEL_CONFIG} and {WEIGHTS}): {rebuild}")

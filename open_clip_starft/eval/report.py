@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import StarftError
+from open_clip_starft.errors import StarftError
 
 
 def write_jsonl(records: list[dict], path: str) -> None:

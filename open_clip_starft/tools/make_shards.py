@@ -28,9 +28,9 @@ import time
 
 from PIL import Image
 
-from .captions import load_classnames
-from .errors import StarftError, one_line_errors
-from .eval_sets import EvalSetSpec, Item, _csv_items, _folder_labels, _folder_names, _image_folder
+from open_clip_starft.method.captions import load_classnames
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.sets import EvalSetSpec, Item, _csv_items, _folder_labels, _folder_names, _image_folder
 
 STATE_DIR = ".make-shards"
 

@@ -23,9 +23,9 @@ import time
 import urllib.error
 import urllib.request
 
-from .captions import load_classnames, strip_period
-from .descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
-from .errors import StarftError, one_line_errors
+from open_clip_starft.method.captions import load_classnames, strip_period
+from open_clip_starft.method.descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
+from open_clip_starft.errors import StarftError, one_line_errors
 
 CONCEPTS_PROMPT = ("List possible spurious correlations while classifying natural images. Answer in a word. "
                    "Give {n} different answers, one per line.")

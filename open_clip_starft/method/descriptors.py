@@ -10,7 +10,7 @@ import json
 import os
 from importlib import resources
 
-from .errors import StarftError
+from open_clip_starft.errors import StarftError
 
 CONCEPTS = ("background", "texture", "resolution")
 """The released concept sets, in the release's order (``all`` is their union in this order)."""

@@ -42,15 +42,15 @@ import open_clip_train.main as host
 import open_clip_train.zero_shot as host_zero_shot
 import torch
 
-from . import plugin
-from . import train as starft_train
-from .captions import CaptionBuilder, load_classnames, load_templates
-from .data import get_train_data
-from .descriptors import load_descriptors
-from .errors import StarftError
-from .preemption import checkpoint_name
-from .teacher import TeacherImageCache, TeacherTextCache, fingerprint, make_teacher
-from .text_prefix import install_prefix_encoding
+from open_clip_starft.host import plugin
+from open_clip_starft.host import step as starft_train
+from open_clip_starft.method.captions import CaptionBuilder, load_classnames, load_templates
+from open_clip_starft.data.training import get_train_data
+from open_clip_starft.method.descriptors import load_descriptors
+from open_clip_starft.errors import StarftError
+from open_clip_starft.host.preemption import checkpoint_name
+from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, fingerprint, make_teacher
+from open_clip_starft.host.text_prefix import install_prefix_encoding
 
 
 def zero_shot_accuracy(output, target, topk=(1,)):

@@ -39,9 +39,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .captions import load_classnames, load_templates
-from .data import IMAGE_KEYS, parse_label
-from .errors import StarftError
+from open_clip_starft.method.captions import load_classnames, load_templates
+from open_clip_starft.data.training import IMAGE_KEYS, parse_label
+from open_clip_starft.errors import StarftError
 
 FORMATS = ("auto", "folder", "domains", "wds", "csv", "clip_benchmark", "waterbirds", "cifar10.02", "objectnet")
 SUBSETS = ("imagenet-r", "imagenet-a")
@@ -129,7 +129,7 @@ def _err(spec: EvalSetSpec, text: str) -> StarftError:
 # -- class subsets ----------------------------------------------------------------------------
 def builtin_subset(name: str) -> list[int]:
     """The 200 ImageNet class ids of ``imagenet-r`` or ``imagenet-a`` (shipped as text files)."""
-    ref = resources.files("open_clip_starft").joinpath("class_subsets").joinpath(name.replace("-", "_") + ".txt")
+    ref = resources.files("open_clip_starft.eval").joinpath("class_subsets").joinpath(name.replace("-", "_") + ".txt")
     return _parse_subset_text(ref.read_text(encoding="utf-8"), name)
 
 

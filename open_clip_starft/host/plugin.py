@@ -3,8 +3,8 @@
 With ``patches/0003-plugin-hook-losses-and-train-steps.patch`` applied, open_clip_train finds
 these through the entry points this package declares (``pyproject.toml``)::
 
-    open_clip_train.losses       starft = open_clip_starft.plugin:create_loss
-    open_clip_train.train_steps  starft = open_clip_starft.plugin:StarftStep
+    open_clip_train.losses       starft = open_clip_starft.host.plugin:create_loss
+    open_clip_train.train_steps  starft = open_clip_starft.host.plugin:StarftStep
 
 and ``open_clip_starft.main`` passes ``--loss starft --train-step starft`` instead of rebinding
 ``create_loss`` and ``train_one_epoch`` (``hooks.py`` still adds the StarFT flags, the labelled
@@ -19,11 +19,11 @@ from importlib.metadata import entry_points
 import torch
 from open_clip_train.distributed import is_master
 
-from .errors import StarftError
-from .loss import StarLoss
-from .preemption import FLAG, Preempted
-from .teacher import fingerprint
-from .train import batch_losses, finish_epoch
+from open_clip_starft.errors import StarftError
+from open_clip_starft.method.loss import StarLoss
+from open_clip_starft.host.preemption import FLAG, Preempted
+from open_clip_starft.host.teacher import fingerprint
+from open_clip_starft.host.step import batch_losses, finish_epoch
 
 NAME = "starft"
 LOSS_GROUP = "open_clip_train.losses"

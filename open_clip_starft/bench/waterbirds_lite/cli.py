@@ -19,8 +19,8 @@ import platform
 import sys
 import time
 
-from ..errors import StarftError, one_line_errors
-from . import benchmark, build, report
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.bench.waterbirds_lite import benchmark, build, report
 
 SCALES = {
     # the benchmark as reported in docs/waterbirds-lite.md
@@ -107,7 +107,7 @@ def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) ->
 
 def _zero_shot(out: str) -> str:
     """The pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
-    from .clip_lite import check_clip_lite
+    from open_clip_starft.bench.waterbirds_lite.clip_lite import check_clip_lite
     folder = os.path.join(out, "models", "zero-shot")
     if not os.path.isdir(folder):
         raise StarftError(f"{folder} does not exist: run the pretrain stage first (or 'all')")
@@ -134,7 +134,7 @@ def _run(args, argv) -> int:
         if stage == "build":
             build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed, install=not args.no_install, log=log)
         elif stage == "pretrain":
-            from .clip_lite import write_clip_lite
+            from open_clip_starft.bench.waterbirds_lite.clip_lite import write_clip_lite
             manifest = _load_manifest(out, splits, args.splits)
             init = write_clip_lite(os.path.join(out, "models", "init"), seed=args.seed, **scale["model"])
             job = benchmark.pretrain(out, manifest, scale["schedule"], args.seed, init)
@@ -169,7 +169,7 @@ def _write_report(args, records, timing, manifest) -> None:
         "## Set-up", "",
         f"Real photographs from Debian packages ({', '.join(build.PACKAGES)}): {manifest['stamps']} photographic "
         f"cut-outs (birds labelled waterbird/landbird, objects with their natural place) pasted on crops of "
-        f"{manifest['scenes']} scene photographs labelled water/land (`open_clip_starft/waterbirds_lite/labels.json`), "
+        f"{manifest['scenes']} scene photographs labelled water/land (`open_clip_starft/bench/waterbirds_lite/labels.json`), "
         f"{sizes['image_size']} px. Waterbirds-lite train: {sizes['wb_train']} images, {100 * sizes['p_aligned']:.0f} % "
         f"of birds on their own place; validation {sizes['wb_val']} and test {sizes['wb_test']}, balanced over the four "
         "groups. Scenes split by photograph (50/20/30 %); `identity` splits also split the birds by species. "

@@ -22,14 +22,14 @@ import open_clip
 import torch
 from PIL import Image
 
-from .errors import StarftError, one_line_errors
-from .eval_sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
-from .evaluation import HeadCache, evaluate_prepared
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
+from open_clip_starft.eval.metrics import HeadCache, evaluate_prepared
 
 
 def _model(name: str, device: str):
     if name == "tiny":
-        from .tiny_model import build_tiny_model
+        from open_clip_starft.demo.tiny_model import build_tiny_model
         model, _ = build_tiny_model(0)
         _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, force_image_size=32)
         tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)

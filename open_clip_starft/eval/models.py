@@ -17,7 +17,7 @@ import shutil
 import open_clip
 import torch
 
-from .errors import StarftError
+from open_clip_starft.errors import StarftError
 
 
 @dataclasses.dataclass

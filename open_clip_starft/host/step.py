@@ -18,11 +18,11 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import AverageMeter, backward, unwrap_model
 
-from .errors import StarftError
-from .preemption import FLAG, Preempted
-from .schedule import star_lambda
-from .teacher import TeacherImageCache, TeacherTextCache, teacher_features
-from .text_prefix import has_prefix_encoding, trim_tokens
+from open_clip_starft.errors import StarftError
+from open_clip_starft.host.preemption import FLAG, Preempted
+from open_clip_starft.method.schedule import star_lambda
+from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, teacher_features
+from open_clip_starft.host.text_prefix import has_prefix_encoding, trim_tokens
 
 try:
     import wandb

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from open_clip import build_zero_shot_classifier
 
-from .data import IMAGE_KEYS, parse_label
+from open_clip_starft.data.training import IMAGE_KEYS, parse_label
 
 
 def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:
@@ -186,8 +186,8 @@ def evaluate_prepared(model, preprocess, tokenizer, sets, *, label: str = "model
                       log=None) -> list[dict]:
     """One record per prepared set for ``model`` (see ``eval_cli`` for the fields)."""
     import time
-    from .errors import StarftError
-    from .eval_sets import batches
+    from open_clip_starft.errors import StarftError
+    from open_clip_starft.eval.sets import batches
     model.eval()
     heads = HeadCache(model, tokenizer, device, precision)
     heads.prepare(sets)
