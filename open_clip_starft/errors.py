@@ -5,6 +5,13 @@ import functools
 import sys
 
 
+def one_line(exc, limit: int = 200) -> str:
+    """``exc`` (an exception, or any text) as one line of at most ``limit`` characters: whitespace runs
+    (newlines included) collapse to one space, and a longer text is cut with a trailing ``…``."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class StarftError(ValueError):
     """A bad input to StarFT. Its message is one line that names the input and the fix.
 
