@@ -31,10 +31,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
+from open_clip_starft.data.samples import IMAGE_KEYS, parse_label
 from open_clip_starft.method.captions import CaptionBuilder
 from open_clip_starft.errors import StarftError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _MIN_SEEN_FOR_CHECK = 50  # the skipped share is judged once this many samples were read
 
 
@@ -68,24 +68,6 @@ class LabelStats:
             raise StarftError(
                 f"{skipped} of {seen} samples in {source} were skipped ({self.summary()}): every sample needs an "
                 f"image and an integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now {max_skipped_fraction})")
-
-
-def parse_label(raw) -> int | None:
-    """An integer class id from a ``cls`` field (bytes, str or int); None when unusable."""
-    if raw is None:
-        return None
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    try:
-        value = float(raw) if not isinstance(raw, int) else raw
-    except (TypeError, ValueError):
-        return None
-    if value != value or int(value) != value:  # NaN or fractional
-        return None
-    return int(value)
 
 
 def caption_rng(seed: int, rank: int, epoch: int) -> random.Random:

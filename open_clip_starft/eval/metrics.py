@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from open_clip import build_zero_shot_classifier
 
-from open_clip_starft.data.training import IMAGE_KEYS, parse_label
+from open_clip_starft.data.samples import IMAGE_KEYS, parse_label
 
 
 def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from open_clip_starft.method.captions import load_classnames, load_templates
-from open_clip_starft.data.training import IMAGE_KEYS, parse_label
+from open_clip_starft.data.samples import IMAGE_KEYS, parse_label
 from open_clip_starft.errors import StarftError
 
 FORMATS = ("auto", "folder", "domains", "wds", "csv", "clip_benchmark", "waterbirds", "cifar10.02", "objectnet")
