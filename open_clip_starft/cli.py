@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "train": ("open_clip_starft.main", "StarFT fine-tuning through OpenCLIP's training code (all open_clip_train flags work)"),
     "demo": ("open_clip_starft.demo.run", "build a small built-in dataset and model and run a short StarFT fine-tune"),
-    "descriptors": ("open_clip_starft.tools.descriptors", "generate descriptor sets with a language model; show, validate, stats"),
+    "descriptors": ("open_clip_starft.tools.descriptors.cli", "generate descriptor sets with a language model; show, validate, stats"),
     "eval": ("open_clip_starft.eval.cli", "zero-shot eval of checkpoints on ImageNet shifts and group-shift sets (top-1/5, worst-group, ECE)"),
     "wise": ("open_clip_starft.eval.wise", "WiSE-FT weight interpolation between zero-shot and fine-tuned checkpoints, evaluated per α"),
     "make-shards": ("open_clip_starft.tools.make_shards", "class-subfolder tree or CSV to webdataset shards (resumable, parallel)"),

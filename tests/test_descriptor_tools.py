@@ -11,8 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from open_clip_starft.tools.descriptors import (chat_url, clean_item, concepts_from_answer, main, parse_items,
-                                               templates_from_answer, to_template, _retry_after)
+from open_clip_starft.tools.descriptors.cli import main
+from open_clip_starft.tools.descriptors.client import _retry_after, chat_url
+from open_clip_starft.tools.descriptors.parse import (clean_item, concepts_from_answer, parse_items, templates_from_answer,
+                                                     to_template)
 from open_clip_starft.method.descriptors import load_descriptors
 from runs import log_of, make_workspace, metric, run, train_args
 
