@@ -9,7 +9,10 @@ Here: the image keys, label parsing, image decoding to 8-bit RGB that is correct
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -83,3 +86,99 @@ def open_rgb(source) -> Image.Image:
     with Image.open(source) as image:
         image.load()
         return to_rgb(image)
+
+
+def _field_bytes(key: str, value) -> bytes:
+    """A sample field as tar member bytes: bytes as they are, text as UTF-8, an int as its decimal
+    digits (``cls``, ``group``), a dict or list as JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    raise TypeError(f"sample field {key!r} is a {type(value).__name__}: give bytes (encoded images), str, int or a dict/list")
+
+
+def write_shard(path: str, samples) -> int:
+    """Write ``samples`` (dicts ``{"__key__": str, "jpg"|"png"|...: bytes, "cls": int, ...}``, see
+    ``_field_bytes``) as one webdataset tar shard at ``path``; returns the number written.
+
+    Written with webdataset's ``TarWriter`` under ``path + ".partial"`` and renamed when complete,
+    so ``path`` is either absent or a whole shard (a crash never leaves a truncated one). Tar
+    headers use a fixed mtime, so the same samples give identical bytes."""
+    import webdataset as wds
+
+    partial = path + ".partial"
+    count = 0
+    try:
+        with wds.TarWriter(partial, encoder=False, mtime=0.0) as sink:
+            for sample in samples:
+                if "__key__" not in sample:
+                    raise ValueError(f"a sample for {path} has no '__key__': {sorted(sample)}")
+                sink.write({k: (v if k == "__key__" else _field_bytes(k, v)) for k, v in sample.items()})
+                count += 1
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    os.replace(partial, path)
+    return count
+
+
+def _update_sizes(out_dir: str, prefix: str, sizes: dict) -> None:
+    """Write ``out_dir/sizes.json`` (shard basename → sample count, as OpenCLIP's
+    ``get_dataset_size`` reads it): entries of other prefixes already there are kept, stale
+    entries of ``prefix`` are replaced by ``sizes``."""
+    sizes_path = os.path.join(out_dir, "sizes.json")
+    if os.path.exists(sizes_path):
+        with open(sizes_path) as f:
+            old = json.load(f)
+        sizes = {**{k: v for k, v in old.items() if not _SHARD_NAME.fullmatch(k) or
+                    _SHARD_NAME.fullmatch(k)[1] != prefix}, **sizes}
+    with open(sizes_path + ".partial", "w") as f:
+        json.dump(sizes, f, indent=1, sort_keys=True)
+    os.replace(sizes_path + ".partial", sizes_path)
+
+
+_SHARD_NAME = re.compile(r"(.*)-(\d+)\.tar")
+
+
+def write_shards(out_dir: str, samples, *, prefix: str = "shard", samples_per_shard: int = 1000) -> list[str]:
+    """Write ``samples`` (an iterable of sample dicts, see ``write_shard``) as shards
+    ``out_dir/{prefix}-NNNNNN.tar`` of ``samples_per_shard`` each (the last one may be
+    shorter) and ``out_dir/sizes.json``; returns the sorted shard paths."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be ≥ 1, not {samples_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths, sizes = [], {}
+    iterator = iter(samples)
+    while True:
+        chunk = list(itertools.islice(iterator, samples_per_shard))
+        if not chunk:
+            break
+        path = os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar")
+        sizes[os.path.basename(path)] = write_shard(path, chunk)
+        paths.append(path)
+    _update_sizes(out_dir, prefix, sizes)
+    return sorted(paths)
+
+
+def brace_pattern(paths) -> str:
+    """Brace pattern for consecutive shards, e.g. ``/dir/shard-{000000..000003}.tar``.
+
+    ``paths`` is a sorted list like ``write_shards`` returns; a single path is returned
+    unchanged. A ValueError for names that are not ``PREFIX-NNNN.tar`` or numbers with gaps."""
+    paths = list(paths)
+    if len(paths) == 1:
+        return paths[0]
+    matches = [_SHARD_NAME.fullmatch(p) for p in paths]
+    if not paths or not all(matches) or len({m[1] for m in matches}) != 1:
+        raise ValueError(f"not a shard list from write_shards: {paths}")
+    numbers = [int(m[2]) for m in matches]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise ValueError(f"shard numbers are not consecutive: {paths}")
+    head, first, last = matches[0][1], matches[0][2], matches[-1][2]
+    return f"{head}-{{{first}..{last}}}.tar"

@@ -16,14 +16,14 @@ Everything is deterministic given ``seed``: sample ``i`` is drawn from
 
 import csv
 import io
-import json
 import math
 import os
-import re
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
+
+from open_clip_starft.data.samples import brace_pattern  # noqa: F401 - the demo's callers build --train-data with it
+from open_clip_starft.data.samples import write_shards as _write_shards
 
 CLASSNAMES = ["circle", "square", "triangle", "cross"]
 BACKGROUNDS = ["water", "grass", "sand", "snow"]
@@ -152,35 +152,16 @@ def write_shards(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image
     maps each shard basename to its sample count (entries of other prefixes already
     in it are kept), as read by ``open_clip_train.data.get_dataset_size``.
     ``caption_fn(index, cls, bg) -> str`` replaces ``caption(cls, bg)`` as the ``txt`` field.
-    Returns the sorted list of shard paths.
+    Returns the sorted list of shard paths (written by ``data.samples.write_shards``).
     """
-    os.makedirs(out_dir, exist_ok=True)
-    paths, sizes = [], {}
-    for start in range(0, n_samples, samples_per_shard):
-        path = os.path.join(out_dir, f"{prefix}-{start // samples_per_shard:06d}.tar")
-        stop = min(start + samples_per_shard, n_samples)
-        with wds.TarWriter(path, encoder=False, mtime=0.0) as sink:
-            for i in range(start, stop):
-                img, cls, bg = render_sample(i, seed=seed, biased=biased, p_spurious=p_spurious,
-                                             image_size=image_size)
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=90)
-                sink.write({
-                    "__key__": f"s{i:06d}",
-                    "jpg": buf.getvalue(),
-                    "cls": str(cls).encode(),
-                    "group": str(group_id(cls, bg)).encode(),
-                    "txt": (caption_fn(i, cls, bg) if caption_fn else caption(cls, bg)).encode(),
-                })
-        paths.append(path)
-        sizes[os.path.basename(path)] = stop - start
-    sizes_path = os.path.join(out_dir, "sizes.json")
-    if os.path.exists(sizes_path):
-        with open(sizes_path) as f:
-            sizes = {**json.load(f), **sizes}
-    with open(sizes_path, "w") as f:
-        json.dump(sizes, f, indent=1, sort_keys=True)
-    return sorted(paths)
+    def samples():
+        for i in range(n_samples):
+            img, cls, bg = render_sample(i, seed=seed, biased=biased, p_spurious=p_spurious, image_size=image_size)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            yield {"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": cls, "group": group_id(cls, bg),
+                   "txt": caption_fn(i, cls, bg) if caption_fn else caption(cls, bg)}
+    return _write_shards(out_dir, samples(), prefix=prefix, samples_per_shard=samples_per_shard)
 
 
 def write_csv(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_size=64):
@@ -202,21 +183,3 @@ def write_csv(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_si
             img.save(path)
             writer.writerow([path, cls, group_id(cls, bg), caption(cls, bg)])
     return csv_path
-
-
-def brace_pattern(paths):
-    """Brace pattern for consecutive shards, e.g. ``/dir/shard-{000000..000003}.tar``.
-
-    ``paths`` is the sorted list returned by ``write_shards``; a single path is
-    returned unchanged.
-    """
-    if len(paths) == 1:
-        return paths[0]
-    matches = [re.fullmatch(r"(.*-)(\d+)(\.tar)", p) for p in paths]
-    if not all(matches) or len({(m[1], m[3]) for m in matches}) != 1:
-        raise ValueError(f"not a shard list from write_shards: {paths}")
-    numbers = [int(m[2]) for m in matches]
-    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-        raise ValueError(f"shard numbers are not consecutive: {paths}")
-    head, first, last, ext = matches[0][1], matches[0][2], matches[-1][2], matches[0][3]
-    return f"{head}{{{first}..{last}}}{ext}"

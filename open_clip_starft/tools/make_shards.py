@@ -28,6 +28,7 @@ import time
 
 from PIL import Image
 
+from open_clip_starft.data.samples import to_rgb, write_shard
 from open_clip_starft.method.captions import load_classnames
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.sets import EvalSetSpec, Item, _csv_items, _folder_labels, _folder_names, _image_folder
@@ -67,7 +68,8 @@ def list_source(source: str, classnames_spec: str | None = None, path_key=None, 
 
 
 def _encode(path: str, max_side: int | None) -> bytes:
-    """JPEG bytes of an image: the file itself when it is a decodable JPEG that needs no resizing."""
+    """JPEG bytes of an image: the file itself when it is a decodable 8-bit JPEG that needs no
+    resizing, else decoded through ``to_rgb`` (16-bit images scaled to 8 bit, not clipped white)."""
     with open(path, "rb") as f:
         raw = f.read()
     image = Image.open(io.BytesIO(raw))
@@ -75,7 +77,7 @@ def _encode(path: str, max_side: int | None) -> bytes:
     too_big = max_side is not None and max(image.size) > max_side
     if image.format == "JPEG" and image.mode in ("RGB", "L") and not too_big:
         return raw
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if too_big:
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
@@ -84,13 +86,13 @@ def _encode(path: str, max_side: int | None) -> bytes:
 
 
 def _write_shard(job) -> dict:
-    """Write one shard (temporary name, then renamed); returns its stats, also saved in the state folder."""
-    import webdataset as wds
+    """Write one shard (``data.samples.write_shard``: a temporary name, renamed when complete);
+    returns its stats, then saved in the state folder."""
     out, prefix, index, start, samples, classnames, max_side = job
     final = os.path.join(out, f"{prefix}-{index:06d}.tar")
-    partial = final + ".partial"
     stats = {"shard": os.path.basename(final), "count": 0, "per_class": {}, "per_group": {}, "skipped": []}
-    with wds.TarWriter(partial, encoder=False, mtime=0.0) as sink:
+
+    def encoded():
         for offset, (path, label, group) in enumerate(samples):
             try:
                 data = _encode(path, max_side)
@@ -98,20 +100,20 @@ def _write_shard(job) -> dict:
                 stats["skipped"].append({"path": path, "error": f"{type(e).__name__}: {e}"})
                 continue
             meta = {"path": path, "label": label, "classname": classnames[label]}
-            sample = {"__key__": f"{start + offset:09d}", "jpg": data, "cls": str(label).encode()}
+            sample = {"__key__": f"{start + offset:09d}", "jpg": data, "cls": label}
             if group is not None:
-                sample["group"] = str(group).encode()
+                sample["group"] = group
                 meta["group"] = group
                 stats["per_group"][str(group)] = stats["per_group"].get(str(group), 0) + 1
             sample["json"] = json.dumps(meta).encode()
-            sink.write(sample)
-            stats["count"] += 1
             stats["per_class"][str(label)] = stats["per_class"].get(str(label), 0) + 1
+            yield sample
+
+    stats["count"] = write_shard(final, encoded())
     state = os.path.join(out, STATE_DIR, f"{prefix}-{index:06d}.json")
     with open(state + ".partial", "w") as f:
         json.dump(stats, f)
-    os.replace(state + ".partial", state)
-    os.replace(partial, final)  # the shard counts as complete only now
+    os.replace(state + ".partial", state)  # the shard counts as complete once both exist
     return stats
 
 

@@ -33,10 +33,9 @@ import subprocess
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageOps
 
-from open_clip_starft.demo.data import brace_pattern
+from open_clip_starft.data.samples import brace_pattern, write_shards
 from open_clip_starft.errors import StarftError
 
 PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
@@ -216,28 +215,24 @@ def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int
 # -- writing -------------------------------------------------------------------------------------
 def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Material, seed: int, set_id: int,
                samples_per_shard: int = 500) -> dict:
-    """Shards of ``n`` samples, ``draw(rng) -> (stamp, scene, cls, group, caption)``; returns counts."""
-    os.makedirs(out_dir, exist_ok=True)
-    sizes, groups = {}, {}
-    for start in range(0, n, samples_per_shard):
-        name = f"{os.path.basename(out_dir)}-{start // samples_per_shard:06d}.tar"
-        stop = min(start + samples_per_shard, n)
-        with wds.TarWriter(os.path.join(out_dir, name), encoder=False, mtime=0.0) as sink:
-            for i in range(start, stop):
-                rng = np.random.default_rng([seed, set_id, i])
-                stamp, scene, cls, group, caption = draw(rng)
-                buf = io.BytesIO()
-                material.compose(stamp, scene, rng).save(buf, format="JPEG", quality=90)
-                sink.write({"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": str(cls).encode(),
-                            "group": str(group).encode(), "txt": f"a photo of a {caption}.".encode()})
-                groups[group] = groups.get(group, 0) + 1
-        sizes[name] = stop - start
-    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
-        json.dump(sizes, f, indent=1)
+    """Shards of ``n`` samples, ``draw(rng) -> (stamp, scene, cls, group, caption)``, through
+    ``data.samples.write_shards``; returns counts."""
+    groups = {}
+
+    def samples():
+        for i in range(n):
+            rng = np.random.default_rng([seed, set_id, i])
+            stamp, scene, cls, group, caption = draw(rng)
+            buf = io.BytesIO()
+            material.compose(stamp, scene, rng).save(buf, format="JPEG", quality=90)
+            groups[group] = groups.get(group, 0) + 1
+            yield {"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": cls, "group": group,
+                   "txt": f"a photo of a {caption}."}
+
+    paths = write_shards(out_dir, samples(), prefix=os.path.basename(out_dir), samples_per_shard=samples_per_shard)
     with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
         f.write("\n".join(classnames) + "\n")
-    return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())},
-            "pattern": brace_pattern([os.path.join(out_dir, n) for n in sorted(sizes)])}
+    return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())}, "pattern": brace_pattern(paths)}
 
 
 def pretrain_classnames(stamps: list[Stamp], scenes: list[Scene]) -> list[str]:
