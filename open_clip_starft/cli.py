@@ -14,8 +14,9 @@ COMMANDS = {
     "eval": ("open_clip_starft.eval.cli", "zero-shot eval of checkpoints on ImageNet shifts and group-shift sets (top-1/5, worst-group, ECE)"),
     "wise": ("open_clip_starft.eval.wise", "WiSE-FT weight interpolation between zero-shot and fine-tuned checkpoints, evaluated per α"),
     "make-shards": ("open_clip_starft.tools.make_shards", "class-subfolder tree or CSV to webdataset shards (resumable, parallel)"),
-    "eval-bench": ("open_clip_starft.bench.eval_throughput", "eval throughput (images/s) and zero-shot head cost, per model"),
-    "bench": ("open_clip_starft.bench.step", "training benchmarks: step (FLYP vs StarFT vs naive port) and data (ours vs upstream's pipeline)"),
+    "bench": ("open_clip_starft.bench.cli", "speed benchmarks: step (FLYP vs StarFT vs naive port), data (ours vs upstream's pipeline), eval (throughput)"),
+    "eval-bench": ("open_clip_starft.bench.eval_throughput", "alias of 'bench eval'"),
+    "waterbirds-lite": ("open_clip_starft.bench.waterbirds_lite.cli", "the Waterbirds-lite accuracy study on real photographs: build, pretrain, run, report, all"),
 }
 
 

@@ -1,7 +1,7 @@
 """The benchmarks keep working: one short run of each writes the records the README quotes."""
 import json
 
-from open_clip_starft.bench.step import main
+from open_clip_starft.bench.cli import main
 from open_clip_starft.cli import main as cli_main
 from open_clip_starft.demo.data import brace_pattern, write_shards
 

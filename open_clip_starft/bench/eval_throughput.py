@@ -1,9 +1,9 @@
-"""``open-clip-starft eval-bench``: eval throughput and zero-shot head cost per model, as a table.
+"""``open-clip-starft bench eval`` (alias ``eval-bench``): eval throughput and zero-shot head cost per model, as a table.
 
 Throughput is images/s through ``eval``'s whole path (JPEG decode, preprocessing, image tower,
 head, metrics); the head cost is class names × templates (80 OpenAI templates by default).
 
-    open-clip-starft eval-bench --models tiny,ViT-B-16 --images 64 --head-classes 10
+    open-clip-starft bench eval --models tiny,ViT-B-16 --images 64 --head-classes 10
 
 Models are random-init (speed does not depend on the weights). The head cost is measured on
 ``--head-classes`` ImageNet classes and scaled to 1000 classes (linear in the class count).
@@ -22,6 +22,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from open_clip_starft.bench.common import default_device
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
 from open_clip_starft.eval.metrics import HeadCache, evaluate_prepared
@@ -89,9 +90,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@one_line_errors
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="open-clip-starft eval-bench", description=__doc__.split("\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open-clip-starft bench eval", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--models", default="tiny", help="comma list: tiny and/or OpenCLIP model names (default tiny)")
@@ -100,9 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
     parser.add_argument("--head-classes", type=int, default=50, help="classes of the measured head (default 50)")
     parser.add_argument("--templates", default="openai", help="templates of the head (default openai: 80)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default=default_device(), help="cuda (default when available) or cpu")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (default: only print the table)")
+    return parser
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.images < 1 or args.batch_size < 1 or args.head_classes < 1 or args.head_classes > 1000:
         raise StarftError("--images and --batch-size must be ≥ 1 and --head-classes in 1..1000")
     rows = []

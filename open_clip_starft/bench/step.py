@@ -1,6 +1,6 @@
-"""``open-clip-starft bench step|data``: speed and memory of StarFT, measured side by side.
+"""``open-clip-starft bench step``: speed and memory of one StarFT training step, beside FLYP and a naive port.
 
-``step`` times, interleaved in one run, three training steps on the same model and batch:
+Times, interleaved in one run, three training steps on the same model and batch:
 
 - ``flyp``: our training step with λ = 0 (contrastive fine-tuning only);
 - ``starft``: our StarFT step (one student text forward for both caption kinds, text towers cut
@@ -13,23 +13,21 @@ It reports median step times and their ratios, FLOPs per step (``torch.utils.flo
 with the floor ratio ``(FLYP + teacher image forward) / FLYP`` (the teacher's image forward is
 the one extra cost no exact trick removes), and peak memory of each step (CUDA: allocator peak;
 CPU: peak resident memory of a fresh process running only that step, model and optimizer
-included, measured over the training steps). Prints a table; writes JSON records.
+included, measured over the training steps). Prints a table; ``--out FILE`` adds the JSON record
+to a list of records (one per model/device/batch/precision).
 
-``data`` compares samples/s of our training pipeline with upstream's ``get_wds_dataset`` on the
-same shards and worker count, alternating epochs in one run.
+The step itself is the host's (``host.step.starft_losses``, ``host.teacher``, ``host.text_prefix``,
+public names only): the benchmark times the code training runs.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import open_clip
 import torch
@@ -37,18 +35,20 @@ from open_clip import get_input_dtype
 from open_clip_train.precision import get_autocast
 from torch.utils.flop_counter import FlopCounterMode
 
+from open_clip_starft.bench.common import add_record, default_device, today
+from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.host.step import starft_losses
+from open_clip_starft.host.teacher import TeacherTextCache, make_teacher
+from open_clip_starft.host.text_prefix import install_prefix_encoding
 from open_clip_starft.method.captions import CaptionBuilder, load_classnames
 from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.method.loss import StarLoss
-from open_clip_starft.host.teacher import TeacherTextCache, make_teacher
-from open_clip_starft.host.text_prefix import install_prefix_encoding
-from open_clip_starft.demo.tiny_model import build_tiny_model
-from open_clip_starft.host.step import starft_losses
 
 VARIANTS = ("flyp", "starft", "naive")
 
 
-# -- the step benchmark ---------------------------------------------------------------------
+
 class StepBench:
     """One model, optimizer, teacher and batch; ``step(variant)`` runs one optimizer step."""
 
@@ -154,15 +154,21 @@ class StepBench:
 
 
 def _peak_memory_mb(args, variant: str) -> float:
-    """Peak memory of ``variant``'s steps: CUDA allocator peak, or a fresh process's peak RSS on CPU."""
+    """Peak memory of ``variant``'s steps, model, optimizer state and teacher included: the CUDA allocator's
+    peak with nothing else of this process allocated, or a fresh process's peak RSS on CPU."""
     if args.device.startswith("cuda"):
         bench = StepBench(args.model, args.batch_size, args.precision, args.device, with_teacher=variant != "flyp")
+        bench.step(variant)  # the first step allocates the optimizer state
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(2):
             bench.step(variant)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    cmd = [sys.executable, "-m", "open_clip_starft.bench.step", "step", "--model", args.model, "--batch-size", str(args.batch_size),
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        del bench
+        torch.cuda.empty_cache()
+        return peak
+    cmd = [sys.executable, "-m", "open_clip_starft.bench.step", "--model", args.model, "--batch-size", str(args.batch_size),
            "--precision", args.precision, "--device", args.device, "--memory-of", variant]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -180,11 +186,11 @@ def bench_step(args) -> dict:
         with open("/proc/self/status") as f:
             print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024)
         return {}
+    memory = {v: _peak_memory_mb(args, v) for v in VARIANTS}  # first: on CUDA, alone in the process
     bench = StepBench(args.model, args.batch_size, args.precision, args.device)
     seconds = bench.time_steps(VARIANTS, args.steps)
     flops = {v: bench.flops(v) for v in VARIANTS}
     teacher_image = bench.teacher_image_flops()
-    memory = {v: _peak_memory_mb(args, v) for v in VARIANTS}
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     return {
         "model": args.model, "device": args.device, "device_name": device_name,
@@ -200,7 +206,7 @@ def bench_step(args) -> dict:
         "images_per_s": {v: args.batch_size / s for v, s in seconds.items()},
         "peak_mem_mb": memory, "teacher_mb": bench.teacher_mb(),
         "starft_mem_over_flyp_mb": memory["starft"] - memory["flyp"],
-        "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__, "date": today(),
     }
 
 
@@ -216,90 +222,32 @@ def print_step_table(record: dict) -> None:
     print(f"memory: StarFT − FLYP {r['starft_mem_over_flyp_mb']:.0f} MB, teacher {r['teacher_mb']:.0f} MB")
 
 
-# -- the data benchmark ---------------------------------------------------------------------
-def bench_data(args) -> dict:
-    from open_clip_train.data import get_wds_dataset
-    from open_clip_train.params import parse_args
-
-    from open_clip_starft.data.training import get_wds_train_data
-
-    host_args = parse_args(["--train-data", args.shards, "--dataset-type", "webdataset", "--batch-size", str(args.batch_size),
-                            "--workers", str(args.workers), "--seed", "0"]
-                           + (["--train-num-samples", str(args.num_samples)] if args.num_samples else []))
-    host_args.world_size, host_args.rank, host_args.distributed = 1, 0, False
-    host_args.starft_max_skipped_fraction = 0.01
-    _, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, force_image_size=args.image_size)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    classnames = load_classnames(args.classnames)
-    builder = CaptionBuilder(classnames, descriptors=load_descriptors("background"))
-    pipelines = {
-        "starft": get_wds_train_data(host_args, preprocess, builder, tokenizer=tokenizer),
-        "upstream": get_wds_dataset(host_args, preprocess, is_train=True, tokenizer=tokenizer),
-    }
-    rates = {name: [] for name in pipelines}
-    for epoch in range(args.epochs):
-        for name, info in pipelines.items():
-            info.set_epoch(epoch)
-            samples, start = 0, None
-            for batch in info.dataloader:
-                if start is None:  # the first batch carries worker start-up; time the rest
-                    start = time.perf_counter()
-                    continue
-                samples += len(batch[0])
-            rates[name].append(samples / (time.perf_counter() - start))
-    ours, theirs = statistics.median(rates["starft"]), statistics.median(rates["upstream"])
-    return {"shards": args.shards, "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
-            "epochs": args.epochs, "starft_samples_per_s": ours, "upstream_samples_per_s": theirs,
-            "starft_over_upstream": ours / theirs, "per_epoch": rates,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open-clip-starft bench step", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="tiny, or an OpenCLIP model name (random init), e.g. ViT-B-16")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16", "amp_bfloat16"),
+                        help="OpenCLIP's names; the model's weights stay fp32 (default fp32)")
+    parser.add_argument("--device", default=default_device(), help="cuda (default when available) or cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--out", metavar="FILE", help="add the record to this JSON list of records, e.g. docs/bench/step.json "
+                        "(default: only print the table)")
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    return parser
 
 
-def _write(out: str, record: dict, key: tuple) -> None:
-    """Add ``record`` to the JSON list in ``out``, replacing one with the same ``key`` fields."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    records = json.load(open(out)) if os.path.exists(out) else []
-    records = [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
-    with open(out, "w") as f:
-        json.dump(records, f, indent=1)
-
-
+@one_line_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="open-clip-starft bench", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    step = sub.add_parser("step", help="FLYP vs StarFT vs naive StarFT training steps")
-    step.add_argument("--model", default="tiny", help="tiny, or an OpenCLIP model name (random init), e.g. ViT-B-16")
-    step.add_argument("--batch-size", type=int, default=8)
-    step.add_argument("--precision", default="fp32", help="fp32, amp, amp_bf16 (OpenCLIP's names)")
-    step.add_argument("--device", default="cpu")
-    step.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
-    step.add_argument("--out", default="docs/bench/step.json", help="JSON file of records (one per model/device/batch/precision)")
-    step.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
-    data = sub.add_parser("data", help="our training pipeline vs upstream's get_wds_dataset")
-    data.add_argument("--shards", required=True, help="brace pattern of shards with jpg, cls and txt")
-    data.add_argument("--num-samples", type=int, help="samples per epoch if the shards have no sizes.json")
-    data.add_argument("--workers", type=int, default=2)
-    data.add_argument("--batch-size", type=int, default=64)
-    data.add_argument("--image-size", type=int, default=224)
-    data.add_argument("--classnames", default="imagenet")
-    data.add_argument("--epochs", type=int, default=4, help="epochs per pipeline, alternating")
-    data.add_argument("--out", default="docs/bench/data.json")
-    sub.add_parser("waterbirds-lite", add_help=False,
-                   help="the Waterbirds-lite real-image benchmark (its own --help: bench waterbirds-lite --help)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["waterbirds-lite"]:
-        from open_clip_starft.bench.waterbirds_lite.cli import main as waterbirds_lite
-        return waterbirds_lite(argv[1:])
-    args = parser.parse_args(argv)
-    if args.what == "step":
-        record = bench_step(args)
-        if record:
-            print_step_table(record)
-            _write(args.out, record, ("model", "device", "batch_size", "precision"))
-    else:
-        record = bench_data(args)
-        print(f"samples/s over {args.epochs} epochs each (median): ours {record['starft_samples_per_s']:.1f}, "
-              f"upstream {record['upstream_samples_per_s']:.1f}, ratio {record['starft_over_upstream']:.3f}")
-        _write(args.out, record, ("shards", "workers", "batch_size", "image_size"))
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1:
+        raise StarftError("--batch-size and --steps must be ≥ 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise StarftError(f"--device {args.device}: no CUDA device is visible here; use --device cpu")
+    record = bench_step(args)
+    if record:
+        print_step_table(record)
+        if args.out:
+            add_record(args.out, record, ("model", "device", "batch_size", "precision"))
     return 0
 
 

@@ -1,0 +1,31 @@
+"""What every benchmark command shares: the default device and the JSON record files."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import torch
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (the ``--device`` default of every bench command)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def today() -> str:
+    """The UTC date records carry, ``YYYY-MM-DD``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def add_record(out: str, record: dict, key: tuple) -> None:
+    """Add ``record`` to the JSON list in ``out``, replacing one with the same ``key`` fields."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    records = []
+    if os.path.exists(out):
+        with open(out) as f:
+            records = json.load(f)
+    records = [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
+    with open(out + ".partial", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(out + ".partial", out)
