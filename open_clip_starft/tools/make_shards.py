@@ -31,7 +31,7 @@ from PIL import Image
 from open_clip_starft.data.samples import to_rgb, write_shard
 from open_clip_starft.method.captions import load_classnames
 from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.sets import EvalSetSpec, Item, _csv_items, _folder_labels, _folder_names, _image_folder
+from open_clip_starft.eval.sets import EvalSetSpec, Item, csv_items, folder_classnames, folder_labels, list_class_folders
 
 STATE_DIR = ".make-shards"
 
@@ -46,15 +46,15 @@ def list_source(source: str, classnames_spec: str | None = None, path_key=None, 
     if os.path.isfile(source):
         if not source.lower().endswith((".csv", ".tsv")):
             raise StarftError(f"source {source!r} is neither a folder nor a .csv/.tsv file")
-        items, names, group_column = _csv_items(spec, source, names)
+        items, names, group_column = csv_items(spec, source, names)
         if names is None:
             raise StarftError(f"the labels of {source!r} are class ids: pass --classnames (imagenet or a file) to name them")
         has_group = group_column is not None
     else:
-        classes, samples = _image_folder(spec, source)
+        classes, samples = list_class_folders(spec, source)
         if names is None:
-            names = _folder_names(classes)
-        labels = _folder_labels(spec, classes, len(names), source, classnames_spec or "the class folder names")
+            names = folder_classnames(classes)
+        labels = folder_labels(spec, classes, len(names), source, classnames_spec or "the class folder names")
         items = [Item(p, labels[c], 0) for p, c in samples]
         has_group = False
     samples = [(str(it.ref), int(it.label), int(it.group) if has_group else None) for it in items]
