@@ -99,3 +99,79 @@ def test_bad_template_file_and_unknown_suffix(tmp_path):
     (tmp_path / "t.txt").write_text("a photo of a {}.\na picture.\n")
     assert "exactly one" in one_line(load_templates, str(tmp_path / "t.txt"))
     assert "unknown --starft-suffix 'tokens'" in one_line(CaptionBuilder, ["cat"], ["a {}."], "tokens")
+
+
+def test_blank_line_inside_classnames_is_refused_with_file_and_line(tmp_path):
+    # issue 13 case 4: 'circle,<blank>,square' silently made id 1 = square
+    f = tmp_path / "names.txt"
+    f.write_text("circle\n\nsquare\n")
+    msg = one_line(load_classnames, str(f))
+    assert f"{f}:2" in msg and "blank" in msg and "shift" in msg
+    f.write_text("\ncircle\nsquare\n")  # a leading blank line shifts every id as well
+    assert f"{f}:1" in one_line(load_classnames, str(f))
+    f.write_text("circle\nsquare\n\n\n")  # trailing blank lines stay ignored
+    assert load_classnames(str(f)) == ["circle", "square"]
+    f.write_text("circle\r\n  square  \r\n")
+    assert load_classnames(str(f)) == ["circle", "square"]
+    j = tmp_path / "names.json"
+    j.write_text(json.dumps(["circle", " ", "square"]))
+    assert "item 1" in one_line(load_classnames, str(j))
+
+
+def test_duplicated_classnames_warn_naming_them(tmp_path, caplog):
+    f = tmp_path / "names.txt"
+    f.write_text("dog\ncat\ndog\ndog\ndog\n")
+    with caplog.at_level("WARNING"):
+        assert load_classnames(str(f)) == ["dog", "cat", "dog", "dog", "dog"]
+    (record,) = [r for r in caplog.records if "more than once" in r.getMessage()]
+    assert "'dog' ×4" in record.getMessage() and "ids 0, 2, 3, 4" in record.getMessage() and "names.txt" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_classnames("imagenet")
+    assert not caplog.records  # the built-in list is known as it is
+
+
+def test_template_errors_show_a_real_example(tmp_path):
+    (tmp_path / "t.txt").write_text("a picture.\n")
+    msg = one_line(load_templates, str(tmp_path / "t.txt"))
+    assert "'a photo of a {}.'" in msg and "{{}}" not in msg and "t.txt:1" in msg
+    (tmp_path / "e.txt").write_text("# nothing\n")
+    assert "'a photo of a {}.'" in one_line(load_templates, str(tmp_path / "e.txt"))
+
+
+def test_escaped_braces_are_refused_not_rendered(tmp_path):
+    # '{{}}' rendered '{a photo of a dog} in the mountains.'
+    (tmp_path / "t.txt").write_text("a photo of a {{}}.\n")
+    assert "'{{}}'" in one_line(load_templates, str(tmp_path / "t.txt"))
+    d = tmp_path / "d.txt"
+    d.write_text("{{}} in the mountains.\n")
+    msg = one_line(load_descriptors, str(d))
+    assert "d.txt:1" in msg and "'{{}}'" in msg and "not format strings" in msg
+
+
+def test_bom_before_a_comment_line_is_dropped(tmp_path):
+    d = tmp_path / "d.txt"
+    d.write_bytes("# my descriptors\n{} at night.\n".encode("utf-8-sig"))
+    assert load_descriptors(str(d)) == ["{} at night."]
+    c = tmp_path / "c.txt"
+    c.write_bytes("cat\ndog\n".encode("utf-8-sig"))
+    assert load_classnames(str(c)) == ["cat", "dog"]
+
+
+def test_caption_longer_than_the_text_context_warns(caplog):
+    from open_clip import get_tokenizer
+
+    from open_clip_starft.method.captions import warn_long_captions
+
+    tokenizer = get_tokenizer("ViT-B-32")
+    long = "{} " + "on a very long road " * 60 + "."
+    builder = CaptionBuilder(["cat", "dog"], descriptors=["{} at night.", long])
+    with caplog.at_level("WARNING"):
+        tokens = warn_long_captions(builder, tokenizer, "training captions")
+    assert tokens > 300
+    (record,) = caplog.records
+    assert "text context of 77 tokens" in record.getMessage() and "1 of 2 descriptor templates" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert warn_long_captions(CaptionBuilder(["cat"], descriptors=["{} at night."]), tokenizer) < 77
+    assert not caplog.records

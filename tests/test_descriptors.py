@@ -94,3 +94,33 @@ def test_descriptor_files_are_in_the_built_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for concept in ("background", "texture", "resolution"):
         assert f"open_clip_starft/_descriptors/{concept}.txt" in names
+
+
+def test_one_template_check_names_the_place():
+    from open_clip_starft.method.descriptors import validate_template
+
+    assert validate_template("{} at night.", "x") == "{} at night."
+    for bad, problem in (("{} at {0}.", "brace besides"), ("{{}} at night.", "'{{}}'"), ("at night.", "no '{}'")):
+        with pytest.raises(StarftError) as e:
+            validate_template(bad, "mine.txt:7")
+        assert problem in str(e.value) and "mine.txt:7" in str(e.value) and "'{} in the mountains.'" in str(e.value)
+    with pytest.raises(StarftError) as e:
+        validate_template("a photo of a.", "t.txt:1", kind="caption")
+    assert "'a photo of a {}.'" in str(e.value) and "class name" in str(e.value)
+
+
+def test_one_list_loader(tmp_path):
+    from open_clip_starft.method.descriptors import read_lines_or_json_list
+
+    f = tmp_path / "l.txt"
+    f.write_bytes("\ufeff# head\r\n a \r\n\r\nb\r\n\r\n".encode())
+    assert read_lines_or_json_list(str(f), "list") == ["a", "b"]
+    assert read_lines_or_json_list(str(f), "list", located=True) == [("a", f"{f}:2"), ("b", f"{f}:4")]
+    with pytest.raises(StarftError, match=f"{f}:3"):
+        read_lines_or_json_list(str(f), "list", blank_lines="refuse")
+    assert read_lines_or_json_list(str(f), "list", comments=False) == ["# head", "a", "b"]
+    j = tmp_path / "l.json"
+    j.write_text(json.dumps({"1": "b", "0": "a"}))
+    assert read_lines_or_json_list(str(j), "list", id_mapping=True) == ["a", "b"]
+    with pytest.raises(StarftError, match="JSON list of strings"):
+        read_lines_or_json_list(str(j), "list")

@@ -14,14 +14,15 @@ captions are reproducible.
 """
 from __future__ import annotations
 
+import collections
 import functools
-import json
+import logging
 import random
 from typing import Callable, Sequence
 
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SimpleTokenizer
 
-from open_clip_starft.method.descriptors import _read_text
+from open_clip_starft.method.descriptors import count_tokens, read_lines_or_json_list, validate_template
 from open_clip_starft.errors import StarftError
 
 SINGLE_TEMPLATE = "a photo of a {}."
@@ -38,56 +39,31 @@ def load_templates(spec: str) -> list[str]:
     (``.txt`` one per line with ``#`` comments, or a ``.json`` list), each with one ``{}``."""
     if spec in CAPTION_TEMPLATE_SETS:
         return list(CAPTION_TEMPLATE_SETS[spec])
-    text = _read_text(spec, "caption-template file")
-    if spec.endswith(".json"):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StarftError(f"caption-template file {spec!r} is not valid JSON ({e.msg}): "
-                              "write a JSON list of templates") from None
-        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise StarftError(f"caption-template file {spec!r} must hold a JSON list of template strings")
-    else:
-        items = [line for line in text.splitlines() if not line.strip().startswith("#")]
-    templates = [t.strip() for t in items if t.strip()]
-    if not templates:
+    located = read_lines_or_json_list(spec, "caption-template file", located=True)
+    if not located:
         raise StarftError(f"caption-template file {spec!r} has no templates: add one per line, e.g. 'a photo of a {{}}.'")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise StarftError(f"caption template {t!r} in {spec!r} must have exactly one '{{}}' "
-                              "where the class name goes, e.g. 'a photo of a {{}}.'")
-    return templates
+    return [validate_template(t, where, kind="caption") for t, where in located]
 
 
 def load_classnames(spec: str) -> list[str]:
     """Class names indexed by class id: ``imagenet`` (OpenCLIP's 1000 names) or a file: one name
-    per line, a JSON list, or a JSON object mapping ids ``0..K-1`` to names."""
+    per line (a blank line before the last name is refused, since every later id would shift;
+    trailing blank lines are ignored), a JSON list, or a JSON object mapping ids ``0..K-1`` to
+    names. Names given more than once in a file are logged as a warning (the zero-shot head
+    cannot tell those classes apart)."""
     if spec == "imagenet":
         return list(IMAGENET_CLASSNAMES)
-    text = _read_text(spec, "class-names file")
-    if spec.endswith(".json"):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise StarftError(f"class-names file {spec!r} is not valid JSON ({e.msg}): "
-                              "write a JSON list of names or an object id -> name") from None
-        if isinstance(items, dict):
-            try:
-                by_id = {int(k): v for k, v in items.items()}
-            except ValueError:
-                raise StarftError(f"class-names file {spec!r}: JSON object keys must be class ids 0..K-1") from None
-            if sorted(by_id) != list(range(len(by_id))):
-                raise StarftError(f"class-names file {spec!r}: JSON object keys must be exactly the ids 0..{len(by_id) - 1}")
-            items = [by_id[i] for i in range(len(by_id))]
-        if not isinstance(items, list) or not all(isinstance(n, str) for n in items):
-            raise StarftError(f"class-names file {spec!r} must hold a JSON list of names or an object id -> name")
-        names = [n.strip() for n in items]
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+    names = read_lines_or_json_list(spec, "class-names file", comments=False, blank_lines="refuse", id_mapping=True)
     if not names:
         raise StarftError(f"class-names file {spec!r} is empty: write one class name per line, in class-id order")
-    if any(not n for n in names):
-        raise StarftError(f"class-names file {spec!r} has an empty class name: give every class id a name")
+    counts = collections.Counter(names)
+    repeated = {name: n for name, n in counts.items() if n > 1}
+    if repeated:
+        listed = ", ".join(f"{name!r} ×{n} (ids {', '.join(str(i) for i, x in enumerate(names) if x == name)})"
+                           for name, n in list(repeated.items())[:5])
+        logging.warning(f"class-names file {spec!r} names {len(repeated)} class(es) more than once: {listed}"
+                        + (", ..." if len(repeated) > 5 else "")
+                        + ": their zero-shot classifiers and captions are identical, so they cannot be told apart")
     return names
 
 
@@ -162,6 +138,7 @@ class CaptionBuilder:
         self.classnames = list(classnames)
         self.templates = list(templates)
         self.suffix = suffix
+        self.descriptors = list(descriptors)
         self._suffix_fn = create_suffix_fn(suffix, descriptors, random_words)
 
     @property
@@ -187,3 +164,35 @@ class CaptionBuilder:
     def __call__(self, class_id: int, rng: random.Random) -> tuple[str, str]:
         clean = self.clean(class_id, rng)
         return clean, self.spurious(clean, rng)
+
+
+def warn_long_captions(builder: CaptionBuilder, tokenizer, source: str = "captions") -> int | None:
+    """Log a warning when the longest clean or spurious caption ``builder`` can make has more
+    tokens than ``tokenizer.context_length`` (the model's text context), where the tokenizer
+    silently truncates it (a long descriptor then loses its end, the eot token lands mid-text).
+
+    The longest caption is built from the longest class name (in tokens, with the first
+    template), the longest template (with that name) and each descriptor (token counts add up
+    word by word, so this finds the longest without rendering every combination). Returns that
+    caption's token count, or None when the tokenizer cannot count (``count_tokens``)."""
+    context = getattr(tokenizer, "context_length", None)
+    if not context or count_tokens(tokenizer, "a") is None:
+        return None
+    name = max(builder.classnames, key=lambda n: count_tokens(tokenizer, builder.templates[0].replace("{}", n)))
+    clean = max((t.replace("{}", name) for t in builder.templates), key=lambda c: count_tokens(tokenizer, c))
+    clean_tokens = count_tokens(tokenizer, clean)
+    spurious = [(count_tokens(tokenizer, d.replace("{}", strip_period(clean))), d.replace("{}", strip_period(clean)))
+                for d in (builder.descriptors if builder.suffix == "spurious" else ())]
+    over = [(n, c) for n, c in spurious if n > context]
+    shorten = lambda c: repr(c[:100] + ("..." if len(c) > 100 else ""))
+    problems = []
+    if clean_tokens > context:
+        problems.append(f"the longest clean caption has {clean_tokens} tokens ({shorten(clean)})")
+    if over:
+        n, c = max(over)
+        problems.append(f"{len(over)} of {len(spurious)} descriptor templates make spurious captions over it, "
+                        f"the longest {n} tokens ({shorten(c)})")
+    if problems:
+        logging.warning(f"some {source} exceed the model's text context of {context} tokens, where the tokenizer truncates "
+                        f"them: {'; '.join(problems)}; shorten the descriptors, caption templates or class names")
+    return max([clean_tokens] + [n for n, _ in spurious])

@@ -18,52 +18,121 @@ CONCEPTS = ("background", "texture", "resolution")
 _PACKAGE_DATA = "open_clip_starft._descriptors"
 
 
-def validate_template(template: str, where: str) -> str:
-    """Return ``template`` if it has exactly one ``{}``; otherwise raise a one-line StarftError."""
+_TEMPLATE_KINDS = {  # what the one "{}" stands for, and an example, per kind of template
+    "descriptor": ("the clean caption", "{} in the mountains."),
+    "caption": ("the class name", "a photo of a {}."),
+}
+
+
+def validate_template(template: str, where: str, *, kind: str = "descriptor") -> str:
+    """Return ``template`` if it has exactly one ``{}`` and no other brace; otherwise raise a
+    one-line StarftError naming ``where`` (e.g. ``file.txt:3``). Templates are filled with
+    ``str.replace``, not ``str.format``, so ``{{}}`` would render braces around the text: it is
+    refused too. ``kind``: ``descriptor`` (``{}`` = the clean caption) or ``caption`` (the class name).
+    The one template check: descriptors, caption templates and eval templates all use it."""
+    slot, example = _TEMPLATE_KINDS[kind]
     count = template.count("{}")
+    rest = template.replace("{}", "", 1)
     if count != 1:
         problem = "has no '{}'" if count == 0 else f"has {count} '{{}}'"
-        raise StarftError(
-            f"descriptor template {template!r} ({where}) {problem}: "
-            "write exactly one '{}' where the clean caption goes, e.g. '{} in the mountains.'")
-    return template
+    elif "{" in rest or "}" in rest:
+        problem = ("has '{{}}' (templates are not format strings: no escaping)" if "{{" in template or "}}" in template
+                   else "has a brace besides its '{}'")
+    else:
+        return template
+    raise StarftError(f"{kind} template {template!r} ({where}) {problem}: write exactly one '{{}}' "
+                      f"where {slot} goes, e.g. {example!r}")
 
 
 def _read_text(path: str, what: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped); one-line errors."""
     if not os.path.isfile(path):
         raise StarftError(f"{what} {path!r} not found: check the path (or name a built-in set)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise StarftError(
             f"{what} {path!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
             "save it as UTF-8") from None
 
 
-def read_descriptor_file(path: str) -> list[str]:
-    """Templates from a ``.txt`` file (one per line, ``#`` comments, blank lines ignored) or a
-    ``.json`` file (a list of strings)."""
-    text = _read_text(path, "descriptor file")
+def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blank_lines: str = "skip",
+                            id_mapping: bool = False, located: bool = False) -> list:
+    """The entries of a list file, stripped: a ``.json`` file holding a list of strings, or a
+    text file with one entry per line (UTF-8, a BOM dropped, CRLF fine).
+
+    ``comments``: lines starting with ``#`` are skipped. ``blank_lines``: ``"skip"`` drops blank
+    lines (and empty JSON items); ``"refuse"`` raises a one-line StarftError naming ``file:line``
+    for a blank line before the last entry, or the index of an empty JSON item, for lists whose
+    positions matter (class names: a dropped line would shift every later id); trailing blank
+    lines are always ignored. ``id_mapping``: a JSON object ``{"0": a, "1": b, ...}`` with keys
+    exactly ``0..K-1`` is read as the list ``[a, b, ...]``. ``located``: return
+    ``[(entry, where)]`` with ``where`` = ``"file:line"`` or ``"file, item i"``. The one loader
+    of "text lines or a JSON list" files (descriptors, caption templates, class names)."""
+    if blank_lines not in ("skip", "refuse"):
+        raise ValueError(f"blank_lines must be 'skip' or 'refuse', not {blank_lines!r}")
+    text = _read_text(path, what)
+    entries: list[tuple[str, str]] = []
     if path.endswith(".json"):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise StarftError(f"descriptor file {path!r} is not valid JSON ({e.msg} at line {e.lineno}): "
-                              "write a JSON list of template strings") from None
+            raise StarftError(f"{what} {path!r} is not valid JSON ({e.msg} at line {e.lineno}): "
+                              "write a JSON list of strings" + (" or an object id -> string" if id_mapping else "")) from None
+        if id_mapping and isinstance(items, dict):
+            try:
+                by_id = {int(k): v for k, v in items.items()}
+            except ValueError:
+                raise StarftError(f"{what} {path!r}: JSON object keys must be class ids 0..K-1") from None
+            if sorted(by_id) != list(range(len(by_id))):
+                raise StarftError(f"{what} {path!r}: JSON object keys must be exactly the ids 0..{len(by_id) - 1}")
+            items = [by_id[i] for i in range(len(by_id))]
         if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise StarftError(f"descriptor file {path!r} must hold a JSON list of template strings")
-        located = [(t.strip(), f"{path}, item {i}") for i, t in enumerate(items) if t.strip()]
+            raise StarftError(f"{what} {path!r} must hold a JSON list of strings"
+                              + (" or an object id -> string" if id_mapping else ""))
+        for i, item in enumerate(items):
+            if item.strip():
+                entries.append((item.strip(), f"{path}, item {i}"))
+            elif blank_lines == "refuse":
+                raise StarftError(f"{what} {path!r} has an empty entry (item {i}): give every position a value "
+                                  "(an empty one would shift every later position)")
     else:
-        located = []
+        blank = None  # the first blank line not yet followed by an entry
         for lineno, line in enumerate(text.splitlines(), 1):
             line = line.strip()
-            if line and not line.startswith("#"):
-                located.append((line, f"{path}:{lineno}"))
+            if comments and line.startswith("#"):
+                continue
+            if not line:
+                blank = blank or lineno
+                continue
+            if blank is not None and blank_lines == "refuse":
+                raise StarftError(f"{what} {path}:{blank} is a blank line before more entries: remove it or fill it "
+                                  "(dropping it would shift every later position, e.g. class ids)")
+            blank = None
+            entries.append((line, f"{path}:{lineno}"))
+    return entries if located else [entry for entry, _ in entries]
+
+
+def read_descriptor_file(path: str) -> list[str]:
+    """Templates from a ``.txt`` file (one per line, ``#`` comments, blank lines ignored) or a
+    ``.json`` file (a list of strings), each checked by ``validate_template``."""
+    located = read_lines_or_json_list(path, "descriptor file", located=True)
     if not located:
         raise StarftError(f"descriptor file {path!r} has no templates: add one template per line, each with one '{{}}'")
     return [validate_template(t, where) for t, where in located]
+
+
+def count_tokens(tokenizer, text: str) -> int | None:
+    """Tokens of ``text`` with the start and end tokens, before any truncation, for OpenCLIP's
+    ``SimpleTokenizer`` (CLIP BPE) and ``HFTokenizer``; None for a tokenizer it cannot count with."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # SimpleTokenizer
+        return len(tokenizer.encode(text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)
+    if callable(inner):  # HFTokenizer: the HF tokenizer adds its own special tokens
+        return len(inner(text)["input_ids"])
+    return None
 
 
 def _builtin(concept: str) -> list[str]:
