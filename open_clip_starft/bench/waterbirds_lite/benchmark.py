@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from open_clip.factory import load_state_dict
 
-from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import interpolate_state_dicts, save_openclip
-from open_clip_starft.eval.metrics import evaluate_zero_shot
+from open_clip_starft.bench.stages import OFFLINE_ENV, Progress, run_stage, training_progress
 from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
+from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.metrics import evaluate_zero_shot
+from open_clip_starft.eval.models import interpolate_state_dicts, run_checkpoints
 
 METHODS = {
     "flyp": ["--starft-lambda", "0"],
@@ -74,43 +73,41 @@ class Job:
     @property
     def checkpoint(self) -> str:
         """The run's last end-of-epoch checkpoint (``epoch_N.pt``), or "" when it has none."""
-        folder = os.path.join(self.logs, self.name, "checkpoints")
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-        done = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(r"epoch_(\d+)\.pt", n)))
-        return os.path.join(folder, done[-1][1]) if done else ""
+        try:
+            last = run_checkpoints(os.path.join(self.logs, self.name), "last")[0]
+        except StarftError:  # no run folder, or no epoch_N.pt in it yet
+            return ""
+        return "" if last.endswith("epoch_latest.pt") else last
+
+    @property
+    def epochs(self) -> int:
+        return int(self.args[self.args.index("--epochs") + 1])
 
 
-def run_job(job: Job, threads: int = 1) -> float:
-    """Run one training through ``open_clip_starft.main`` (skipped when its last checkpoint exists); seconds."""
-    epochs = job.args[job.args.index("--epochs") + 1]
-    if job.checkpoint.endswith(f"epoch_{epochs}.pt"):
+def run_job(job: Job, threads: int = 1, log=None) -> float:
+    """Run one training through ``open_clip_starft.main`` (skipped when its last checkpoint exists, resumed
+    from its latest checkpoint when it has one); seconds. ``log``: a line with the run's epoch and percent
+    every 30 s while it runs."""
+    if job.checkpoint.endswith(f"epoch_{job.epochs}.pt"):
         return 0.0
-    start = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     resume = ["--resume", "latest"] if os.path.isdir(os.path.join(job.logs, job.name)) else []
-    console = os.path.join(job.logs, f"{job.name}.console.txt")
-    os.makedirs(job.logs, exist_ok=True)
-    with open(console, "w") as out:
-        status = subprocess.run([sys.executable, "-m", "open_clip_starft.main", *job.args, *resume],
-                                stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if status != 0:
-        with open(console) as f:
-            tail = "".join(f.readlines()[-8:])
-        raise StarftError(f"Waterbirds-lite run {job.name} failed (exit {status}); the end of {console}:\n{tail}")
-    return time.time() - start
+    poll = None if log is None else (lambda console: log(f"    {job.name}: {training_progress(console) or 'starting'}"))
+    return run_stage("open_clip_starft.main", [*job.args, *resume], os.path.join(job.logs, f"{job.name}.console.txt"),
+                     what=f"Waterbirds-lite run {job.name}", threads=threads, env=OFFLINE_ENV, on_poll=poll, poll_s=30.0)
 
 
 def run_jobs(jobs: list[Job], parallel: int, log=print) -> dict[str, float]:
-    """Run ``jobs``, ``parallel`` at a time, the machine's two cores shared among them; seconds per job."""
-    seconds = {}
-
-    def one(job):
-        seconds[job.name] = run_job(job, threads=max(1, 2 // parallel))
-        log(f"    {job.name}: {seconds[job.name]:.0f} s")
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in [pool.submit(one, j) for j in jobs]:
-            future.result()
+    """Run ``jobs``, ``parallel`` at a time, the machine's two cores shared among them; seconds per job.
+    Progress: one unit per finished job (a bar on a terminal, lines in a log)."""
+    seconds, lock = {}, threading.Lock()
+    with Progress(len(jobs), "fine-tunes", log=log, interval=0.0, unit="run") as progress:
+        def one(job):
+            seconds[job.name] = run_job(job, threads=max(1, 2 // parallel))
+            with lock:
+                progress.update(1, f"{job.name} {seconds[job.name]:.0f} s")
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in [pool.submit(one, j) for j in jobs]:
+                future.result()
     return seconds
 
 
@@ -123,11 +120,6 @@ def pretrain(out: str, manifest: dict, schedule: Schedule, seed: int, init_model
         schedule.pretrain_batch_size, 4 * schedule.warmup, os.path.join(data_dir, "classnames.txt")),
         "--starft-lambda", "0"], os.path.join(out, "logs"))
     return job
-
-
-def export(checkpoint: str, template_model: str, out_dir: str) -> str:
-    """A training checkpoint as a ``local-dir:`` model with ``template_model``'s config."""
-    return save_openclip(load_state_dict(checkpoint, weights_only=False), template_model, out_dir)
 
 
 def finetune_jobs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds, schedule: Schedule) -> list[Job]:
@@ -204,6 +196,8 @@ def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, 
                   seconds: dict, log=print) -> list[dict]:
     ev = Evaluator(zero_shot)
     records = []
+    per_split = len(protocols) * (1 + len(train_seeds) * (len(methods) + sum(b in methods for b in WISE.values())))
+    progress = Progress(len(manifest["splits"]) * per_split, "evaluated models", log=log, unit="model")
     for split, info in manifest["splits"].items():
         sets = {k: (info["sets"][k]["pattern"], _classnames(info["sets"][k]["pattern"]))
                 for k in ("wb-test", "wb-val", "heldout-test")}
@@ -211,6 +205,7 @@ def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, 
         zs = ev.evaluate(ev.zero_shot_state, sets)
         for protocol in protocols:
             records.append(record(protocol, "zero-shot", split, None, zs, wb_groups))
+            progress.update(1, f"{protocol} {split} zero-shot")
             for seed in train_seeds:
                 states = {}
                 for method in methods:
@@ -222,9 +217,11 @@ def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, 
                     records.append(record(protocol, method, split, seed, ev.evaluate(states[method], sets), wb_groups,
                                           seconds.get(name)))
                     records[-1]["star_loss_step0"] = first_star_loss(os.path.join(out, "logs", name, "out.log"))
+                    progress.update(1, name)
                 for wise, base in WISE.items():
                     if base in states:
                         mixed = interpolate_state_dicts(ev.zero_shot_state, states[base], WISE_ALPHA)
                         records.append(record(protocol, wise, split, seed, ev.evaluate(mixed, sets), wb_groups))
-            log(f"    evaluated {protocol} {split}")
+                        progress.update(1, f"{protocol}-{split}-seed{seed}-{wise}")
+    progress.close()
     return records

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from open_clip_starft.bench.stages import Progress
 from open_clip_starft.data.samples import brace_pattern, write_shards
 from open_clip_starft.errors import StarftError
 
@@ -235,13 +236,24 @@ def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Mate
     return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())}, "pattern": brace_pattern(paths)}
 
 
+def _counted(draw, progress):
+    """``draw``, with one unit of ``progress`` (a ``bench.stages.Progress`` or None) per image drawn."""
+    if progress is None:
+        return draw
+
+    def counted(rng):
+        progress.update(1)
+        return draw(rng)
+    return counted
+
+
 def pretrain_classnames(stamps: list[Stamp], scenes: list[Scene]) -> list[str]:
     """Caption bodies of the pre-training set: each stamp alone, then each stamp with each scene phrase."""
     phrases = sorted({s.phrase for s in scenes})
     return [s.name for s in stamps] + [f"{s.name} {p}" for s in stamps for p in phrases]
 
 
-def write_pretrain(out: str, material: Material, sizes: Sizes, seed: int) -> dict:
+def write_pretrain(out: str, material: Material, sizes: Sizes, seed: int, progress=None) -> dict:
     stamps, scenes = material.stamps, material.scenes
     names = pretrain_classnames(stamps, scenes)
     phrases = sorted({s.phrase for s in scenes})
@@ -251,11 +263,13 @@ def write_pretrain(out: str, material: Material, sizes: Sizes, seed: int) -> dic
         with_scene = rng.random() < 0.5
         cls = len(stamps) + stamp * len(phrases) + phrases.index(scenes[scene].phrase) if with_scene else stamp
         return stamp, scene, cls, PLACES.index(scenes[scene].place), names[cls]
-    return _write_set(os.path.join(out, "pretrain"), sizes.pretrain, draw, names, material, seed, SET_IDS["pretrain"])
+    return _write_set(os.path.join(out, "pretrain"), sizes.pretrain, _counted(draw, progress), names, material, seed,
+                      SET_IDS["pretrain"])
 
 
-def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: int) -> dict:
-    """The five sets of one split under ``out/{split name}``; returns their counts and patterns."""
+def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: int, progress=None) -> dict:
+    """The five sets of one split under ``out/{split name}``; returns their counts and patterns.
+    ``progress``: one unit per image."""
     stamps, scenes = material.stamps, material.scenes
     root = os.path.join(out, split["name"])
     sets = {}
@@ -272,7 +286,7 @@ def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: i
         return draw
 
     for part, n, balanced in (("train", sizes.wb_train, False), ("val", sizes.wb_val, True), ("test", sizes.wb_test, True)):
-        sets[f"wb-{part}"] = _write_set(os.path.join(root, f"wb-{part}"), n, birds_on(part, balanced),
+        sets[f"wb-{part}"] = _write_set(os.path.join(root, f"wb-{part}"), n, _counted(birds_on(part, balanced), progress),
                                         list(WB_CLASSNAMES), material, seed, SET_IDS[f"wb-{part}"])
 
     def objects_on(classes: list[int], part: str, p_natural: float | None):
@@ -290,10 +304,12 @@ def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: i
 
     source, heldout = split["source_classes"], split["heldout_classes"]
     sets["source-train"] = _write_set(os.path.join(root, "source-train"), sizes.source_train,
-                                      objects_on(source, "train", sizes.p_natural), [stamps[i].name for i in source],
+                                      _counted(objects_on(source, "train", sizes.p_natural), progress),
+                                      [stamps[i].name for i in source],
                                       material, seed, SET_IDS["source-train"])
     sets["heldout-test"] = _write_set(os.path.join(root, "heldout-test"), sizes.heldout_test,
-                                      objects_on(heldout, "test", None), [stamps[i].name for i in heldout],
+                                      _counted(objects_on(heldout, "test", None), progress),
+                                      [stamps[i].name for i in heldout],
                                       material, seed, SET_IDS["heldout-test"])
     return sets
 
@@ -312,10 +328,12 @@ def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed:
     log(f"  material: {len(stamps)} stamps ({sum(s.kind == 'waterbird' for s in stamps)} waterbirds, "
         f"{sum(s.kind == 'landbird' for s in stamps)} landbirds), {len(scenes)} scenes "
         f"({sum(s.place == 'water' for s in scenes)} water)")
-    manifest["pretrain"] = write_pretrain(out, material, sizes, seed)
+    per_split = sizes.wb_train + sizes.wb_val + sizes.wb_test + sizes.source_train + sizes.heldout_test
+    progress = Progress(sizes.pretrain + len(splits) * per_split, "composing images", log=log, unit="img")
+    manifest["pretrain"] = write_pretrain(out, material, sizes, seed, progress)
     for variant, split_seed in splits:
         split = make_split(stamps, scenes, variant, split_seed, sizes.source_fraction)
-        sets = write_split(out, material, split, sizes, seed + 1000 * (split_seed + 1))
+        sets = write_split(out, material, split, sizes, seed + 1000 * (split_seed + 1), progress)
         manifest["splits"][split["name"]] = {
             "sets": sets,
             "scenes": {p: {k: [scenes[i].file for i in v] for k, v in split["scenes"][p].items()} for p in PLACES},
@@ -325,6 +343,7 @@ def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed:
             "heldout_classes": [stamps[i].name for i in split["heldout_classes"]],
         }
         log(f"  split {split['name']}: " + ", ".join(f"{k} {v['samples']}" for k, v in sets.items()))
+    progress.close()
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest

@@ -1,0 +1,132 @@
+"""The one subprocess stage runner: a training (or any module) run as ``python -m MODULE ARGS`` with its
+output in a console log file, a set number of compute threads and its time taken.
+
+The demo and the Waterbirds-lite study run every training through it, so a run's console, exit status
+and failure message look the same everywhere. Progress on long work is shown by ``Progress``: a tqdm bar
+on a terminal, a line every ``interval`` seconds otherwise (log files stay readable).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+from open_clip.factory import load_state_dict
+
+from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.models import save_openclip
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+"""Environment for runs that must never reach a model hub."""
+
+_TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \((\d+)%\)\]")
+
+
+def training_progress(console: str) -> str | None:
+    """The last ``Train Epoch: E [n/N (p%)]`` position in an OpenCLIP console log, as ``epoch E p%``;
+    None before the first logged step."""
+    try:
+        with open(console, errors="replace") as f:
+            found = _TRAIN_LINE.findall(f.read()[-20000:])
+    except OSError:
+        return None
+    if not found:
+        return None
+    epoch, _, _, percent = found[-1]
+    return f"epoch {int(epoch) + 1} {percent}%"
+
+
+def run_stage(module: str, args: list[str], console: str, *, what: str, threads: int | None = None,
+              env: dict | None = None, timeout: float | None = None, launcher: list[str] | None = None,
+              on_poll=None, poll_s: float = 10.0, tail_lines: int = 12) -> float:
+    """Run ``python -m module *args`` (or ``*launcher, module, *args``, e.g. torchrun's ``-m --``) with
+    stdout and stderr in ``console``; return its wall time in seconds.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` (None: the caller's environment, else 1); ``env`` adds variables;
+    ``on_poll(console)`` is called every ``poll_s`` s while it runs (progress). A non-zero exit or a run past
+    ``timeout`` s raises a StarftError naming ``what``, the status and the end of the console log.
+    """
+    command = [*(launcher or [sys.executable, "-m"]), module, *args]
+    full_env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if threads is not None:
+        full_env["OMP_NUM_THREADS"] = str(threads)
+    os.makedirs(os.path.dirname(os.path.abspath(console)), exist_ok=True)
+    start = time.time()
+    with open(console, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        try:
+            while True:
+                try:
+                    status = process.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if timeout is not None and time.time() - start > timeout:
+                        process.kill()
+                        process.wait()
+                        raise StarftError(f"{what} ran past its {timeout:.0f} s limit and was stopped; "
+                                          f"its output: {console}") from None
+                    if on_poll is not None:
+                        on_poll(console)
+        except BaseException:
+            if process.poll() is None:  # interrupted: never leave the run behind
+                process.kill()
+                process.wait()
+            raise
+    if status != 0:
+        with open(console, errors="replace") as f:
+            tail = "".join(f.readlines()[-tail_lines:])
+        raise StarftError(f"{what} failed (exit {status}); the end of {console}:\n{tail}")
+    return time.time() - start
+
+
+def export_checkpoint(checkpoint: str, model: str, out_dir: str) -> str:
+    """A stage's training checkpoint as a ``local-dir:OUT_DIR`` model that plain OpenCLIP loads (config and
+    tokenizer files from ``model``, a ``local-dir:`` folder or a model name); returns the ``--model`` value."""
+    # OpenCLIP's loader takes the checkpoint's "state_dict" and drops DDP's "module." prefix
+    return save_openclip(load_state_dict(checkpoint, weights_only=False), model, out_dir)
+
+
+class Progress:
+    """Progress over ``total`` units of work: a tqdm bar when stderr is a terminal, otherwise a
+    ``desc: n/total (p%), elapsed, ETA`` line through ``log`` at most every ``interval`` seconds
+    (and at the end). Use as a context manager; ``update(n)`` after each unit."""
+
+    def __init__(self, total: int, desc: str, log=print, interval: float = 30.0, unit: str = "it"):
+        self.total, self.desc, self.log, self.interval = total, desc, log, interval
+        self.done, self.start, self.last = 0, time.time(), time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if note:
+                self.bar.set_postfix_str(note)
+            return
+        now = time.time()
+        if now - self.last >= self.interval or self.done >= self.total:
+            self.last = now
+            self.log(self.line(note))
+
+    def line(self, note: str = "") -> str:
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        percent = 100 * self.done / self.total if self.total else 100.0
+        return (f"  {self.desc}: {self.done}/{self.total} ({percent:.0f}%), {elapsed:.0f} s elapsed"
+                + (f", ETA {eta:.0f} s" if self.done and self.done < self.total else "") + (f" ({note})" if note else ""))
+
+    def __enter__(self):
+        return self
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
