@@ -18,7 +18,7 @@ import sys
 
 from open_clip_starft.errors import StarftError, one_line, one_line_errors
 from open_clip_starft.method.captions import load_classnames, strip_period
-from open_clip_starft.method.descriptors import CONCEPTS, load_descriptors, read_descriptor_file
+from open_clip_starft.method.descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
 from open_clip_starft.tools.descriptors.client import ChatClient
 from open_clip_starft.tools.descriptors.parse import concepts_from_answer, templates_from_answer
 
@@ -130,13 +130,6 @@ def cmd_generate(args) -> int:
 # show, validate, stats
 # ---------------------------------------------------------------------------------------------
 
-def _caption_template(template: str) -> str:
-    if template.count("{}") != 1:
-        raise StarftError(f"--template {template!r} must have exactly one '{{}}' where the class name goes, "
-                          "e.g. 'a photo of a {}.'")
-    return template
-
-
 def render(descriptor: str, classname: str, template: str) -> str:
     """The spurious caption of ``descriptor`` for ``classname``: ``"a photo of a dog in the mountains."``."""
     return descriptor.replace("{}", strip_period(template.replace("{}", classname)))
@@ -144,7 +137,7 @@ def render(descriptor: str, classname: str, template: str) -> str:
 
 def cmd_show(args) -> int:
     """``descriptors show``."""
-    template = _caption_template(args.template)
+    template = validate_template(args.template, "--template", kind="caption")
     for descriptor in load_descriptors(args.spec):
         print(render(descriptor, args.classname, template))
     return 0
@@ -202,7 +195,7 @@ def count_tokens(tokenizer, text: str) -> int:
 
 def cmd_stats(args) -> int:
     """``descriptors stats``."""
-    template = _caption_template(args.template)
+    template = validate_template(args.template, "--template", kind="caption")
     descriptors = load_descriptors(args.spec)
     raw = _raw_templates(args.spec)
     print(f"{args.spec}: {len(descriptors)} descriptor templates")
