@@ -8,16 +8,21 @@ bare state dict, OpenCLIP's ``open_clip_pytorch_model.bin``, or a training check
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
+from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import StarftError, one_line
 
 
 @dataclasses.dataclass
@@ -25,11 +30,6 @@ class Checkpoint:
     label: str
     model: str
     pretrained: str | None = None   # a weights file, an OpenCLIP tag, or None (the model's own weights)
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def model_of_run(run_dir: str) -> str:
@@ -114,14 +114,14 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None):
     except StarftError:
         raise
     except FileNotFoundError as e:
-        raise StarftError(f"--model {model!r}: {_one_line(e)}") from None
+        raise StarftError(f"--model {model!r}: {one_line(e)}") from None
     except RuntimeError as e:
         if "not found" in str(e) or "Unknown model" in str(e):
             raise StarftError(f"unknown --model {model!r}: use an OpenCLIP model name (open_clip.list_models()) "
                               "or local-dir:DIR") from None
-        raise StarftError(f"cannot create --model {model!r} with weights {pretrained_tag!r}: {_one_line(e)}") from None
+        raise StarftError(f"cannot create --model {model!r} with weights {pretrained_tag!r}: {one_line(e)}") from None
     except (ValueError, OSError) as e:
-        raise StarftError(f"cannot create --model {model!r}: {_one_line(e)}") from None
+        raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
     created.eval()
     return created, preprocess, tokenizer
 
@@ -142,11 +142,11 @@ def load_weights(model: torch.nn.Module, path: str, model_name: str) -> None:
         text = str(e)
         detail = re.search(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)", text)
         raise StarftError(f"checkpoint {path!r} is not a {model_name} checkpoint "
-                          f"({(detail[1] if detail else _one_line(e)).rstrip(',')}): pass the --model it was trained with") from None
+                          f"({(detail[1] if detail else one_line(e)).rstrip(',')}): pass the --model it was trained with") from None
     except StarftError:
         raise
     except Exception as e:  # noqa: BLE001 - a file torch cannot read
-        raise StarftError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {_one_line(e)}): "
+        raise StarftError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {one_line(e)}): "
                           "give an OpenCLIP state dict or training checkpoint") from None
 
 
@@ -199,35 +199,137 @@ def interpolate_state_dicts(zero_shot: dict, fine_tuned: dict, alpha: float) -> 
 
 
 def model_config(model: str) -> dict:
-    """OpenCLIP's ``open_clip_config.json`` content for a model name or ``local-dir:``."""
+    """OpenCLIP's ``open_clip_config.json`` content (``model_cfg``, ``preprocess_cfg``) for a model
+    name or ``local-dir:``."""
     if model.startswith("local-dir:"):
-        with open(os.path.join(model.removeprefix("local-dir:"), "open_clip_config.json")) as f:
-            return json.load(f)
+        path = os.path.join(model.removeprefix("local-dir:"), CONFIG_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise StarftError(f"--model {model!r}: cannot read {path!r} ({one_line(e)}): give an OpenCLIP local-dir folder") from None
+        if "model_cfg" not in config:
+            raise StarftError(f"--model {model!r}: {path!r} has no 'model_cfg': give an OpenCLIP local-dir folder")
+        return {"model_cfg": config["model_cfg"], "preprocess_cfg": dict(config.get("preprocess_cfg") or {})}
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         raise StarftError(f"unknown --model {model!r}: use an OpenCLIP model name or local-dir:DIR")
     return {"model_cfg": cfg, "preprocess_cfg": {}}
 
 
-def save_openclip(state_dict: dict, model: str, path: str) -> str:
-    """Save weights in OpenCLIP's format: a ``.pt``/``.bin`` state dict file (for ``--model NAME
-    --pretrained FILE``), or, for any other path, a ``local-dir:`` folder with
-    ``open_clip_config.json`` and ``open_clip_pytorch_model.bin``. Returns what to pass as --model
-    (folder) or --pretrained (file)."""
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if path.endswith((".pt", ".bin", ".pth")):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(state_dict, path + ".partial")
-        os.replace(path + ".partial", path)
-        return path
-    os.makedirs(path, exist_ok=True)
-    if model.startswith("local-dir:"):
-        src = model.removeprefix("local-dir:")
-        for name in os.listdir(src):  # config and tokenizer files travel with the weights
-            if not name.endswith((".bin", ".pt", ".pth", ".safetensors")) and os.path.isfile(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(path, name))
+CONFIG_FILE = HF_CONFIG_NAME            # open_clip_config.json
+WEIGHTS_FILE = HF_SAFE_WEIGHTS_NAME     # open_clip_model.safetensors, the name OpenCLIP's Hub upload and loader prefer
+_OTHER_WEIGHTS = (HF_WEIGHTS_NAME, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.pth")
+_NOT_COPIED = (CONFIG_FILE, "README.md")
+
+
+def _model_from_config(config: dict, where: str) -> torch.nn.Module:
+    """An OpenCLIP model built from ``config`` (through a ``local-dir:`` folder holding only the
+    config, so OpenCLIP builds it as it will load it), without any weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config, f)
+        logging.disable(logging.WARNING)  # OpenCLIP warns that the folder has no weights: none are wanted
+        try:
+            return open_clip.create_model(f"local-dir:{tmp}", load_weights=False, pretrained_text=False)
+        except Exception as e:  # noqa: BLE001 - OpenCLIP raises many kinds for a bad config
+            raise StarftError(f"cannot build the model of {where} ({type(e).__name__}: {one_line(e)}): check its config") from None
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _copy_tokenizer(source: str, config: dict, out_dir: str) -> None:
+    """What a ``local-dir:`` model needs besides config and weights: every other file of a
+    ``local-dir:`` source (tokenizer and HF text-tower files), or, for a model name whose text tower
+    uses a Hugging Face tokenizer, that tokenizer's files from the local Hugging Face cache."""
+    if source.startswith("local-dir:"):
+        src = source.removeprefix("local-dir:")
+        if os.path.abspath(src) == os.path.abspath(out_dir):
+            return
+        for name in os.listdir(src):
+            path = os.path.join(src, name)
+            if os.path.isfile(path) and name not in _NOT_COPIED and not name.endswith((".bin", ".pt", ".pth", ".safetensors")):
+                shutil.copy(path, os.path.join(out_dir, name))
+        return
+    hf_name = config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_name:  # a local-dir model always reads an HF tokenizer from its own folder
+        try:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(hf_name, local_files_only=True).save_pretrained(out_dir)
+        except Exception as e:  # noqa: BLE001 - missing from the cache, or transformers absent
+            raise StarftError(f"--model {source!r} uses the Hugging Face tokenizer {hf_name!r}, which is not in the local "
+                              f"cache ({type(e).__name__}: {one_line(e)}): save it there first, or pass --model local-dir:DIR "
+                              "of a folder that holds it") from None
+
+
+def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, preprocess_cfg: dict | None = None,
+                   tokenizer_cfg: dict | None = None) -> str:
+    """Save weights as an OpenCLIP ``local-dir:`` folder in the layout OpenCLIP's Hugging Face Hub
+    upload writes (``open_clip.push_to_hf_hub.save_for_hf``), so ``huggingface-cli upload`` takes
+    the folder as it is; nothing here touches the network.
+
+    ``state_dict_or_model``: a state dict (checked against the architecture: a strict load into
+    the model built from the config) or a model. ``model_cfg_or_name``: an OpenCLIP model name,
+    ``local-dir:DIR`` (its config, preprocessing and tokenizer files are carried over) or a
+    ``model_cfg`` dict. ``preprocess_cfg`` overrides preprocessing settings (``mean``, ``std``,
+    ``interpolation``, ``resize_mode``); ``tokenizer_cfg`` overrides the tokenizer settings of
+    ``model_cfg["text_cfg"]`` (``hf_tokenizer_name``, ``tokenizer_kwargs``, ``context_length``).
+
+    Writes ``open_clip_model.safetensors``, the tokenizer files a Hugging Face tokenizer needs
+    (OpenCLIP's built-in BPE tokenizer needs none: without ``hf_tokenizer_name`` OpenCLIP uses it
+    with ``text_cfg``'s context length), then ``open_clip_config.json`` (``model_cfg`` and
+    ``preprocess_cfg`` as ``save_config_for_hf`` writes them) last, each under a temporary name
+    first: a folder with a config always has its weights. Returns ``"local-dir:OUT_DIR"``."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+    if isinstance(model_cfg_or_name, dict):
+        source, config = "the given model_cfg", {"model_cfg": copy.deepcopy(model_cfg_or_name), "preprocess_cfg": {}}
     else:
-        with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-            json.dump(model_config(model), f, indent=2)
-    torch.save(state_dict, os.path.join(path, "open_clip_pytorch_model.bin"))
-    return f"local-dir:{path}"
+        source, config = model_cfg_or_name, copy.deepcopy(model_config(model_cfg_or_name))
+    if tokenizer_cfg:
+        config["model_cfg"].setdefault("text_cfg", {}).update(tokenizer_cfg)
+    config["preprocess_cfg"].update(preprocess_cfg or {})
+    if isinstance(state_dict_or_model, torch.nn.Module):
+        model = state_dict_or_model
+    else:
+        model = _model_from_config(config, source)
+        try:
+            model.load_state_dict(state_dict_or_model, strict=True)
+        except RuntimeError as e:
+            detail = re.search(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)", str(e))
+            raise StarftError(f"the weights are not those of {source} ({(detail[1] if detail else one_line(e)).rstrip(',.')}): "
+                              "pass the model they were trained with") from None
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    try:
+        save_file(tensors, weights + ".partial")
+    except RuntimeError:  # tensors sharing memory (tied weights): safetensors wants separate copies
+        save_file({k: v.clone() for k, v in tensors.items()}, weights + ".partial")
+    os.replace(weights + ".partial", weights)
+    for name in _OTHER_WEIGHTS:  # an earlier save's weights would confuse OpenCLIP's and the Hub's loaders
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    _copy_tokenizer(source if isinstance(model_cfg_or_name, str) else "", config, out_dir)
+    partial = Path(out_dir) / (CONFIG_FILE + ".partial")
+    save_config_for_hf(model, partial, model_config=config["model_cfg"])
+    with open(partial, encoding="utf-8") as f:
+        written = json.load(f)
+    written["preprocess_cfg"] = {**config["preprocess_cfg"], **written["preprocess_cfg"]}
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(written, f, indent=2)
+    os.replace(partial, os.path.join(out_dir, CONFIG_FILE))
+    return f"local-dir:{out_dir}"
+
+
+def save_openclip(state_dict: dict, model: str, path: str) -> str:
+    """Save weights for OpenCLIP: a ``.pt``/``.bin``/``.pth`` path gets a bare state dict (for
+    ``--model NAME --pretrained FILE``); any other path becomes a ``local-dir:`` folder
+    (``save_local_dir``). Returns what to pass as --pretrained (file) or --model (folder)."""
+    if not path.endswith((".pt", ".bin", ".pth")):
+        return save_local_dir(state_dict, model, path)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state_dict, path + ".partial")
+    os.replace(path + ".partial", path)
+    return path
