@@ -1,17 +1,14 @@
 """Zero-shot evaluation with group metrics (average and worst-group accuracy).
 
 The zero-shot head is OpenCLIP's ``build_zero_shot_classifier`` over class names × caption
-templates; images come from webdataset shards with ``cls`` and an optional integer ``group``.
+templates; images come from prepared eval sets (``eval.sets``).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import webdataset as wds
 from open_clip import build_zero_shot_classifier
-
-from open_clip_starft.data.samples import IMAGE_KEYS, parse_label
 
 
 def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:
@@ -33,21 +30,16 @@ def evaluate_zero_shot(model, tokenizer, preprocess, shards: str, classnames: Se
                        templates: Sequence[str] = ("a photo of a {}.",), batch_size: int = 128,
                        device: str = "cpu") -> dict:
     """Zero-shot classification of the images in ``shards`` (a brace pattern) with ``model``:
-    the ``group_metrics`` of its predictions (samples without ``group`` form group 0)."""
+    the ``group_metrics`` of its predictions (samples without ``group`` form group 0). The same
+    path as ``evaluate_prepared`` (a ``wds`` eval set), with only the group metrics."""
+    from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
+    prepared = prepare_set(EvalSetSpec(name=shards, root=shards, format="wds", classnames=list(classnames),
+                                       templates=list(templates)))
     model.eval()
-    classifier = build_zero_shot_classifier(model, tokenizer, classnames, list(templates),
-                                            num_classes_per_batch=None, device=device)  # [D, K]
-    dataset = (wds.WebDataset(shards, shardshuffle=False).decode("pilrgb")
-               .map(lambda s: (preprocess(next(s[k] for k in IMAGE_KEYS if k in s)), parse_label(s["cls"]),
-                               parse_label(s.get("group", b"0"))))
-               .batched(batch_size, partial=True))
-    preds, labels, groups = [], [], []
-    for images, cls, group in dataset:
-        features = model.encode_image(images.to(device), normalize=True)
-        preds.append((features @ classifier).argmax(dim=1).cpu())
-        labels.append(torch.as_tensor(cls))
-        groups.append(torch.as_tensor(group))
-    return group_metrics(torch.cat(preds), torch.cat(labels), torch.cat(groups))
+    heads = HeadCache(model, tokenizer, device)
+    heads.prepare([prepared])
+    logits, labels, groups, _ = collect_logits(model, heads[prepared], batches(prepared, preprocess, batch_size), device)
+    return group_metrics(logits.argmax(dim=1), labels, groups)
 
 
 # -- metrics on logits ------------------------------------------------------------------------
@@ -181,12 +173,21 @@ def collect_logits(model, head: torch.Tensor, batch_iter, device="cpu", precisio
     return torch.cat(logits), torch.cat(labels), torch.cat(groups), skipped
 
 
+def counted(batch_iter, bar):
+    """The batches of ``batch_iter``, counting each batch's images (read or skipped) on ``bar``."""
+    for batch in batch_iter:
+        bar.update(len(batch[1]) + len(batch[4]))
+        yield batch
+
+
 def evaluate_prepared(model, preprocess, tokenizer, sets, *, label: str = "model", device="cpu", precision="fp32",
                       batch_size: int = 128, workers: int = 0, ece_bins: int = 15, settings: dict | None = None,
-                      log=None) -> list[dict]:
-    """One record per prepared set for ``model`` (see ``eval_cli`` for the fields)."""
+                      log=None, progress: bool = False) -> list[dict]:
+    """One record per prepared set for ``model`` (see ``eval.cli`` for the fields). ``progress``:
+    a bar per set on a terminal, a line every 30 s otherwise (``eval.progress``)."""
     import time
     from open_clip_starft.errors import StarftError
+    from open_clip_starft.eval.progress import Progress
     from open_clip_starft.eval.sets import batches
     model.eval()
     heads = HeadCache(model, tokenizer, device, precision)
@@ -195,8 +196,10 @@ def evaluate_prepared(model, preprocess, tokenizer, sets, *, label: str = "model
     records = []
     for s in sets:
         start = time.perf_counter()
-        logits, labels, groups, skipped = collect_logits(
-            model, heads[s], batches(s, preprocess, batch_size, workers), device, precision, s.class_map, scale)
+        with Progress(s.num_samples, f"{label} × {s.name}", enabled=progress) as bar:
+            logits, labels, groups, skipped = collect_logits(
+                model, heads[s], counted(batches(s, preprocess, batch_size, workers), bar), device, precision,
+                s.class_map, scale)
         if not len(labels):
             raise StarftError(f"eval set {s.name!r}: no readable image ({len(skipped)} skipped, e.g. "
                               f"{skipped[0] if skipped else 'none'}): check the data")

@@ -84,7 +84,7 @@ def _template_file(path: str) -> list[str]:
     if not lines:
         raise StarftError(f"templates file {path!r} has no templates: write one per line with '{{c}}' or '{{}}' "
                           "where the class name goes")
-    return [validate_template(t.replace("{c}", "{}"), f"templates file {path!r}") for t in lines]
+    return [validate_template(t.replace("{c}", "{}"), f"templates file {path!r}", kind="caption") for t in lines]
 
 
 def resolve_templates(spec) -> tuple[list[str], str]:
@@ -93,7 +93,7 @@ def resolve_templates(spec) -> tuple[list[str], str]:
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise StarftError("templates: the list is empty: give at least one template with '{}' where the class name goes")
-        templates = [validate_template(str(t).replace("{c}", "{}"), "the templates list") for t in spec]
+        templates = [validate_template(str(t).replace("{c}", "{}"), "the templates list", kind="caption") for t in spec]
         return templates, f"{len(templates)} templates"
     if spec in ("single", "openai"):
         return load_templates(spec), spec

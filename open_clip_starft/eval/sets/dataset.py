@@ -75,7 +75,8 @@ def collate(samples):
 
 
 def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: int = 0) -> Iterator[tuple]:
-    """Batches of ``collate``'s form over every sample of the set (in no particular order under workers)."""
+    """Batches of ``collate``'s form over every sample of the set (in no particular order under workers);
+    for shards listed in ``sizes.json``, a shard that gives another count is a one-line StarftError."""
     if prepared.items is not None:
         loader = torch.utils.data.DataLoader(ItemDataset(prepared.items, preprocess, prepared.crop_border),
                                              batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
@@ -87,7 +88,11 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
                .batched(batch_size, collation_fn=collate, partial=True))
     workers = min(workers, len(prepared.shards))
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    read: dict[str, int] = {}  # samples read per shard URL ("URL:KEY" or "URL:KEY (why)" names)
     for images, labels, groups, names, skipped in loader:
+        for name in (*names, *skipped):
+            url = name.split(" (", 1)[0].rsplit(":", 1)[0]
+            read[url] = read.get(url, 0) + 1
         if prepared.label_of is not None and len(labels):
             mapped = [prepared.label_of(int(lab)) for lab in labels]
             if any(m is None for m in mapped):
@@ -102,3 +107,15 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
                               f"{prepared.num_classes} class names ({prepared.settings['classnames']}): pass class names "
                               "(or a subset) that name every label")
         yield images, labels, groups, names, skipped
+    check_shard_counts(prepared, read)
+
+
+def check_shard_counts(prepared: PreparedSet, read: dict[str, int]) -> None:
+    """Every shard gave the samples ``sizes.json`` lists: a tar cut short ends quietly in Python's
+    tarfile, which would score the set on part of its images without a word."""
+    if prepared.shard_sizes is None:
+        return
+    for url, listed in prepared.shard_sizes.items():
+        if read.get(url, 0) != listed:
+            raise StarftError(f"eval set {prepared.name!r}: shard {url!r} gave {read.get(url, 0)} samples but its sizes.json "
+                              f"lists {listed}: the shard is truncated (write it again) or sizes.json is out of date (fix it)")

@@ -71,5 +71,5 @@ def prepare_set(spec: EvalSetSpec) -> PreparedSet:
     if found.split or spec.split:
         settings["split"] = found.split or spec.split
     return PreparedSet(name=spec.name, format=fmt, root=root, head_classnames=list(head_names), templates=templates,
-                       class_map=class_map, classnames=set_classnames, items=items, shards=found.shards,
+                       class_map=class_map, classnames=set_classnames, items=items, shards=found.shards, shard_sizes=found.shard_sizes,
                        group_names=group_names, crop_border=found.crop_border, label_of=label_of, settings=settings)

@@ -23,6 +23,7 @@ class Listing:
     class_source: str                           # where they came from, for messages and settings
     items: list[Item] | None = None             # map-style samples, or
     shards: list[str] | None = None             # webdataset shard URLs
+    shard_sizes: dict[str, int] | None = None   # samples per shard URL (sizes.json), when known for every shard
     templates: Any = None                       # the layout's own templates (used when the user gave none)
     group_names: list[str] | None = None        # the layout's group names (used when the user gave none)
     folder_classes: list[str] | None = None     # item labels index these folders (mapped by folder_labels)

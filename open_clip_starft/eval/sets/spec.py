@@ -51,6 +51,7 @@ class PreparedSet:
     classnames: list[str]                 # the set's own classes (labels index these)
     items: list[Item] | None = None
     shards: list[str] | None = None
+    shard_sizes: dict[str, int] | None = None  # samples per shard (sizes.json), when known for every shard
     group_names: list[str] | None = None
     crop_border: int = 0
     label_of: Callable[[int], int | None] | None = None  # wds: raw label → set label (subset_labels full)
@@ -59,6 +60,13 @@ class PreparedSet:
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    @property
+    def num_samples(self) -> int | None:
+        """Images in the set: the items, or what ``sizes.json`` lists for the shards (None: unknown)."""
+        if self.items is not None:
+            return len(self.items)
+        return sum(self.shard_sizes.values()) if self.shard_sizes is not None else None
 
     def group_name(self, group: int) -> str:
         if self.group_names is not None and 0 <= group < len(self.group_names):

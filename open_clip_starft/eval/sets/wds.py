@@ -3,6 +3,7 @@ of ``.tar`` files) whose samples hold an image, an integer ``cls`` and an option
 ``group``; class names from ``--classnames`` or ``classnames.txt`` beside the shards."""
 from __future__ import annotations
 
+import json
 import os
 
 from open_clip_starft.eval.sets.registry import Listing, register_layout
@@ -28,6 +29,26 @@ def shard_urls(spec: EvalSetSpec, root: str) -> list[str]:
     return urls
 
 
+def shard_sizes(shards: list[str]) -> dict[str, int] | None:
+    """Samples per shard from the ``sizes.json`` beside the shards (OpenCLIP's and make-shards'
+    record, keyed by file name); None unless every shard is listed."""
+    sizes, found = {}, {}
+    for url in shards:
+        folder = os.path.dirname(url)
+        if folder not in found:
+            path = os.path.join(folder, "sizes.json")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    found[folder] = json.load(f)
+            except (OSError, ValueError):
+                found[folder] = None
+        listed = found[folder]
+        if not isinstance(listed, dict) or not isinstance(listed.get(os.path.basename(url)), int):
+            return None
+        sizes[url] = listed[os.path.basename(url)]
+    return sizes
+
+
 def _folder_of_shards(spec: EvalSetSpec) -> bool:
     return os.path.isdir(spec.root) and any(name.endswith(".tar") for name in os.listdir(spec.root))
 
@@ -41,4 +62,4 @@ def list_wds(spec: EvalSetSpec, classnames, class_source) -> Listing:
         if not os.path.isfile(cfile):
             raise set_error(spec, f"no class names for the shards of {root!r}: pass --classnames (or put classnames.txt beside the shards)")
         classnames, class_source = load_classnames(cfile), cfile
-    return Listing(classnames, class_source, shards=shards)
+    return Listing(classnames, class_source, shards=shards, shard_sizes=shard_sizes(shards))
