@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 import open_clip_train.main as host
@@ -63,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(starft: argparse.Namespace) -> None:
     """One-line errors for StarFT flag values that argparse alone would not catch."""
-    if not starft.starft_lambda >= 0:
-        raise StarftError(f"--starft-lambda {starft.starft_lambda:g} must be ≥ 0: use 0.5 (the paper), or 0 for FLYP")
+    if not (math.isfinite(starft.starft_lambda) and starft.starft_lambda >= 0):
+        raise StarftError(f"--starft-lambda {starft.starft_lambda:g} must be finite and ≥ 0: "
+                          "use 0.5 (the paper), or 0 for FLYP")
     if starft.starft_schedule not in list_schedules():
         raise StarftError(f"unknown --starft-schedule {starft.starft_schedule!r}: use one of {', '.join(list_schedules())}")
     if starft.starft_suffix not in list_suffix_modes():

@@ -8,7 +8,8 @@ import torch
 from open_clip_starft.method.captions import CaptionBuilder
 from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.method.loss import StarLoss
-from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, make_teacher
+from open_clip_starft.host.batch import Batch
+from open_clip_starft.host.teacher import Teacher, TeacherImageCache, TeacherTextCache, make_teacher
 from open_clip_starft.host.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
 from open_clip_starft.demo.tiny_model import build_tiny_model
 from open_clip_starft.host.step import starft_losses
@@ -23,12 +24,12 @@ def batch(seed=0, n=8):
     pairs = [builder(c, rng) for c in labels]
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 32, 32, generator=g)
-    return images, TOKENIZER([p[0] for p in pairs]), TOKENIZER([p[1] for p in pairs]), torch.tensor(labels)
+    return Batch(images, TOKENIZER([p[0] for p in pairs]), TOKENIZER([p[1] for p in pairs]), torch.tensor(labels))
 
 
 def test_prefix_encoding_equals_upstream_full_length_features():
     model, _ = build_tiny_model(seed=1)
-    _, texts, spurious, _ = batch()
+    _, texts, spurious, *_ = batch()
     tokens = torch.cat([texts, spurious])
     full = open_clip.CLIP.encode_text(model, tokens, normalize=True)
     short, = trim_tokens(tokens)
@@ -45,18 +46,18 @@ def test_installed_prefix_encoding_is_detected_through_wrappers():
 
 
 def test_star_step_loss_and_gradients_with_and_without_trimming():
-    images, texts, spurious, labels = batch(seed=2)
+    data = batch(seed=2)
     results = []
     for trim in (False, True):
         model, _ = build_tiny_model(seed=3)
-        teacher = make_teacher(model)
+        teacher = Teacher(model)
         with torch.no_grad():  # let the student differ from the teacher so the Star term is not 0
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         if trim:
             install_prefix_encoding(model)
-            install_prefix_encoding(teacher)
-        losses, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext, trim=trim)
+        losses, _, star_term = starft_losses(model, teacher, StarLoss(), data, 0.5, nullcontext, trim=trim)
+        assert torch.allclose(star_term * 0.5, losses["star_loss"])  # the unweighted term, logged beside λ·L_star
         sum(losses.values()).backward()
         results.append((losses, model.token_embedding.weight.grad.clone(), model.visual.conv1.weight.grad.clone()))
     (plain, plain_tok, plain_conv), (fast, fast_tok, fast_conv) = results
@@ -67,21 +68,20 @@ def test_star_step_loss_and_gradients_with_and_without_trimming():
 
 
 def test_teacher_text_cache_gives_the_same_loss_cold_and_warm():
-    images, texts, spurious, labels = batch(seed=4)
+    data = batch(seed=4)
+    spurious = data.spurious
     model, _ = build_tiny_model(seed=5)
-    teacher = make_teacher(model)
+    teacher, cached = Teacher(model), Teacher(model, text_cache_mb=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    plain, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext)
-    cache = TeacherTextCache(max_mb=1)
-    keys = cache.keys(spurious)
+    plain, _, _ = starft_losses(model, teacher, StarLoss(), data, 0.5, nullcontext)
+    cache = cached.text_cache
+    keys = cached.cache_keys(spurious)
     assert len(set(keys)) == len({tuple(r.tolist()) for r in spurious})  # one key per distinct caption
-    cold, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext,
-                            text_cache=cache, spurious_keys=keys)
+    cold, _, _ = starft_losses(model, cached, StarLoss(), data._replace(keys=keys), 0.5, nullcontext)
     assert cache.misses == len(keys) and cache.hits == 0
-    warm, _ = starft_losses(model, teacher, StarLoss(), images, texts, spurious, labels, 0.5, nullcontext,
-                            text_cache=cache, spurious_keys=keys)
+    warm, _, _ = starft_losses(model, cached, StarLoss(), data, 0.5, nullcontext)  # keys computed by the teacher
     assert cache.hits == len(keys)
     assert plain["star_loss"] > 1e-4
     for key in plain:
@@ -91,7 +91,7 @@ def test_teacher_text_cache_gives_the_same_loss_cold_and_warm():
 
 
 def test_teacher_text_cache_respects_its_memory_cap():
-    images, texts, spurious, labels = batch(seed=6, n=16)
+    spurious = batch(seed=6, n=16).spurious
     model, _ = build_tiny_model(seed=7)
     teacher = make_teacher(model)
     row_bytes = 32 * 4  # embed_dim 32, float32

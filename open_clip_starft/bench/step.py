@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from open_clip_starft.bench.common import add_record, default_device, today
 from open_clip_starft.demo.tiny_model import build_tiny_model
 from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.host.batch import Batch
 from open_clip_starft.host.step import starft_losses
-from open_clip_starft.host.teacher import TeacherTextCache, make_teacher
+from open_clip_starft.host.teacher import Teacher
 from open_clip_starft.host.text_prefix import install_prefix_encoding
 from open_clip_starft.method.captions import CaptionBuilder, load_classnames
 from open_clip_starft.method.descriptors import load_descriptors
@@ -63,10 +64,9 @@ class StepBench:
             tokenizer = open_clip.get_tokenizer(model_name)
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.teacher = make_teacher(self.model) if with_teacher else None
+        # the teacher's spurious-caption features from its cache, warm after the first step as in training
+        self.teacher = Teacher(self.model, text_cache_mb=1024) if with_teacher else None
         install_prefix_encoding(self.model)
-        if self.teacher is not None:
-            install_prefix_encoding(self.teacher)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
         self.loss = StarLoss()
         self.autocast = get_autocast(precision, device_type=self.device.type)
@@ -83,17 +83,14 @@ class StepBench:
         self.texts = tokenizer([p[0] for p in pairs]).to(self.device)
         self.spurious = tokenizer([p[1] for p in pairs]).to(self.device)
         self.labels = torch.tensor(labels, device=self.device)
-        # warm after the first step, as in training once each caption has been seen
-        self.text_cache = TeacherTextCache(1024)
-        self.spurious_keys = self.text_cache.keys(self.spurious)
+        self.batch = Batch(self.images, self.texts, self.spurious, self.labels,
+                           keys=self.teacher.cache_keys(self.spurious) if self.teacher is not None else None)
 
     def _losses(self, variant: str):
         if variant == "naive":
             return self._naive_losses()
         lam = 0.0 if variant == "flyp" else 0.5
-        losses, _ = starft_losses(self.model, self.teacher, self.loss, self.images, self.texts, self.spurious,
-                                  self.labels, lam, self.autocast, trim=True,
-                                  text_cache=self.text_cache, spurious_keys=self.spurious_keys)
+        losses, _, _ = starft_losses(self.model, self.teacher, self.loss, self.batch, lam, self.autocast, trim=True)
         return losses
 
     def _naive_losses(self):
@@ -102,9 +99,9 @@ class StepBench:
             out = self.model(self.images, self.texts)
             spurious = self.model.encode_text(self.spurious, normalize=True)
             with torch.no_grad():
-                t_image = self.teacher.encode_image(self.images, normalize=True)
-                t_spurious = self.teacher.encode_text(self.spurious, normalize=True)
-                t_scale = self.teacher.logit_scale.exp()
+                t_image = self.teacher.model.encode_image(self.images, normalize=True)
+                t_spurious = self.teacher.model.encode_text(self.spurious, normalize=True)
+                t_scale = self.teacher.model.logit_scale.exp()
             return self.loss(out["image_features"], out["text_features"], out["logit_scale"],
                              spurious_features=spurious, teacher_image_features=t_image,
                              teacher_spurious_features=t_spurious, labels=self.labels,
@@ -146,11 +143,11 @@ class StepBench:
 
     def teacher_image_flops(self) -> int:
         with FlopCounterMode(display=False) as counter, torch.inference_mode(), self.autocast():
-            self.teacher.encode_image(self.images)
+            self.teacher.model.encode_image(self.images)
         return counter.get_total_flops()
 
     def teacher_mb(self) -> float:
-        return sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2 ** 20
+        return sum(p.numel() * p.element_size() for p in self.teacher.model.parameters()) / 2 ** 20
 
 
 def _peak_memory_mb(args, variant: str) -> float:

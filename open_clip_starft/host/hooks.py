@@ -6,19 +6,20 @@ unchanged after rebinding these names on that module (restored on exit):
 =============================  ===========================================================
 ``parse_args``                 upstream's parser, then the StarFT settings added to ``args``
                                (so they land in ``params.txt``, the log and wandb's config)
-``create_model_and_transforms``  upstream's, then the frozen teacher copied from the fresh
-                               model (before lock, grad checkpointing, DDP, compile, resume);
-                               CLIP text towers learn to stop at the batch's longest caption
+``create_model_and_transforms``  upstream's; CLIP text towers learn to stop at the batch's
+                               longest caption; without patches/0003 the ``StarftStep`` (and
+                               its frozen teacher) is built here from the fresh model
 ``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
 ``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass); not with patches/0003
-``train_one_epoch``            StarFT's epoch loop (batches carry spurious captions + labels);
-                               not with patches/0003
-``pt_load``                    upstream's; a bare (model-only) ``--resume`` file, which upstream
-                               loads as the starting weights, is loaded into the teacher too
+``train_one_epoch``            ``host/loop.py``'s generic loop around the ``StarftStep`` (the
+                               loop patches/0003 adds); not with patches/0003
+``pt_load``                    upstream's; what ``--resume`` loaded goes to
+                               ``args.starft_resume`` (a mid-epoch checkpoint's step; a bare
+                               model-only file, which the step loads into the teacher too)
 ``torch``                      upstream's ``torch`` with two overrides: ``torch.save`` adds the
                                StarFT settings to each checkpoint and writes it under a temporary
-                               name first (a killed run never leaves a partial ``epoch_N.pt``
-                               for ``--resume latest``); DDP drops ``device_ids`` for
+                               name first (``checkpoint.py``: a killed run never leaves a partial
+                               ``epoch_N.pt``); DDP drops ``device_ids`` for
                                CPU modules (upstream passes them, DDP rejects them; gloo runs)
 =============================  ===========================================================
 
@@ -35,22 +36,20 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import types
 
 import open_clip_train.main as host
 import open_clip_train.zero_shot as host_zero_shot
 import torch
 
-from open_clip_starft.host import plugin
-from open_clip_starft.host import step as starft_train
-from open_clip_starft.method.captions import CaptionBuilder, load_classnames, load_templates
 from open_clip_starft.data.training import get_train_data
-from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.errors import StarftError
-from open_clip_starft.host.preemption import checkpoint_name
-from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, fingerprint, make_teacher
+from open_clip_starft.host import loop, plugin
+from open_clip_starft.host.checkpoint import save_checkpoint, starft_settings
+from open_clip_starft.host.step import StarftStep
 from open_clip_starft.host.text_prefix import install_prefix_encoding
+from open_clip_starft.method.captions import CaptionBuilder, load_classnames, load_templates
+from open_clip_starft.method.descriptors import load_descriptors
 
 
 def zero_shot_accuracy(output, target, topk=(1,)):
@@ -79,22 +78,17 @@ class _Overlay(types.ModuleType):
         return getattr(self._base, name)
 
 
-def starft_settings(args) -> dict:
-    """The ``starft_*`` entries of ``args`` (what each checkpoint records under ``"starft"``)."""
-    return {k: v for k, v in vars(args).items() if k.startswith("starft_")}
-
-
 class StarftHooks:
-    """Holds one run's StarFT state (settings, caption builder, teacher) and the rebound names."""
+    """The rebound names for one run. Per-run state lives on this object or on ``args`` (the object
+    upstream's ``main`` and the train step share), never in module globals: ``self.args`` is
+    upstream's ``args`` from ``parse_args``; ``self.step`` is the ``StarftStep`` these hooks build
+    when OpenCLIP lacks patches/0003 (with the patch OpenCLIP builds and holds it)."""
 
     def __init__(self, starft: argparse.Namespace):
         self.starft = starft
+        self.args: argparse.Namespace | None = None
         self.builder: CaptionBuilder | None = None
-        self.teacher: torch.nn.Module | None = None
-        self.text_cache: TeacherTextCache | None = None
-        self.image_cache = TeacherImageCache() if starft.starft_teacher_image_cache and starft.starft_lambda > 0 else None
-        self.resume_at: tuple[int, int] | None = None  # (epoch, batches done) of a preemption checkpoint
-        self.checkpoint_path: str | None = None
+        self.step: StarftStep | None = None
         # OpenCLIP with patches/0003 loads StarFT's loss and train step by name (entry points)
         self.use_plugin_hook = plugin.host_has_plugin_hook()
         self._saved: dict = {}
@@ -109,9 +103,8 @@ class StarftHooks:
             "torch": _Overlay(torch, save=self.save_checkpoint, nn=_Overlay(
                 torch.nn, parallel=_Overlay(torch.nn.parallel, DistributedDataParallel=cpu_safe_ddp))),
         }
-        if not self.use_plugin_hook:  # else the host loads plugin.create_loss and plugin.StarftStep by name
-            host_names.update(create_loss=self.create_loss, train_one_epoch=self.train_one_epoch)
-        plugin.ACTIVE = self
+        if not self.use_plugin_hook:  # else the host loads plugin.create_loss and step.StarftStep by name
+            host_names.update(create_loss=plugin.create_loss, train_one_epoch=self.train_one_epoch)
         self._saved = {(host, name): getattr(host, name) for name in host_names}
         self._saved[(host_zero_shot, "accuracy")] = host_zero_shot.accuracy
         for name, value in host_names.items():
@@ -120,7 +113,6 @@ class StarftHooks:
         return self
 
     def __exit__(self, *exc):
-        plugin.ACTIVE = None
         for (module, name), value in self._saved.items():
             setattr(module, name, value)
         return False
@@ -147,6 +139,12 @@ class StarftHooks:
         if args.siglip or "coca" in args.model.lower():
             raise StarftError("StarFT fine-tunes CLIP-style models with the contrastive loss: "
                               "drop --siglip or pick a non-CoCa --model")
+        if args.model.startswith("local-dir:") and args.pretrained:
+            raise StarftError(
+                f"--pretrained {args.pretrained} is ignored by OpenCLIP for --model {args.model} (the run would "
+                "fine-tune the folder's weights and take them as the teacher): export the checkpoint as a local-dir "
+                "model with `open-clip-starft export --checkpoint CKPT --model NAME --out DIR` and pass "
+                "--model local-dir:DIR, or pass --model NAME --pretrained CKPT")
         if args.train_data is None and args.dataset_type == "synthetic":
             raise StarftError("--dataset-type synthetic has no class labels: pass --train-data shards with 'cls'")
         self.builder = CaptionBuilder(
@@ -154,21 +152,18 @@ class StarftHooks:
             suffix=args.starft_suffix,
             descriptors=load_descriptors(args.starft_concepts) if args.starft_suffix == "spurious" else (),
             random_words=args.starft_random_words)
-        args.starft_num_classes = self.builder.num_classes
+        args.starft_num_classes = self.builder.num_classes  # run state for the step (checkpoint.RUN_STATE)
+        self.args = args
         return args
 
     def create_model_and_transforms(self, *a, **kw):
         model, preprocess_train, preprocess_val = self.original("create_model_and_transforms")(*a, **kw)
-        if self.starft.starft_lambda > 0:
-            self.teacher = make_teacher(model)
-            install_prefix_encoding(self.teacher)
-            if self.starft.starft_teacher_text_cache_mb > 0 and self.starft.starft_suffix != "random":
-                self.text_cache = TeacherTextCache(self.starft.starft_teacher_text_cache_mb)
-            logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
-        if self.use_plugin_hook:
-            logging.info("StarFT: OpenCLIP has the plugin hook (patches/0003): loss and train step 'starft' by name")
         if install_prefix_encoding(model):
             logging.info("StarFT: the text tower runs only as far as the longest caption of each batch (exact)")
+        if self.use_plugin_hook:
+            logging.info("StarFT: OpenCLIP has the plugin hook (patches/0003): loss and train step 'starft' by name")
+        else:  # the moment patches/0003 builds it: the model as created, before lock, DDP, compile, resume
+            self.step = StarftStep(self.args, model)
         return model, preprocess_train, preprocess_val
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None):
@@ -178,68 +173,28 @@ class StarftHooks:
             eval_args.dataset_type = "auto"
         data = self.original("get_data")(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         if args.train_data:
+            image_cache = args.starft_teacher_image_cache and args.starft_lambda > 0
             data["train"] = get_train_data(args, preprocess_fns[0], self.builder, epoch=epoch, tokenizer=tokenizer,
-                                           preprocess_plain=preprocess_fns[1] if self.image_cache is not None else None)
+                                           preprocess_plain=preprocess_fns[1] if image_cache else None)
         return data
 
-    def create_loss(self, args):
-        return plugin.create_loss(args)
-
-    def first_batch(self, epoch: int) -> int:
-        """Batches of ``epoch`` a resumed preemption checkpoint had done, else 0."""
-        return self.resume_at[1] if self.resume_at and self.resume_at[0] == epoch else 0
-
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
-        if self.teacher is not None and host.is_master(args):
-            logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {fingerprint(self.teacher):.10g}")
-        start_batch = self.first_batch(epoch)
-
-        def on_preempt(batches_done: int) -> str:
-            return self.save_preemption_checkpoint(model, optimizer, scaler, epoch, batches_done, args)
-
-        starft_train.train_one_epoch(model, self.teacher, data, loss, epoch, optimizer, scaler, scheduler, args,
-                                     tb_writer=tb_writer, text_cache=self.text_cache, start_batch=start_batch,
-                                     on_preempt=on_preempt, image_cache=self.image_cache)
-        logging.info(f"StarFT rank {args.rank}: model fingerprint after epoch {epoch}: {fingerprint(model):.10g}")
-
-    def save_preemption_checkpoint(self, model, optimizer, scaler, epoch, batches_done, args) -> str:
-        """Upstream's checkpoint dict for a run stopped after ``batches_done`` batches of ``epoch``."""
-        path = os.path.join(args.checkpoint_path, checkpoint_name(epoch, batches_done))
-        if args.save_logs:
-            checkpoint = {
-                "epoch": epoch,  # epochs completed: upstream resumes at this epoch
-                "name": args.name,
-                "state_dict": getattr(model, "_orig_mod", model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-            }
-            if scaler is not None:
-                checkpoint["scaler"] = scaler.state_dict()
-            self.save_checkpoint(checkpoint, path, batches_done=batches_done)
-            logging.info(f"StarFT: stopped by signal after batch {batches_done} of epoch {epoch}; saved {path}")
-        if args.distributed:
-            torch.distributed.barrier()
-        return path
+        loop.train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, self.step, args, tb_writer=tb_writer)
 
     def pt_load(self, path, map_location="cpu"):
+        """Upstream's; what was loaded goes to ``args.starft_resume`` for the step: a training checkpoint's
+        ``epoch`` (and ``batches_done`` for a mid-epoch one), or ``bare`` for model-only weights, which
+        upstream loads as the starting weights and the step loads into the teacher too."""
         checkpoint = self.original("pt_load")(path, map_location=map_location)
-        if "batches_done" in checkpoint.get("starft", {}):
-            self.resume_at = (checkpoint["epoch"], checkpoint["starft"]["batches_done"])
-            logging.info(f"StarFT: resuming epoch {self.resume_at[0]} after batch {self.resume_at[1]} (preemption checkpoint)")
-        if self.teacher is not None and "epoch" not in checkpoint:
-            state = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-            self.teacher.load_state_dict(state)
-            logging.info(f"StarFT teacher: loaded the bare --resume weights {path} as the zero-shot model "
-                         f"(fingerprint Σ|θ| = {fingerprint(self.teacher):.10g})")
+        if "epoch" in checkpoint:
+            resume = {"path": path, "epoch": checkpoint["epoch"]}
+            if "batches_done" in checkpoint.get("starft", {}):
+                resume["batches_done"] = checkpoint["starft"]["batches_done"]
+        else:
+            resume = {"path": path, "bare": True}
+        self.args.starft_resume = resume
         return checkpoint
 
-    def save_checkpoint(self, obj, f, *a, batches_done: int | None = None, **kw):
-        if not (isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj):
-            return torch.save(obj, f, *a, **kw)
-        obj = {**obj, "starft": starft_settings(self.starft)}
-        if batches_done is not None:
-            obj["starft"]["batches_done"] = batches_done
-        if not isinstance(f, (str, os.PathLike)):
-            return torch.save(obj, f, *a, **kw)
-        partial = f"{os.fspath(f)}.partial"
-        torch.save(obj, partial, *a, **kw)
-        os.replace(partial, f)
+    def save_checkpoint(self, obj, f, *a, **kw):
+        """``torch.save`` as upstream's ``main`` sees it: checkpoint dicts get the StarFT settings and an atomic write."""
+        return save_checkpoint(obj, f, starft_settings(self.starft), *a, **kw)

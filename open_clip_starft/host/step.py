@@ -1,209 +1,219 @@
-"""The training hook: OpenCLIP's epoch loop with StarFT's batch and step.
+"""The StarFT train step: everything StarFT adds to a training run, in one object.
 
-Upstream's ``train_one_epoch`` unpacks ``images, texts = batch``; ours carries
-``(images, texts, spurious, labels)``, runs the student once on captions and spurious captions
-together, the teacher under inference mode, and ``StarLoss`` with the scheduled λ. The rest
-(scheduler, AMP scaler, clipping, logit-scale clamp, logging to text/tensorboard/wandb) follows
-upstream's loop line for line.
+``StarftStep(args, model)`` is built right after model creation (before lock, grad
+checkpointing, DDP, compile and resume): by OpenCLIP itself through the entry point
+``open_clip_train.train_steps: starft`` when patches/0003 is installed, else by the hooks'
+``create_model_and_transforms``. Either epoch loop (patches/0003's ``train_one_epoch_with_step``
+or ``host/loop.py``, the same protocol) calls it::
+
+    first = step.start_epoch(epoch, data, args)             # batches already done (a resumed run)
+    losses, logit_scale, log = step(model, batch, loss, args, step=s, epoch=e, num_batches_per_epoch=n)
+    step.after_step(model, optimizer, scaler, epoch, batches_done, args)
+    step.end_epoch(epoch, batches_done, args)
+
+It owns the frozen teacher and its caches (``Teacher``), the λ schedule (the one call of
+``star_lambda``), the label checks, the non-finite-loss stop, preemption and the per-epoch
+checks and logs. What it needs from the hooks comes through ``args``: the flags
+(``args.starft_*``, added by the hooks' ``parse_args``), ``args.starft_num_classes`` and
+``args.starft_resume`` (what ``--resume`` loaded; set by the hooks' ``pt_load``).
 """
 from __future__ import annotations
 
 import logging
 import math
-import time
 
 import torch
+import torch.distributed as dist
 from open_clip import get_input_dtype
 from open_clip_train.distributed import is_master
+from open_clip_train.file_utils import pt_load
 from open_clip_train.precision import get_autocast
-from open_clip_train.train import AverageMeter, backward, unwrap_model
 
 from open_clip_starft.errors import StarftError
+from open_clip_starft.host.batch import Batch
+from open_clip_starft.host.checkpoint import save_mid_epoch, weights_are_finite
 from open_clip_starft.host.preemption import FLAG, Preempted
-from open_clip_starft.method.schedule import star_lambda
-from open_clip_starft.host.teacher import TeacherImageCache, TeacherTextCache, teacher_features
+from open_clip_starft.host.teacher import Teacher, fingerprint
 from open_clip_starft.host.text_prefix import has_prefix_encoding, trim_tokens
-
-try:
-    import wandb
-except ImportError:
-    wandb = None
+from open_clip_starft.method.schedule import star_lambda
 
 
-def starft_losses(model, teacher, loss, images, texts, spurious, labels, lam: float, autocast, trim: bool = False,
-                  text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None,
-                  image_cache: TeacherImageCache | None = None, plain_images=None, sample_ids=None):
-    """One forward of the StarFT objective: ``({"contrastive_loss", "star_loss"}, logit_scale)``.
+def starft_losses(model, teacher: Teacher | None, loss, batch: Batch, lam: float, autocast, trim: bool = False):
+    """One forward of the StarFT objective: ``(losses, logit_scale, star_term)``.
 
-    ``images [B,3,H,W]``, ``texts``/``spurious [B,L]`` token ids, ``labels [B]``. With ``lam == 0``
-    this is the FLYP step: no spurious captions, no teacher. ``trim``: cut the token batches to
-    their longest caption (exact for models set up by ``text_prefix.install_prefix_encoding``).
-    ``text_cache`` with ``spurious_keys`` (``TeacherTextCache.keys`` of ``spurious``): reuse the
-    teacher's features of captions seen before. ``image_cache`` with ``plain_images`` and
-    ``sample_ids``: the teacher's image features per image (an approximation, see TeacherImageCache).
+    ``batch``: a ``Batch`` on the model's device. ``losses = {"contrastive_loss", "star_loss"}``
+    where ``star_loss`` is λ·L_star (0-dim tensors, summed for backward); ``star_term`` is L_star
+    unweighted (0-dim, detached), None when ``lam == 0``: then this is the FLYP step (no spurious
+    captions, no teacher). ``trim``: cut the token batches to their longest caption (exact for
+    models set up by ``text_prefix.install_prefix_encoding``).
     """
-    batch = images.shape[0]
     if trim:
-        texts, spurious = trim_tokens(texts, spurious)
-    teacher_image = teacher_spurious = teacher_scale = None
-    if lam:
-        # The teacher first: its transient activations are freed before the student's, which are
-        # kept for backward, exist; so StarFT's peak memory over FLYP is little more than the teacher.
-        teacher_image, teacher_spurious, teacher_scale = teacher_features(
-            teacher, images, spurious, autocast, text_cache=text_cache, spurious_keys=spurious_keys,
-            image_cache=image_cache, plain_images=plain_images, sample_ids=sample_ids)
+        texts, spurious = trim_tokens(batch.texts, batch.spurious)
+        batch = batch._replace(texts=texts, spurious=spurious)
+    size = batch.images.shape[0]
+    # The teacher first: its transient activations are freed before the student's, which are
+    # kept for backward, exist; so StarFT's peak memory over FLYP is little more than the teacher.
+    features = teacher.features(batch, autocast) if lam else None
     with autocast():
         if lam:
-            out = model(images, torch.cat([texts, spurious]))
-            text_features, spurious_features = out["text_features"][:batch], out["text_features"][batch:]
+            out = model(batch.images, torch.cat([batch.texts, batch.spurious]))
+            text_features, spurious_features = out["text_features"][:size], out["text_features"][size:]
         else:
-            out = model(images, texts)
+            out = model(batch.images, batch.texts)
             text_features, spurious_features = out["text_features"], None
-    with autocast():
         losses = loss(out["image_features"], text_features, out["logit_scale"],
-                      spurious_features=spurious_features, teacher_image_features=teacher_image,
-                      teacher_spurious_features=teacher_spurious, labels=labels,
-                      teacher_logit_scale=teacher_scale, star_lambda=lam,
+                      spurious_features=spurious_features, labels=batch.labels, star_lambda=lam,
+                      teacher_image_features=features.image if lam else None,
+                      teacher_spurious_features=features.spurious if lam else None,
+                      teacher_logit_scale=features.scale if lam else None,
                       logit_bias=out.get("logit_bias"), output_dict=True)
-    return losses, out["logit_scale"]
+    star_term = losses["star_loss"].detach() / lam if lam else None
+    return losses, out["logit_scale"], star_term
 
 
-def batch_losses(model, teacher, loss, batch, args, step: int, num_batches_per_epoch: int, label_stats,
-                 text_cache: TeacherTextCache | None = None, image_cache: TeacherImageCache | None = None):
-    """One StarFT batch, as the data pipeline gives it, to ``(losses, logit_scale, λ)`` at global ``step``.
-
-    ``batch``: ``(images [B,3,H,W], texts [B,L], spurious [B,L], labels [B])`` on the CPU, plus
-    ``(plain_images, sample_ids)`` with the teacher image cache. This is the part of the epoch
-    loop that differs from upstream's; OpenCLIP's plugin train step (patches/0003) calls it too.
-    """
-    device = torch.device(args.device)
-    autocast = get_autocast(args.precision, device_type=device.type)
-    input_dtype = get_input_dtype(args.precision)
-    lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
-
-    images, texts, spurious, labels, *plain = batch
-    plain_images, sample_ids = (plain[0].to(device=device, dtype=input_dtype), plain[1]) if plain else (None, None)
-    spurious_keys = text_cache.keys(spurious) if text_cache is not None and lam else None
-    images = images.to(device=device, dtype=input_dtype, non_blocking=True)
-    texts = texts.to(device=device, non_blocking=True)
-    spurious = spurious.to(device=device, non_blocking=True)
-    labels = labels.to(device=device, non_blocking=True)
-    label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, repr(args.train_data))
-
-    losses, logit_scale = starft_losses(model, teacher, loss, images, texts, spurious, labels, lam, autocast,
-                                        has_prefix_encoding(model), text_cache, spurious_keys, image_cache,
-                                        plain_images, sample_ids)
-    return losses, logit_scale, lam
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def finish_epoch(epoch: int, batch_count: int, start_batch: int, num_batches_per_epoch: int, label_stats, args,
-                 text_cache: TeacherTextCache | None = None) -> None:
-    """End-of-epoch checks (too many skipped samples; no batch at all: one-line errors) and summaries."""
-    source = repr(args.train_data)
-    label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, source, final=True)
-    if batch_count == start_batch < num_batches_per_epoch:
-        raise StarftError(f"--train-data {source} gave no training batch in epoch {epoch} ({label_stats.summary()}): "
-                          "check that the shards hold images with a 'cls' label and that --batch-size fits the data")
-    if is_master(args):
-        logging.info(f"StarFT data, epoch {epoch}: {label_stats.summary()}")
-        if text_cache is not None:
-            logging.info(f"StarFT teacher text cache, epoch {epoch}: {text_cache.summary()}")
+def _gather_rows(values: torch.Tensor) -> list[list[float]]:
+    """``values [K]`` of every process (one all-gather under torch.distributed), as Python floats."""
+    if not _distributed():
+        return [values.tolist()]
+    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values)
+    return torch.stack(rows).tolist()
 
 
-def train_one_epoch(model, teacher, data, loss, epoch, optimizer, scaler, scheduler, args, tb_writer=None,
-                    text_cache: TeacherTextCache | None = None, start_batch: int = 0, on_preempt=None,
-                    image_cache: TeacherImageCache | None = None):
-    """One epoch of StarFT, from batch ``start_batch`` (a resumed preemption checkpoint) on.
+class StarftStep:
+    """StarFT's train step (see the module docstring); one per run, built from ``(args, model)``."""
 
-    ``on_preempt(batches_done)``, when given, writes a mid-epoch checkpoint; it is called after
-    the step during which SIGUSR1/SIGTERM arrived, and ``Preempted`` is raised after it.
-    """
-    device = torch.device(args.device)
-    model.train()
-    data["train"].set_epoch(epoch)
-    dataloader = data["train"].dataloader
-    label_stats = data["train"].label_stats
-    num_batches_per_epoch = dataloader.num_batches // args.accum_freq
-    sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
+    def __init__(self, args, model):
+        if not hasattr(args, "starft_lambda"):
+            raise StarftError("--train-step starft needs StarFT's flags, labelled data and teacher: "
+                              "run `python -m open_clip_starft.main` (or `open-clip-starft train`), "
+                              "not open_clip_train.main")
+        self.model = model  # the student as created (DDP wraps this module; its parameters are the same)
+        self.teacher = None
+        if args.starft_lambda > 0:
+            self.teacher = Teacher(
+                model, image_cache=args.starft_teacher_image_cache,
+                text_cache_mb=args.starft_teacher_text_cache_mb if args.starft_suffix != "random" else 0)
+            logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = "
+                         f"{self.teacher.fingerprint():.10g})")
+        self.device = torch.device(args.device)
+        self.autocast = get_autocast(args.precision, device_type=self.device.type)
+        self.input_dtype = get_input_dtype(args.precision)
+        self.source = repr(args.train_data)
+        self.train = None          # this epoch's training DataInfo (start_epoch)
+        self.start_batch = 0       # batches of this epoch done before this process started it
+        self.num_batches = 0
+        self.loop_model = model    # the model the loop trains (DDP/compiled), for checkpoints
+        self.optimizer = self.scaler = None  # the run's, seen by after_step: a late stop saves with them
+        self.preempt = False       # agreed in __call__, acted on in after_step
+        self.teacher_resumed = False
 
-    losses_m = {}
-    batch_time_m = AverageMeter()
-    data_time_m = AverageMeter()
-    end = time.time()
-    batch_count = start_batch
-    for i, batch in enumerate(dataloader, start=start_batch):
-        if i >= num_batches_per_epoch:  # resumed mid-epoch: this epoch has fewer batches left
-            break
-        step = num_batches_per_epoch * epoch + i
-        if not args.skip_scheduler:
-            scheduler(step)
-        data_time_m.update(time.time() - end)
-        optimizer.zero_grad()
-        losses, logit_scale, lam = batch_losses(model, teacher, loss, batch, args, step, num_batches_per_epoch,
-                                                label_stats, text_cache=text_cache, image_cache=image_cache)
-        total_loss = sum(losses.values())
-        losses["loss"] = total_loss
-        backward(total_loss, scaler)
+    # -- the protocol ---------------------------------------------------------------------------
+    def start_epoch(self, epoch: int, data: dict, args) -> int:
+        """Batches of ``epoch`` already done (a resumed preemption checkpoint), else 0."""
+        self.train = data["train"]
+        self.num_batches = self.train.dataloader.num_batches
+        resume = getattr(args, "starft_resume", None) or {}
+        if resume.get("bare") and self.teacher is not None and not self.teacher_resumed:
+            # upstream loads a bare (model-only) --resume file as the starting weights: the teacher too
+            self.teacher.load_weights(pt_load(resume["path"], map_location="cpu"))
+            logging.info(f"StarFT teacher: loaded the bare --resume weights {resume['path']} as the zero-shot model "
+                         f"(fingerprint Σ|θ| = {self.teacher.fingerprint():.10g})")
+        self.teacher_resumed = True
+        if self.teacher is not None and is_master(args):
+            logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {self.teacher.fingerprint():.10g}")
+        self.start_batch = resume.get("batches_done", 0) if resume.get("epoch") == epoch else 0
+        if self.start_batch:
+            logging.info(f"StarFT: resuming epoch {epoch} after batch {self.start_batch} (preemption checkpoint)")
+            if hasattr(self.train, "start_from"):  # the data continues the same sample order
+                self.train.start_from(epoch, self.start_batch)
+        return self.start_batch
 
-        if scaler is not None:
-            if args.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm, norm_type=2.0)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if args.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm, norm_type=2.0)
-            optimizer.step()
+    def __call__(self, model, batch, loss, args, *, step: int, epoch: int, num_batches_per_epoch: int):
+        """``(losses {"contrastive_loss", "star_loss" = λ·L_star}, logit_scale, log {"star_lambda",
+        "step", "star_term" = L_star when λ > 0})`` for one batch (as the dataloader gave it)."""
+        self.loop_model = model
+        batch = Batch.of(batch)
+        lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
+        teacher = self.teacher if lam else None
+        data_error = self._label_error(args)
+        if teacher is not None:
+            batch = batch._replace(keys=teacher.cache_keys(batch.spurious))
+        batch = batch.to(self.device, self.input_dtype)
+        losses, logit_scale, star_term = starft_losses(model, teacher, loss, batch, lam, self.autocast,
+                                                       trim=has_prefix_encoding(model))
+        terms = {**losses, **({"star_term": star_term} if star_term is not None else {})}
+        # One all-gather per step: every process's data error and signal flags and loss values, so
+        # all processes stop, or save and stop, at the same step (none is left waiting in a collective).
+        flags = torch.tensor([data_error is not None, FLAG.pending], dtype=torch.float32, device=self.device)
+        rows = _gather_rows(torch.cat([flags, torch.stack([v.detach().float() for v in terms.values()])]))
+        batches_done = step - epoch * num_batches_per_epoch
+        if any(row[0] for row in rows):
+            self._stop_late(data_error, epoch, batches_done, args)
+        bad = [(rank, row) for rank, row in enumerate(rows) if not all(math.isfinite(v) for v in row[2:])]
+        if bad:
+            rank, row = bad[0]
+            values = ", ".join(f"{name}={value:.6g}" for name, value in zip(terms, row[2:]))
+            where = f" on rank {rank}" if len(rows) > 1 else ""
+            raise StarftError(
+                f"non-finite loss at step {step} (epoch {epoch}, batch {batches_done}){where}: {values} (λ={lam:g}); "
+                "the step was not taken and nothing was saved from it: lower --lr, check the data, or use "
+                "--precision amp_bf16 or fp32 instead of amp, then continue with --resume latest")
+        self.preempt = any(row[1] for row in rows)
+        log = {"star_lambda": lam, "step": step}
+        if star_term is not None:
+            log["star_term"] = rows[0][2 + list(terms).index("star_term")]
+        return losses, logit_scale, log
 
-        # as upstream: clamp to ln(100)
-        with torch.no_grad():
-            unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+    def after_step(self, model, optimizer, scaler, epoch: int, batches_done: int, args) -> None:
+        """On SIGUSR1/SIGTERM (any process, agreed in ``__call__``): save a mid-epoch checkpoint and stop."""
+        self.optimizer, self.scaler = optimizer, scaler
+        if self.preempt:
+            raise Preempted(save_mid_epoch(model, optimizer, scaler, epoch, batches_done, args))
 
-        if on_preempt is not None and FLAG.requested(args.distributed, device):
-            raise Preempted(on_preempt(i + 1))
+    def end_epoch(self, epoch: int, batches_done: int, args) -> None:
+        """End-of-epoch checks (too many skipped samples; no batch at all) and summaries."""
+        error = None
+        try:
+            self.train.label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, self.source,
+                                         final=True)
+            if batches_done == self.start_batch < self.num_batches:
+                raise StarftError(
+                    f"--train-data {self.source} gave no training batch in epoch {epoch} "
+                    f"({self.train.label_stats.summary()}): check that the shards hold images with a 'cls' label "
+                    "and that --batch-size fits the data")
+        except StarftError as e:
+            error = e
+        flag = torch.tensor([error is not None], dtype=torch.float32, device=self.device)
+        if any(row[0] for row in _gather_rows(flag)):
+            self._stop_late(error, epoch, batches_done, args)
+        if is_master(args):
+            logging.info(f"StarFT data, epoch {epoch}: {self.train.label_stats.summary()}")
+            if self.teacher is not None and self.teacher.text_cache is not None:
+                logging.info(f"StarFT teacher text cache, epoch {epoch}: {self.teacher.text_cache.summary()}")
+        logging.info(f"StarFT rank {args.rank}: model fingerprint after epoch {epoch}: {fingerprint(self.model):.10g}")
 
-        batch_time_m.update(time.time() - end)
-        end = time.time()
-        batch_count = i + 1
-        if is_master(args) and (i % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-            batch_size = len(batch[0])
-            num_samples = batch_count * batch_size * args.world_size
-            percent_complete = 100.0 * batch_count / num_batches_per_epoch
-            for key, val in losses.items():
-                losses_m.setdefault(key, AverageMeter()).update(val.item(), batch_size)
-            logit_scale_scalar = logit_scale.item()
-            loss_log = " ".join(f"{name.capitalize()}: {m.val:#.5g} ({m.avg:#.5g})" for name, m in losses_m.items())
-            samples_per_second = args.batch_size * args.world_size / batch_time_m.val
-            samples_per_second_per_gpu = args.batch_size / batch_time_m.val
-            logging.info(
-                f"Train Epoch: {epoch} [{num_samples:>{sample_digits}}/{dataloader.num_samples} ({percent_complete:.0f}%)] "
-                f"Step: {step} "
-                f"Data (t): {data_time_m.avg:.3f} "
-                f"Batch (t): {batch_time_m.avg:.3f}, {samples_per_second:#g}/s, {samples_per_second_per_gpu:#g}/s/gpu "
-                f"LR: {optimizer.param_groups[0]['lr']:5f} "
-                f"Logit Scale: {logit_scale_scalar:.3f} "
-                f"Star lambda: {lam:.6g} " + loss_log
-            )
-            log_data = {
-                "data_time": data_time_m.val,
-                "batch_time": batch_time_m.val,
-                "samples_per_second": samples_per_second,
-                "samples_per_second_per_gpu": samples_per_second_per_gpu,
-                "scale": logit_scale_scalar,
-                "lr": optimizer.param_groups[0]["lr"],
-                "star_lambda": lam,
-            }
-            log_data.update({name: m.val for name, m in losses_m.items()})
-            log_data = {"train/" + name: val for name, val in log_data.items()}
-            if tb_writer is not None:
-                for name, val in log_data.items():
-                    tb_writer.add_scalar(name, val, step)
-            if args.wandb:
-                assert wandb is not None, "Please install wandb."
-                log_data["step"] = step
-                wandb.log(log_data, step=step)
-            batch_time_m.reset()
-            data_time_m.reset()
+    # -- stopping -----------------------------------------------------------------------------
+    def _label_error(self, args) -> StarftError | None:
+        """The label check's error so far in this process's data (too many skipped, id out of range)."""
+        try:
+            self.train.label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, self.source)
+        except StarftError as e:
+            return e
+        return None
 
-    finish_epoch(epoch, batch_count, start_batch, num_batches_per_epoch, label_stats, args, text_cache)
+    def _stop_late(self, error: StarftError | None, epoch: int, batches_done: int, args):
+        """Stop the run on a data error found by this or another process (all call this at the same
+        step): first save ``epoch_E_step_K.pt`` when this epoch made progress and the weights are finite."""
+        message = str(error) if error is not None else "another process stopped the run on its training data (see its error)"
+        if batches_done > self.start_batch and self.optimizer is not None:
+            if not weights_are_finite(self.loop_model):
+                message += " (nothing saved: the weights are not finite)"
+            elif args.logs and str(args.logs).lower() != "none":
+                path = save_mid_epoch(self.loop_model, self.optimizer, self.scaler, epoch, batches_done, args)
+                message += f" (saved {path} first: fix the data, then continue with --resume latest)"
+        raise StarftError(message)

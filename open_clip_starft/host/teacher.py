@@ -1,12 +1,16 @@
-"""The frozen zero-shot model (teacher) that the Star term aligns the student with."""
+"""The frozen zero-shot model (teacher) that the Star term aligns the student with, and its caches.
+
+``Teacher`` is what the train step holds; ``Teacher.features(batch)`` is the one way to its features.
+"""
 from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
-from open_clip_starft.host.text_prefix import prefix_length
+from open_clip_starft.host.text_prefix import install_prefix_encoding, prefix_length
 
 
 def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,25 +89,61 @@ class TeacherImageCache:
         return torch.stack([self.features[key] for key in ids]).float()
 
 
-def teacher_features(teacher: torch.nn.Module, images: torch.Tensor, spurious: torch.Tensor, autocast=nullcontext,
-                     text_cache: TeacherTextCache | None = None, spurious_keys: list[bytes] | None = None,
-                     image_cache: TeacherImageCache | None = None, plain_images: torch.Tensor | None = None,
-                     sample_ids: list[str] | None = None):
-    """The teacher's image features ``[B, D]``, spurious-caption features ``[B, D]`` and
-    ``logit_scale.exp()`` (0-dim), under inference mode and the run's autocast. With
-    ``image_cache`` the image features come from it (un-augmented images; an approximation)."""
-    with torch.inference_mode(), autocast():
-        if image_cache is None:
-            image_features = teacher.encode_image(images, normalize=True)
-        if text_cache is None:
-            spurious_features = teacher.encode_text(spurious, normalize=True)
-        scale = teacher.logit_scale.exp()
-    if image_cache is not None:
-        image_features = image_cache(teacher, plain_images, sample_ids, autocast)
-    if text_cache is not None:
-        spurious_features = text_cache(teacher, spurious, spurious_keys, autocast)
-    # Inference tensors may not enter the student's autograd graph; clones of these [B, D] are cheap.
-    return image_features.clone(), spurious_features.clone(), scale.clone()
+class TeacherFeatures(NamedTuple):
+    """The teacher's view of a batch: ``image [B, D]`` and ``spurious [B, D]`` features
+    (L2-normalised) and ``scale``, its ``logit_scale.exp()`` (0-dim)."""
+    image: torch.Tensor
+    spurious: torch.Tensor
+    scale: torch.Tensor
+
+
+class Teacher:
+    """The frozen zero-shot model and its feature caches, for one run.
+
+    ``model`` is copied (``make_teacher``) when the Teacher is made: make it right after model
+    creation, before lock, grad checkpointing, DDP, compile or resume. Its text tower stops at a
+    batch's longest caption when the architecture allows (``text_prefix``; exact).
+    ``text_cache_mb > 0``: the teacher's features of each spurious caption computed once
+    (``TeacherTextCache``, exact). ``image_cache``: its image features once per image on the
+    un-augmented view (``TeacherImageCache``, an approximation).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, text_cache_mb: float = 0.0, image_cache: bool = False):
+        self.model = make_teacher(model)
+        install_prefix_encoding(self.model)
+        self.text_cache = TeacherTextCache(text_cache_mb) if text_cache_mb > 0 else None
+        self.image_cache = TeacherImageCache() if image_cache else None
+
+    def cache_keys(self, spurious: torch.Tensor) -> list[bytes] | None:
+        """The text cache's keys of ``spurious [B, L]`` (give CPU tokens: no device sync); None without the cache."""
+        return self.text_cache.keys(spurious) if self.text_cache is not None else None
+
+    def features(self, batch, autocast=nullcontext) -> TeacherFeatures:
+        """The teacher's features of ``batch`` (a ``Batch`` on the device), under inference mode and the
+        run's autocast: image features of ``batch.images`` (of ``batch.plain_images`` by
+        ``batch.sample_ids`` with the image cache), spurious-caption features of ``batch.spurious``
+        (through the text cache, keyed by ``batch.keys`` or keys computed here), and the scale."""
+        teacher = self.model
+        with torch.inference_mode(), autocast():
+            if self.image_cache is None:
+                image = teacher.encode_image(batch.images, normalize=True)
+            if self.text_cache is None:
+                spurious = teacher.encode_text(batch.spurious, normalize=True)
+            scale = teacher.logit_scale.exp()
+        if self.image_cache is not None:
+            image = self.image_cache(teacher, batch.plain_images, batch.sample_ids, autocast)
+        if self.text_cache is not None:
+            keys = batch.keys if batch.keys is not None else self.text_cache.keys(batch.spurious)
+            spurious = self.text_cache(teacher, batch.spurious, keys, autocast)
+        # Inference tensors may not enter the student's autograd graph; clones of these [B, D] are cheap.
+        return TeacherFeatures(image.clone(), spurious.clone(), scale.clone())
+
+    def load_weights(self, state_dict: dict) -> None:
+        """Replace the teacher's weights (a bare model state dict; DDP's ``module.`` prefixes are dropped)."""
+        self.model.load_state_dict({k.removeprefix("module."): v for k, v in state_dict.items()})
+
+    def fingerprint(self) -> float:
+        return fingerprint(self.model)
 
 
 def fingerprint(model: torch.nn.Module) -> float:
