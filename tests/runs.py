@@ -1,9 +1,14 @@
-"""Helpers for the training tests: tiny shards, a tiny model, and runs of the entry point."""
+"""Helpers for the training tests: tiny shards, a tiny model, runs of the entry point, patched copies
+of open_clip_train (patches/) and a faked SLURM job (scripts/slurm/)."""
+import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+
+import open_clip_train
 
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
 from open_clip_starft.demo.tiny_model import write_tiny_model
@@ -11,6 +16,11 @@ from open_clip_starft.demo.tiny_model import write_tiny_model
 # Upstream's RandomResizedCrop with scale and ratio 1 on square images is the identity: the first
 # batch is then the same whatever the sample order, so runs can be compared loss for loss.
 NO_CROP = ["--aug-cfg", "scale=(1.0,1.0)", "ratio=(1.0,1.0)"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
+INSTALLED = os.path.dirname(open_clip_train.__file__)
+SCRIPTS = os.path.join(ROOT, "scripts", "slurm")
 
 
 def make_workspace(root, n=128, shards=4, seed=0):
@@ -61,3 +71,59 @@ def register_tiny_config(ws, name="starft-tiny"):
         json.dump(cfg, f)
     open_clip.add_model_config(path)
     return path
+
+
+def patched_copy(tmp_path, patches):
+    """A copy of the installed open_clip_train package under ``tmp_path`` with ``patches`` applied."""
+    shutil.copytree(INSTALLED, tmp_path / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__"))
+    for patch in patches:
+        result = subprocess.run(["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-i", patch],
+                                cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0 and "offset" not in result.stdout and "fuzz" not in result.stdout, result.stdout
+    return tmp_path
+
+
+def run_python(code, pythonpath, *args, timeout=300):
+    """``python CODE ARGS`` with ``pythonpath`` first on the path (e.g. a ``patched_copy``)."""
+    env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *code, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: start $SLURM_NTASKS local copies of the command, as SLURM would on one node
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$FAKE_SLURM_DIR/task-$i.log" 2>&1 &
+    pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}"' USR1
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit "$status"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# scontrol stand-in: one host name; requeue calls are recorded
+case "$1" in
+    show) echo localhost ;;
+    requeue) echo "requeue $2" >> "$FAKE_SLURM_DIR/scontrol.log" ;;
+esac
+"""
+
+
+def slurm_env(ws, tmp_path, name, port, **extra):
+    """The environment of a faked 2-task SLURM job (srun/scontrol stand-ins in ``tmp_path/bin``) running
+    the scripts' training on ``ws`` as run ``name``."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for tool, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / tool).write_text(text)
+        (fake / tool).chmod(0o755)
+    path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = dict(os.environ, PATH=path, FAKE_SLURM_DIR=str(tmp_path), OMP_NUM_THREADS="1",
+               SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[001]", MASTER_PORT=str(port),
+               GPUS="2", DATA=ws["data"], MODEL=ws["model"], DEVICE="cpu", OUTPUT=os.path.join(ws["root"], "logs"),
+               NAME=name, EXTRA_ARGS=f"--batch-size 16 --epochs 1 --workers 1 --lr 1e-3 --log-every-n-steps 1 "
+                                     f"--gather-with-grad --starft-classnames {ws['classes']}")
+    env.update(extra)
+    return env

@@ -1,28 +1,12 @@
 """patches/ for open_clip_torch 3.3.0: each applies cleanly to the installed files and does its job."""
-import glob
 import os
 import shutil
 import subprocess
-import sys
 
 import open_clip_train
 import pytest
 
-from runs import make_workspace
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
-INSTALLED = os.path.dirname(open_clip_train.__file__)
-
-
-def patched_copy(tmp_path, patches):
-    """A copy of the installed open_clip_train package under ``tmp_path`` with ``patches`` applied."""
-    shutil.copytree(INSTALLED, tmp_path / "open_clip_train", ignore=shutil.ignore_patterns("__pycache__"))
-    for patch in patches:
-        result = subprocess.run(["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-i", patch],
-                                cwd=tmp_path, capture_output=True, text=True)
-        assert result.returncode == 0 and "offset" not in result.stdout and "fuzz" not in result.stdout, result.stdout
-    return tmp_path
+from runs import INSTALLED, PATCHES, make_workspace, patched_copy, run_python
 
 
 def test_there_are_patches():
@@ -37,11 +21,6 @@ def test_patch_applies_cleanly_to_the_installed_release(tmp_path, patch):
     patched_copy(tmp_path, [patch])
     header = open(patch).read().split("\n--- ", 1)[0]
     assert len(header.split()) > 30  # a paragraph saying what and why
-
-
-def run_python(code, pythonpath, *args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *code, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_patched_zero_shot_accuracy_works_with_this_numpy(tmp_path):

@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-from runs import checkpoints, log_of, make_workspace, metric, train_args
-from test_patches import PATCHES, patched_copy
-from test_slurm import SCRIPTS, slurm_env
+from runs import PATCHES, SCRIPTS, checkpoints, log_of, make_workspace, metric, patched_copy, slurm_env, train_args
 
 EPOCHS, STEPS_PER_EPOCH = 2, 16  # 128 samples, batch 8
 

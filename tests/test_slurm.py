@@ -3,36 +3,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from runs import checkpoints, make_workspace
+from runs import SCRIPTS, checkpoints, make_workspace, slurm_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(ROOT, "scripts", "slurm")
 SBATCH = sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".sbatch"))
-
-FAKE_SRUN = """#!/bin/bash
-# srun stand-in: start $SLURM_NTASKS local copies of the command, as SLURM would on one node
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$FAKE_SLURM_DIR/task-$i.log" 2>&1 &
-    pids+=($!)
-done
-trap 'kill -USR1 "${pids[@]}"' USR1
-status=0
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
-exit "$status"
-"""
-FAKE_SCONTROL = """#!/bin/bash
-# scontrol stand-in: one host name; requeue calls are recorded
-case "$1" in
-    show) echo localhost ;;
-    requeue) echo "requeue $2" >> "$FAKE_SLURM_DIR/scontrol.log" ;;
-esac
-"""
 
 
 @pytest.mark.parametrize("script", SBATCH)
@@ -47,22 +23,6 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("slurm"), n=64, shards=2)
-
-
-def slurm_env(ws, tmp_path, name, port, **extra):
-    fake = tmp_path / "bin"
-    fake.mkdir(exist_ok=True)
-    for tool, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (fake / tool).write_text(text)
-        (fake / tool).chmod(0o755)
-    path = os.pathsep.join([str(fake), os.path.dirname(sys.executable), os.environ["PATH"]])
-    env = dict(os.environ, PATH=path, FAKE_SLURM_DIR=str(tmp_path), OMP_NUM_THREADS="1",
-               SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node[001]", MASTER_PORT=str(port),
-               GPUS="2", DATA=ws["data"], MODEL=ws["model"], DEVICE="cpu", OUTPUT=os.path.join(ws["root"], "logs"),
-               NAME=name, EXTRA_ARGS=f"--batch-size 16 --epochs 1 --workers 1 --lr 1e-3 --log-every-n-steps 1 "
-                                     f"--gather-with-grad --starft-classnames {ws['classes']}")
-    env.update(extra)
-    return env
 
 
 def rank_fingerprints(text):
