@@ -92,3 +92,31 @@ def test_plugin_train_step_refuses_to_run_without_starft_main(tmp_path):
     assert result.returncode != 0 and "run `python -m open_clip_starft.main`" in result.stderr
     unknown = run_python(["-m", "open_clip_train.main"], copy, *args[:-1], "nonesuch")
     assert unknown.returncode != 0 and "No open_clip_train.train_steps entry point named 'nonesuch'" in unknown.stderr
+
+
+def test_two_processes_give_the_same_losses_at_every_step_with_and_without_the_plugin_hook(tmp_path):
+    """One StarftStep behind both loops: patches/0003's train_one_epoch_with_step and host/loop.py."""
+    from runs import NO_CROP, log_of, metric, train_args
+    ws = make_workspace(tmp_path / "ws", n=64, shards=2)
+    copy = patched_copy(tmp_path / "copy", [p for p in PATCHES if "plugin-hook" in p])
+    # Each process reads one shard of 32 as its one batch per epoch, without crops, and the spurious
+    # caption is the clean one (--starft-suffix none): every step's global batch is then the same set
+    # of samples and captions in both runs (the order inside a batch changes neither loss).
+    logs = {}
+    for name, pythonpath, port in (("runtime2", tmp_path / "nothing", "29631"), ("plugin2", copy, "29632")):
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m", "--",
+                    "open_clip_starft.main"]
+        args = train_args(ws, name, "--starft-lambda", "0.5", "--starft-suffix", "none", "--gather-with-grad",
+                          *NO_CROP, epochs=4, batch_size=32)
+        result = run_python(launcher, pythonpath, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = log_of(ws, name)
+    assert "plugin hook (patches/0003)" in logs["plugin2"] and "plugin hook" not in logs["runtime2"]
+    for key in ("Step", "Star lambda"):
+        assert metric(logs["runtime2"], key) == metric(logs["plugin2"], key) == (
+            list(range(4)) if key == "Step" else [0.5 * (1 - s / 4) for s in range(4)])
+    for key in ("Contrastive_loss", "Star_loss", "Loss", "Star term"):
+        runtime, plugin = metric(logs["runtime2"], key), metric(logs["plugin2"], key)
+        assert len(runtime) == len(plugin) == 4, key
+        assert plugin == pytest.approx(runtime, rel=2e-4, abs=1e-6), key  # logged with 5-6 significant digits
+    assert max(metric(logs["plugin2"], "Star term")) > 1e-4  # the Star term is exercised after step 0
