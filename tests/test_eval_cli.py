@@ -299,3 +299,33 @@ def test_objectnet_release_maps_to_imagenet_classes(ws, tmp_path):
         sims = model.encode_image(imgs, normalize=True) @ text.T
     pred = torch.stack([sims[:, :2].max(1).values, sims[:, 2]], 1).argmax(1)
     assert r["top1"] == pytest.approx(float((pred == torch.tensor([it.label for it in p.items])).double().mean()))
+
+
+def test_a_truncated_shard_is_named_not_scored_on_half_its_images(ws, tmp_path, capsys):
+    import tarfile
+    paths = write_shards(str(tmp_path / "cut"), 32, seed=4, biased=False, image_size=32, samples_per_shard=16)
+    with open(paths[1], "rb") as f:
+        data = f.read()
+    with tarfile.open(paths[1]) as tar:
+        members = tar.getmembers()
+    at_header = members[len(members) // 2].offset  # cut where a member header starts: tarfile ends quietly
+    for cut, needles in ((at_header, ("gave 8 samples but its sizes.json lists 16", "truncated")),
+                         (int(len(data) * 0.45), ("cannot read shard", "truncated or damaged"))):
+        with open(paths[1], "wb") as f:
+            f.write(data[:cut])
+        rc = run_eval("--model", ws["model"], "--data", brace_pattern(paths), "--classnames", ws["names"],
+                      "--out", tmp_path / "r.jsonl", "--no-plots")
+        one_line_error(capsys, rc, os.path.basename(paths[1]), *needles)
+        assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_16_bit_images_are_scaled_not_white(tmp_path):
+    from open_clip_starft.eval.sets import open_image
+    folder = tmp_path / "deep" / "circle"
+    os.makedirs(folder)
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 40)  # 0 .. 40920 of 65535
+    Image.fromarray(ramp).save(folder / "a.png")
+    assert Image.open(folder / "a.png").mode.startswith("I;16")
+    p = prepare_set(EvalSetSpec(name="deep", root=str(tmp_path / "deep"), classnames=["circle"]))
+    image = np.asarray(open_image(p.items[0].ref))
+    assert image.shape == (32, 32, 3) and image.max() == round(40920 / 257) and image.min() == 0

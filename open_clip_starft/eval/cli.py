@@ -58,6 +58,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16"))
     g.add_argument("--ece-bins", type=int, default=15, help="bins of the expected calibration error (default 15)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: a bar per set on a terminal, a line every 30 s in logs)")
 
 
 def set_specs_from_args(args) -> tuple[list[EvalSetSpec], str | None]:
@@ -93,7 +95,7 @@ def set_specs_from_args(args) -> tuple[list[EvalSetSpec], str | None]:
     return specs, id_set
 
 
-def _check_positive(args) -> None:
+def check_run_args(args) -> None:
     if args.batch_size < 1 or args.workers < 0 or args.ece_bins < 1:
         raise StarftError("--batch-size and --ece-bins must be ≥ 1 and --workers ≥ 0")
 
@@ -124,7 +126,7 @@ def default_paths(out: str, table: str | None, plots: str | None) -> tuple[str, 
 
 
 def run(args) -> int:
-    _check_positive(args)
+    check_run_args(args)
     specs, id_set = set_specs_from_args(args)
     checkpoints = checkpoints_from_args(args.model, args.pretrained, args.run, args.epochs)
     prepared = [prepare_set(s) for s in specs]  # every set is checked before any model runs
@@ -139,7 +141,8 @@ def run(args) -> int:
         records += evaluate_prepared(
             model, preprocess, tokenizer, prepared, label=ckpt.label, device=args.device, precision=args.precision,
             batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins,
-            settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size}, log=print)
+            settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size}, log=print,
+            progress=not args.no_progress)
         write_jsonl(records, args.out)  # after every checkpoint, so a long run leaves its results
     table = markdown_table(records, id_set)
     with open(table_path, "w") as f:

@@ -14,7 +14,8 @@ LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} [{elapsed} elapsed, {rate_fmt}]"
 
 class Progress:
     """Count work done: ``update(n)``, ``write(text)`` for a message that keeps the bar intact, and
-    ``close()`` (or use it as a context manager). ``enabled=False`` shows nothing but messages."""
+    ``close()`` (or use it as a context manager). ``enabled=False`` shows nothing but messages.
+    Bars and progress lines go to ``stream`` (default stderr)."""
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "img", *, enabled: bool = True,
                  interval_s: float = 30.0, stream=None):
@@ -40,11 +41,13 @@ class Progress:
             self.last = time.monotonic()
             print(self.line(), file=self.stream, flush=True)
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, file=None) -> None:
+        """Print ``text`` to ``file`` (default stdout) without breaking the bar."""
+        file = file if file is not None else sys.stdout
         if self.bar is not None:
-            self.bar.write(text, file=self.stream)
+            self.bar.write(text, file=file)
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=file, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

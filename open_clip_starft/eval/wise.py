@@ -21,7 +21,8 @@ import sys
 import time
 
 from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.cli import _check_positive, add_data_args, add_run_args, set_specs_from_args
+from open_clip_starft.eval.cli import add_data_args, check_run_args, add_run_args, set_specs_from_args
+from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, save_openclip
 from open_clip_starft.eval.report import layout, markdown_table, plot_wise, summary, write_jsonl
 from open_clip_starft.eval.sets import prepare_set
@@ -111,7 +112,7 @@ def choose_alpha(points: list[dict], spec: str) -> float:
 
 
 def run(args) -> int:
-    _check_positive(args)
+    check_run_args(args)
     alphas = parse_alphas(args.alphas)
     specs, id_set = set_specs_from_args(args)
     prepared = [prepare_set(s) for s in specs]
@@ -128,12 +129,15 @@ def run(args) -> int:
     print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
     records, start = [], time.time()
     settings = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
-    for a in alphas:
-        model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
-        records += evaluate_prepared(model, preprocess, tokenizer, prepared, label=f"alpha={a:g}", device=args.device,
-                                     precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                                     ece_bins=args.ece_bins, settings={**settings, "alpha": a}, log=print)
-        write_jsonl(records, os.path.join(args.out, "results.jsonl"))
+    with Progress(len(alphas), "WiSE-FT", unit="α", enabled=not args.no_progress, interval_s=0) as bar:
+        for a in alphas:
+            model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
+            records += evaluate_prepared(model, preprocess, tokenizer, prepared, label=f"alpha={a:g}", device=args.device,
+                                         precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                                         ece_bins=args.ece_bins, settings={**settings, "alpha": a}, log=bar.write,
+                                         progress=not args.no_progress)
+            write_jsonl(records, os.path.join(args.out, "results.jsonl"))  # after every α, so a long run leaves its results
+            bar.update(1)
     points, x_label, y_label = curve(records, alphas, id_set)
     result = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned,
               "x": x_label, "y": y_label, "points": points}

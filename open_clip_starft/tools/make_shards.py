@@ -31,6 +31,7 @@ from PIL import Image
 from open_clip_starft.data.samples import to_rgb, write_shard
 from open_clip_starft.method.captions import load_classnames
 from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.sets import EvalSetSpec, Item, csv_items, folder_classnames, folder_labels, list_class_folders
 
 STATE_DIR = ".make-shards"
@@ -175,13 +176,11 @@ def make_shards(source: str, out: str, *, classnames: str | None = None, samples
     log(f"{len(samples)} images of {len(names)} classes → {n_shards} shard(s) of {samples_per_shard} in {out}"
         + (f" ({len(done)} complete shard(s) kept)" if done else ""))
 
-    from tqdm import tqdm
-    bar = tqdm(total=sum(len(j[4]) for j in jobs), unit="img", disable=not progress, file=sys.stderr)
-    skipped_now = []
+    bar = Progress(sum(len(j[4]) for j in jobs), "make-shards", enabled=progress)
+
     def finished(stats):
         bar.update(stats["count"] + len(stats["skipped"]))
         for s in stats["skipped"]:
-            skipped_now.append(s)
             bar.write(f"skipped unreadable image {s['path']}: {s['error']}", file=sys.stderr)
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -257,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv-group-key", metavar="COL")
     parser.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds shards of another source or settings")
     parser.add_argument("--limit-shards", type=int, metavar="N", help="write at most N shards now (the rest on a later run)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: a bar on a terminal, a line every 30 s in logs)")
     return parser
 
 

@@ -2,13 +2,14 @@
 unreadable samples are dropped from the batch and named, never fatal."""
 from __future__ import annotations
 
+import tarfile
 from typing import Iterator
 
 import torch
 from PIL import Image
 
 from open_clip_starft.data.samples import IMAGE_KEYS, open_rgb, parse_label, to_rgb
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import StarftError, one_line
 from open_clip_starft.eval.sets.spec import Item, PreparedSet
 
 
@@ -89,7 +90,7 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
     workers = min(workers, len(prepared.shards))
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
     read: dict[str, int] = {}  # samples read per shard URL ("URL:KEY" or "URL:KEY (why)" names)
-    for images, labels, groups, names, skipped in loader:
+    for images, labels, groups, names, skipped in _unreadable_shard_is_one_line(prepared, loader):
         for name in (*names, *skipped):
             url = name.split(" (", 1)[0].rsplit(":", 1)[0]
             read[url] = read.get(url, 0) + 1
@@ -108,6 +109,19 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
                               "(or a subset) that name every label")
         yield images, labels, groups, names, skipped
     check_shard_counts(prepared, read)
+
+
+def _unreadable_shard_is_one_line(prepared: PreparedSet, loader):
+    """The loader's batches; a shard that cannot be read (a tar cut inside a header, an I/O error)
+    stops the set with a one-line StarftError naming the shard."""
+    try:
+        yield from loader
+    except (tarfile.TarError, OSError, EOFError) as e:
+        text = str(e)
+        url = next((u for u in prepared.shards if u in text), None)
+        detail = e.args[0] if e.args and isinstance(e.args[0], str) and "Traceback" not in e.args[0] else type(e).__name__
+        raise StarftError(f"eval set {prepared.name!r}: cannot read shard {url or 'of ' + repr(prepared.root)} "
+                          f"({type(e).__name__}: {one_line(detail, 120)}): the shard is truncated or damaged: write it again") from None
 
 
 def check_shard_counts(prepared: PreparedSet, read: dict[str, int]) -> None:
