@@ -1,0 +1,129 @@
+"""Worst-group vs in-distribution frontiers: WiSE-FT curves, matched comparisons, intervals over units.
+
+A *point* is a dict with ``in_dist`` and ``worst_group`` (shares in [0, 1]) and, on a WiSE-FT
+curve, ``alpha``. A *curve* is a list of points in α order (θ(α) = (1−α)·θ_zero-shot + α·θ_fine-tuned,
+``eval.models.interpolate_state_dicts``), α from 0 (the zero-shot model) to 1 (the fine-tuned one).
+
+The headline comparison asks whether a fine-tune (StarFT) adds anything over plain weight
+interpolation: its worst-group accuracy minus the worst-group accuracy WiSE-FT(FLYP) reaches at the
+same in-distribution accuracy (``matched_worst_group``). Runs that share a pre-trained model are not
+independent, so differences are averaged within a *unit* (one pre-trained model) first; the interval
+is a Student-t 95 % interval over the unit means (``unit_summary``), with wins, ties and losses.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Sequence
+
+from open_clip_starft.bench.waterbirds_lite.report import mean_ci
+from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.models import interpolate_state_dicts
+from open_clip_starft.eval.report import _pyplot
+
+TIE = 0.01  # |difference| below one point of accuracy counts as a tie
+
+
+def matched_worst_group(curve: Sequence[dict], in_dist: float) -> tuple[float, bool]:
+    """WiSE-FT's worst-group accuracy at in-distribution accuracy ``in_dist``: ``(value, clamped)``.
+
+    The curve is read as the piecewise-linear path through its points in α order. Where the path
+    crosses ``in_dist`` more than once (in-distribution accuracy need not rise monotonically with α),
+    the best worst group among the crossings is taken (the comparison favours WiSE-FT). Outside the
+    path's in-distribution range the value of the curve's nearest end in in-distribution accuracy is
+    taken and ``clamped`` is True."""
+    if not curve:
+        raise StarftError("an empty WiSE-FT curve: evaluate at least one α")
+    crossings = []
+    for p, q in zip(curve, curve[1:]):
+        lo, hi = sorted((p["in_dist"], q["in_dist"]))
+        if not lo <= in_dist <= hi:
+            continue
+        if hi == lo:
+            crossings.append(max(p["worst_group"], q["worst_group"]))
+        else:
+            t = (in_dist - p["in_dist"]) / (q["in_dist"] - p["in_dist"])
+            crossings.append(p["worst_group"] + t * (q["worst_group"] - p["worst_group"]))
+    if len(curve) == 1 and curve[0]["in_dist"] == in_dist:
+        crossings.append(curve[0]["worst_group"])
+    if crossings:
+        return max(crossings), False
+    end = max(curve, key=lambda p: p["in_dist"]) if in_dist > max(p["in_dist"] for p in curve) \
+        else min(curve, key=lambda p: p["in_dist"])
+    return end["worst_group"], True
+
+
+def wise_curve(zero_shot: dict, fine_tuned: dict, alphas: Sequence[float],
+               evaluate: Callable[[float, dict], dict]) -> list[dict]:
+    """Evaluate θ(α) for each α: ``evaluate(alpha, state_dict) -> dict`` of metrics (e.g.
+    ``in_dist``, ``worst_group``), returned with ``alpha`` added, in α order."""
+    return [{"alpha": a, **evaluate(a, interpolate_state_dicts(zero_shot, fine_tuned, a))} for a in sorted(alphas)]
+
+
+def unit_summary(diffs: Sequence[tuple[str, float]], tie: float = TIE) -> dict:
+    """Differences ``(unit, value)`` (several per unit allowed): the per-unit means, their mean and
+    the half-width of its 95 % Student-t interval over units, and wins/ties/losses of the unit means
+    (a tie: ``|mean| < tie``)."""
+    by_unit: dict[str, list[float]] = {}
+    for unit, value in diffs:
+        by_unit.setdefault(unit, []).append(value)
+    if not by_unit:
+        raise StarftError("no unit to summarise: every comparison needs at least one run")
+    means = {u: sum(v) / len(v) for u, v in by_unit.items()}
+    mean, half = mean_ci(list(means.values()))
+    return {"per_unit": means, "mean": mean, "ci95": half, "units": len(means),
+            "wins": sum(m >= tie for m in means.values()), "ties": sum(abs(m) < tie for m in means.values()),
+            "losses": sum(m <= -tie for m in means.values())}
+
+
+def fmt(summary: dict, scale: float = 100.0) -> str:
+    """``+4.2 ± 3.1 (3 units; W/T/L 3/0/0)`` in points."""
+    return (f"{scale * summary['mean']:+.1f} ± {scale * summary['ci95']:.1f} ({summary['units']} units; "
+            f"W/T/L {summary['wins']}/{summary['ties']}/{summary['losses']})")
+
+
+def plot_frontiers(units: dict[str, dict], path: str, x_label: str = "in-distribution accuracy (%)",
+                   y_label: str = "worst-group accuracy (%)") -> str:
+    """One panel per unit: ``units[name]`` holds ``curves`` {label: curve} (lines through the α
+    points) and ``points`` {label: [point, ...]} (markers; a point may carry ``selected: True``,
+    drawn as a ringed star). Writes a PNG (matplotlib's Agg backend); returns ``path``."""
+    plt = _pyplot()
+    n = len(units)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray"]
+    for ax, (name, unit) in zip(axes.flat, units.items()):
+        for i, (label, curve) in enumerate(unit.get("curves", {}).items()):
+            ax.plot([100 * p["in_dist"] for p in curve], [100 * p["worst_group"] for p in curve], "-o",
+                    markersize=3, color=colours[i % len(colours)], label=label)
+        for j, (label, points) in enumerate(unit.get("points", {}).items()):
+            colour = colours[(j + len(unit.get("curves", {}))) % len(colours)]
+            ax.plot([100 * p["in_dist"] for p in points], [100 * p["worst_group"] for p in points], "^",
+                    color=colour, markersize=6, label=label)
+            for p in points:
+                if p.get("selected"):
+                    ax.plot([100 * p["in_dist"]], [100 * p["worst_group"]], "*", color="black", markersize=13,
+                            markerfacecolor="none", label="selected on validation")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.set_ylabel(y_label, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(obj, path: str) -> str:
+    """``obj`` as indented JSON at ``path`` (written to ``.partial`` first, then renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".partial", "w") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".partial", path)
+    return path
