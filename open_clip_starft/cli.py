@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": ("open_clip_starft.demo.run", "build a small built-in dataset and model and run a short StarFT fine-tune"),
     "descriptors": ("open_clip_starft.tools.descriptors.cli", "generate descriptor sets with a language model; show, validate, stats"),
     "eval": ("open_clip_starft.eval.cli", "zero-shot eval of checkpoints on ImageNet shifts and group-shift sets (top-1/5, worst-group, ECE)"),
+    "sweep": ("open_clip_starft.tools.sweep", "StarFT over a grid of λ × schedule × descriptors (and FLYP), chosen on a validation set you name"),
     "wise": ("open_clip_starft.eval.wise", "WiSE-FT weight interpolation between zero-shot and fine-tuned checkpoints, evaluated per α"),
     "make-shards": ("open_clip_starft.tools.make_shards", "class-subfolder tree or CSV to webdataset shards (resumable, parallel)"),
     "bench": ("open_clip_starft.bench.cli", "speed benchmarks: step (FLYP vs StarFT vs naive port), data (ours vs upstream's pipeline), eval (throughput)"),
