@@ -15,6 +15,7 @@ COMMANDS = {
     "sweep": ("open_clip_starft.tools.sweep", "StarFT over a grid of λ × schedule × descriptors (and FLYP), chosen on a validation set you name"),
     "wise": ("open_clip_starft.eval.wise", "WiSE-FT weight interpolation between zero-shot and fine-tuned checkpoints, evaluated per α"),
     "make-shards": ("open_clip_starft.tools.make_shards", "class-subfolder tree or CSV to webdataset shards (resumable, parallel)"),
+    "export": ("open_clip_starft.tools.export", "a training checkpoint as a folder plain OpenCLIP loads (Hub layout) with a model card"),
     "bench": ("open_clip_starft.bench.cli", "speed benchmarks: step (FLYP vs StarFT vs naive port), data (ours vs upstream's pipeline), eval (throughput)"),
     "eval-bench": ("open_clip_starft.bench.eval_throughput", "alias of 'bench eval'"),
     "waterbirds-lite": ("open_clip_starft.bench.waterbirds_lite.cli", "the Waterbirds-lite accuracy study on real photographs: build, pretrain, run, report, all"),

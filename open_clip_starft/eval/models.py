@@ -263,7 +263,7 @@ def _copy_tokenizer(source: str, config: dict, out_dir: str) -> None:
 
 
 def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, preprocess_cfg: dict | None = None,
-                   tokenizer_cfg: dict | None = None) -> str:
+                   tokenizer_cfg: dict | None = None, model_cfg_updates: dict | None = None) -> str:
     """Save weights as an OpenCLIP ``local-dir:`` folder in the layout OpenCLIP's Hugging Face Hub
     upload writes (``open_clip.push_to_hf_hub.save_for_hf``), so ``huggingface-cli upload`` takes
     the folder as it is; nothing here touches the network.
@@ -273,7 +273,9 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
     ``local-dir:DIR`` (its config, preprocessing and tokenizer files are carried over) or a
     ``model_cfg`` dict. ``preprocess_cfg`` overrides preprocessing settings (``mean``, ``std``,
     ``interpolation``, ``resize_mode``); ``tokenizer_cfg`` overrides the tokenizer settings of
-    ``model_cfg["text_cfg"]`` (``hf_tokenizer_name``, ``tokenizer_kwargs``, ``context_length``).
+    ``model_cfg["text_cfg"]`` (``hf_tokenizer_name``, ``tokenizer_kwargs``, ``context_length``);
+    ``model_cfg_updates`` changes the source's ``model_cfg`` (``vision_cfg``/``text_cfg`` merged key
+    by key), e.g. what a training run's ``--force-quick-gelu``/``--force-image-size`` changed.
 
     Writes ``open_clip_model.safetensors``, the tokenizer files a Hugging Face tokenizer needs
     (OpenCLIP's built-in BPE tokenizer needs none: without ``hf_tokenizer_name`` OpenCLIP uses it
@@ -286,6 +288,11 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
         source, config = "the given model_cfg", {"model_cfg": copy.deepcopy(model_cfg_or_name), "preprocess_cfg": {}}
     else:
         source, config = model_cfg_or_name, copy.deepcopy(model_config(model_cfg_or_name))
+    for key, value in (model_cfg_updates or {}).items():
+        if isinstance(value, dict) and isinstance(config["model_cfg"].get(key), dict):
+            config["model_cfg"][key].update(value)
+        else:
+            config["model_cfg"][key] = value
     if tokenizer_cfg:
         config["model_cfg"].setdefault("text_cfg", {}).update(tokenizer_cfg)
     config["preprocess_cfg"].update(preprocess_cfg or {})

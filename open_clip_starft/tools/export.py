@@ -1,0 +1,245 @@
+"""``open-clip-starft export``: a training checkpoint as a model folder people can share.
+
+    open-clip-starft export --checkpoint logs/starft/checkpoints/epoch_10.pt --out starft-vitb16
+    open-clip-starft export --checkpoint CKPT --model local-dir:DIR --out FOLDER --results results.jsonl
+
+FOLDER gets the layout OpenCLIP's own Hugging Face Hub upload writes (``open_clip_config.json``,
+``open_clip_model.safetensors``, the tokenizer files when the text tower uses a Hugging Face
+tokenizer) and a model card (``README.md``) with the training settings: every ``--starft-*``
+value of the checkpoint's ``"starft"`` entry, and the data, epochs and optimisation settings the
+run's ``params.txt`` (beside ``checkpoints/``) records; with ``--results`` (``open-clip-starft eval``'s
+JSON lines), its robustness table (top-1, worst group, per set). Plain OpenCLIP loads it:
+``open_clip.create_model_and_transforms("local-dir:FOLDER")``; ``huggingface-cli upload ORG/NAME
+FOLDER`` shares it unchanged (nothing here reaches the network). The folder is checked before the
+command ends: OpenCLIP loads it back and every weight equals the checkpoint's.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+
+import open_clip
+import torch
+from open_clip.push_to_hf_hub import generate_readme
+
+from open_clip_starft.errors import StarftError, one_line, one_line_errors
+from open_clip_starft.eval.models import save_local_dir
+from open_clip_starft.eval.report import layout, markdown_table, read_jsonl
+
+# params.txt entries the card shows under "Training", in this order (label, key)
+TRAINING_KEYS = (
+    ("Base weights (--pretrained)", "pretrained"), ("Training data", "train_data"), ("Dataset type", "dataset_type"),
+    ("Samples per epoch", "train_num_samples"), ("Batch size per process", "batch_size"), ("Processes", "world_size"),
+    ("Learning rate", "lr"), ("Weight decay", "wd"), ("Warm-up steps", "warmup"), ("LR schedule", "lr_scheduler"),
+    ("Precision", "precision"), ("Seed", "seed"), ("Augmentation", "aug_cfg"),
+)
+PAPER = "StarFT: Robust Fine-tuning of Zero-shot Models via Spuriousity Alignment (Kim et al., IJCAI 2025)"
+
+
+def read_params(path: str) -> dict:
+    """``params.txt`` of an OpenCLIP run (``name: value`` lines) as values (Python literals where they parse)."""
+    params = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            name, sep, raw = line.rstrip("\n").partition(": ")
+            if not sep:
+                continue
+            try:
+                params[name] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                params[name] = raw
+    return params
+
+
+def run_params(checkpoint: str) -> tuple[dict, str | None]:
+    """``(params, path)`` of the run a checkpoint belongs to (``RUN/params.txt`` for
+    ``RUN/checkpoints/epoch_N.pt``); ``({}, None)`` when there is none."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "params.txt")
+    return (read_params(path), path) if os.path.isfile(path) else ({}, None)
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict]:
+    """``(state dict without DDP's "module." prefix, the other entries: epoch, name, starft, ...)``."""
+    try:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint (mmap) or objects weights_only refuses
+            raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a file torch cannot read
+        raise StarftError(f"cannot read --checkpoint {path!r} ({type(e).__name__}: {one_line(e)}): give an OpenCLIP "
+                          "training checkpoint") from None
+    if not isinstance(raw, dict) or not raw:
+        raise StarftError(f"--checkpoint {path!r} holds no state dict: give an OpenCLIP training checkpoint")
+    meta = {k: v for k, v in raw.items() if k != "state_dict"} if "state_dict" in raw else {}
+    state = raw["state_dict"] if "state_dict" in raw else raw
+    if next(iter(state)).startswith("module."):  # as OpenCLIP's load_state_dict does
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, meta
+
+
+def model_changes(params: dict) -> tuple[dict, dict]:
+    """``(model_cfg updates, preprocess_cfg)`` that the run's ``--force-*`` and ``--image-*`` flags
+    made to the model it trained (OpenCLIP's ``create_model_and_transforms`` applies them the same way)."""
+    updates, preprocess = {}, {}
+    if params.get("force_quick_gelu") is True:
+        updates["quick_gelu"] = True
+    if params.get("force_custom_text") is True:
+        updates["custom_text"] = True
+    size = params.get("force_image_size")
+    if isinstance(size, (list, tuple)) and len(size) == 1:
+        size = size[0]
+    if size not in (None, "None"):
+        updates["vision_cfg"] = {"image_size": size}
+    if params.get("force_context_length") not in (None, "None"):
+        updates["text_cfg"] = {"context_length": params["force_context_length"]}
+    for flag, key in (("image_mean", "mean"), ("image_std", "std"), ("image_interpolation", "interpolation"),
+                      ("image_resize_mode", "resize_mode")):
+        if params.get(flag) not in (None, "None"):
+            preprocess[key] = params[flag]
+    return updates, preprocess
+
+
+def starft_flags() -> set[str]:
+    """The ``starft_*`` names that are command-line flags of ``open_clip_starft.main``."""
+    from open_clip_starft.main import build_parser
+    return {k for k in vars(build_parser().parse_args([])) if k.startswith("starft_")}
+
+
+def results_of(records: list[dict], checkpoint: str, path: str) -> tuple[list[dict], str]:
+    """The eval records of ``checkpoint`` in ``records`` and their checkpoint label: those whose
+    ``settings.pretrained`` is this file; else the only checkpoint the file holds."""
+    labels = list(dict.fromkeys(r["checkpoint"] for r in records))
+    mine = [r for r in records if _same_file(r.get("settings", {}).get("pretrained"), checkpoint)]
+    if mine:
+        return mine, mine[0]["checkpoint"]
+    if len(labels) == 1:
+        return records, labels[0]
+    raise StarftError(f"--results {path!r} holds checkpoints {', '.join(labels)} and none was evaluated from {checkpoint!r}: "
+                      f"pass the results of this checkpoint (open-clip-starft eval --pretrained {checkpoint} ...)")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return bool(a) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def robustness_section(records: list[dict], checkpoint: str, path: str) -> str:
+    """Markdown: this checkpoint's per-set table (top-1, top-5, worst group, average group, ECE, n),
+    and the file's checkpoints side by side when it holds more than this one."""
+    mine, label = results_of(records, checkpoint, path)
+    mine = [r for r in mine if r["checkpoint"] == label]
+    id_set, _, group_sets = layout(records)
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"Zero-shot classification with `open-clip-starft eval` (checkpoint `{label}`; accuracies in %):", "",
+             "| set | top-1 | top-5 | worst group | average group | ECE | images |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in mine:
+        kind = " (ID)" if r["dataset"] == id_set else ""
+        grouped = r["dataset"] in group_sets
+        lines.append(f"| {r['dataset']}{kind} | {pct(r['top1'])} | {pct(r.get('top5'))} | "
+                     f"{pct(r['worst_group']) if grouped else '–'} | {pct(r['avg_group']) if grouped else '–'} | "
+                     f"{r['ece']:.3f} | {r['n']} |")
+    if len({r["checkpoint"] for r in records}) > 1:
+        lines += ["", f"All checkpoints of `{os.path.basename(path)}` (WG: worst group; Avg: top-1 of a group set):", "",
+                  markdown_table(records).rstrip("\n")]
+    return "\n".join(lines)
+
+
+def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: dict, params_path: str | None,
+               results: str | None, license_id: str) -> str:
+    """The README.md of the folder (OpenCLIP's ``generate_readme`` layout, Hub front matter included)."""
+    starft = dict(meta.get("starft") or {})
+    flags = starft_flags()
+    batches_done = starft.pop("batches_done", None)
+    settings = {f"--{k.replace('_', '-')}": v for k, v in starft.items() if k in flags}
+    recorded = {k: v for k, v in starft.items() if k not in flags}
+    epoch, epochs = meta.get("epoch"), params.get("epochs")
+    trained = f"{epoch}" + (f" of {epochs}" if epochs is not None else "") if epoch is not None else "not recorded"
+    if batches_done is not None:
+        trained += f" (a mid-epoch checkpoint: {batches_done} batches of epoch {epoch + 1} also done)"
+    details = {"Architecture": model, "Method": PAPER, "Checkpoint": f"{os.path.basename(checkpoint)} (run {meta.get('name', '?')})",
+               "Epochs trained": trained}
+    details.update({label: params[key] for label, key in TRAINING_KEYS if params.get(key) not in (None, "None", "", {}, [])})
+    if not params_path:
+        details["Run settings"] = "no params.txt beside the checkpoint's folder: data and optimisation settings not recorded"
+    details["StarFT settings"] = {f"`{k}`": v for k, v in settings.items()} or "none recorded (not a StarFT checkpoint?)"
+    if recorded:
+        details["Recorded by the run"] = {f"`{k}`": v for k, v in recorded.items()}
+    card = {
+        "tags": ["clip", "open_clip", "starft", "zero-shot-image-classification"],
+        "license": license_id,
+        "description": (f"A CLIP model fine-tuned with StarFT through OpenCLIP's training code (`open_clip_starft`): "
+                        "contrastive fine-tuning on class-name captions plus the Star regulariser, which keeps the "
+                        "model's view of spurious captions aligned with the frozen zero-shot model. Exported from "
+                        f"`{os.path.basename(checkpoint)}` with `open-clip-starft export`."),
+        "details": details,
+        "usage": ("```python\nimport open_clip\n\n"
+                  f"model, _, preprocess = open_clip.create_model_and_transforms(\"local-dir:{name}\")  "
+                  "# or \"hf-hub:ORG/NAME\" once uploaded\n"
+                  f"tokenizer = open_clip.get_tokenizer(\"local-dir:{name}\")\n```\n"),
+    }
+    if results:
+        card["comparison"] = robustness_section(read_jsonl(results), checkpoint, results)
+    return generate_readme(card, name)
+
+
+def export(checkpoint: str, out: str, *, model: str | None = None, results: str | None = None,
+           license_id: str = "other", log=print) -> str:
+    """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns ``"local-dir:OUT"``."""
+    if not os.path.isfile(checkpoint):
+        raise StarftError(f"--checkpoint {checkpoint!r} does not exist: give a training checkpoint (LOGS/NAME/checkpoints/epoch_N.pt)")
+    params, params_path = run_params(checkpoint)
+    model = model or params.get("model")
+    if not model:
+        raise StarftError(f"--checkpoint {checkpoint!r} has no params.txt beside its run folder: pass --model "
+                          "(the OpenCLIP name or local-dir:DIR it was trained with)")
+    if results is not None and not os.path.isfile(results):
+        raise StarftError(f"--results {results!r} does not exist: give the results.jsonl of open-clip-starft eval")
+    if results is not None:
+        results_of(read_jsonl(results), checkpoint, results)  # a wrong results file fails before anything is written
+    state, meta = read_checkpoint(checkpoint)
+    updates, preprocess = model_changes(params)
+    saved = save_local_dir(state, model, out, preprocess_cfg=preprocess, model_cfg_updates=updates)
+    loaded = open_clip.create_model(saved)  # the check: plain OpenCLIP loads exactly these weights
+    differ = [k for k, v in loaded.state_dict().items() if k not in state or not torch.equal(v, state[k].to(v.dtype))]
+    if differ or len(loaded.state_dict()) != len(state):
+        raise StarftError(f"the folder {out!r} does not load back as the checkpoint (first differing weight: "
+                          f"{(differ or ['a missing key'])[0]}): report this with the checkpoint's --model")
+    card = model_card(name=os.path.basename(os.path.abspath(out)), model=model, checkpoint=checkpoint, meta=meta,
+                      params=params, params_path=params_path, results=results, license_id=license_id)
+    with open(os.path.join(out, "README.md.partial"), "w", encoding="utf-8") as f:
+        f.write(card)
+    os.replace(os.path.join(out, "README.md.partial"), os.path.join(out, "README.md"))
+    log(f"exported {checkpoint} as {saved} ({len(state)} tensors; model card {os.path.join(out, 'README.md')})")
+    log(f"load: open_clip.create_model_and_transforms({saved!r}); share: huggingface-cli upload ORG/NAME {out}")
+    return saved
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open-clip-starft export", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a training checkpoint (epoch_N.pt)")
+    parser.add_argument("--model", metavar="NAME|local-dir:DIR",
+                        help="the OpenCLIP model it was trained with (default: the run's params.txt)")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="the model folder to write")
+    parser.add_argument("--results", metavar="results.jsonl", help="open-clip-starft eval results of this checkpoint, "
+                        "for the card's robustness table")
+    parser.add_argument("--license", dest="license_id", default="other", metavar="ID",
+                        help="the card's license (a Hugging Face license id; default 'other': the base weights' and "
+                             "data's terms apply)")
+    return parser
+
+
+@one_line_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    export(args.checkpoint, args.out, model=args.model, results=args.results, license_id=args.license_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""``open-clip-starft export``: a real training checkpoint to a folder that plain OpenCLIP loads with
+the checkpoint's logits, in the Hub upload's layout, with a model card naming every StarFT setting."""
+import json
+import os
+import shutil
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from open_clip_starft.demo.data import CLASSNAMES, render_sample
+from open_clip_starft.eval import cli as eval_cli
+from open_clip_starft.tools import export as ex
+from runs import make_workspace, run, train_args
+
+STARFT_FLAGS = ["--starft-lambda", "0.7", "--starft-schedule", "constant", "--starft-concepts", "texture",
+                "--starft-teacher-text-cache-mb", "16"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch StarFT run of the tiny model (non-default StarFT settings) and eval results of its checkpoint."""
+    ws = make_workspace(tmp_path_factory.mktemp("export"), n=64, shards=2)
+    result = run(train_args(ws, "ft", *STARFT_FLAGS, epochs=1, batch_size=16, workers=0))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = os.path.join(ws["root"], "logs", "ft", "checkpoints", "epoch_1.pt")
+    results = os.path.join(ws["root"], "results.jsonl")
+    zero_shot = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
+    assert eval_cli.main(["--model", ws["model"], "--pretrained", f"zero-shot={zero_shot}", "--pretrained", f"starft={ckpt}",
+                          "--data", ws["data"], "--classnames", ws["classes"], "--out", results, "--no-plots",
+                          "--workers", "0", "--no-progress"]) == 0
+    return {**ws, "ckpt": ckpt, "results": results}
+
+
+def checkpoint_model(ws, ckpt):
+    """The checkpoint's weights in the model its run trained, built the plain OpenCLIP way."""
+    model = open_clip.create_model(ws["model"])
+    open_clip.load_checkpoint(model, ckpt, weights_only=False)  # strict; takes "state_dict", drops "module."
+    return model.eval()
+
+
+def logits(model, images, texts):
+    with torch.no_grad():
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(texts, normalize=True)
+        return model.logit_scale.exp() * image_features @ text_features.T
+
+
+def test_round_trip_gives_the_checkpoints_logits_and_a_card_with_every_setting(trained, tmp_path):
+    out = tmp_path / "starft-tiny"
+    assert ex.main(["--checkpoint", trained["ckpt"], "--out", str(out), "--results", trained["results"]]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
+
+    exported, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")  # plain OpenCLIP
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    original = checkpoint_model(trained, trained["ckpt"])
+    _, _, original_preprocess = open_clip.create_model_and_transforms(trained["model"])
+    pictures = [render_sample(i, seed=21, biased=False, image_size=32)[0] for i in range(6)]
+    images = torch.stack([preprocess(p) for p in pictures])
+    assert torch.equal(images, torch.stack([original_preprocess(p) for p in pictures]))
+    texts = tokenizer([f"a photo of a {c}." for c in CLASSNAMES])
+    assert torch.equal(texts, open_clip.get_tokenizer(trained["model"])([f"a photo of a {c}." for c in CLASSNAMES]))
+    want = logits(original, images, texts)
+    got = logits(exported.eval(), images, texts)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    initial = logits(checkpoint_model(trained, os.path.join(trained["model"].removeprefix("local-dir:"),
+                                                            "open_clip_pytorch_model.bin")), images, texts)
+    assert not torch.allclose(initial, want, atol=1e-3)  # the round trip carries the fine-tuned weights, not the initial ones
+
+    card = (out / "README.md").read_text()
+    starft = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)["starft"]
+    assert len(starft) >= 12
+    for key, value in starft.items():  # every StarFT setting, by its flag, with its value
+        assert f"`--{key.replace('_', '-')}`: {value}" in card, key
+    assert "`--starft-lambda`: 0.7" in card and "`--starft-concepts`: texture" in card
+    assert "**Epochs trained:** 1 of 1" in card and f"**Training data:** {trained['data']}" in card
+    records = {r["checkpoint"]: r for r in map(json.loads, open(trained["results"]))}
+    row = next(line for line in card.splitlines() if line.startswith("| shard"))
+    assert row.split(" | ")[1] == f"{100 * records['starft']['top1']:.1f}"  # this checkpoint's row, not the zero-shot's
+    assert "| zero-shot |" in card and "| starft |" in card  # and the file's checkpoints side by side
+
+
+def test_the_folder_is_in_the_hub_upload_layout(trained, tmp_path):
+    out = tmp_path / "hub"
+    ex.export(trained["ckpt"], str(out), log=lambda *_: None)
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert set(config) == {"model_cfg", "preprocess_cfg"}  # what open_clip.push_to_hf_hub.save_config_for_hf writes
+    with open(os.path.join(trained["model"].removeprefix("local-dir:"), "open_clip_config.json")) as f:
+        assert config["model_cfg"] == json.load(f)["model_cfg"]
+    assert set(config["preprocess_cfg"]) >= {"mean", "std", "interpolation", "resize_mode"}
+    weights = load_file(str(out / "open_clip_model.safetensors"))
+    state = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)["state_dict"]
+    assert weights.keys() == {k.removeprefix("module.") for k in state}
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "library_name: open_clip" in front and "pipeline_tag: zero-shot-image-classification" in front
+    assert "license: other" in front
+
+
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys):
+    def error(*argv):
+        rc = ex.main([*map(str, argv)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("open-clip-starft: error: "), err
+        return err[0]
+
+    alone = tmp_path / "alone.pt"  # a checkpoint without its run folder: the model is unknown
+    shutil.copy(trained["ckpt"], alone)
+    assert "pass --model" in error("--checkpoint", alone, "--out", tmp_path / "a")
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads(open(os.path.join(trained["model"].removeprefix("local-dir:"), "open_clip_config.json")).read())
+    cfg["model_cfg"]["embed_dim"] = 16
+    (other / "open_clip_config.json").write_text(json.dumps(cfg))
+    msg = error("--checkpoint", trained["ckpt"], "--model", f"local-dir:{other}", "--out", tmp_path / "b")
+    assert "size mismatch" in msg and "pass the model they were trained with" in msg
+    assert not (tmp_path / "b" / "open_clip_config.json").exists()
+    many = tmp_path / "many.jsonl"
+    rows = [json.loads(line) for line in open(trained["results"])]
+    many.write_text("".join(json.dumps({**r, "settings": {**r["settings"], "pretrained": "/elsewhere.pt"}}) + "\n" for r in rows))
+    assert "none was evaluated from" in error("--checkpoint", trained["ckpt"], "--out", tmp_path / "c", "--results", many)
+    assert not (tmp_path / "c").exists()
+    assert "does not exist" in error("--checkpoint", tmp_path / "nowhere.pt", "--out", tmp_path / "d")
