@@ -24,7 +24,7 @@ import torch
 
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.models import ModelCache, checkpoints_from_args
-from open_clip_starft.eval.report import markdown_table, plot_groups, write_jsonl
+from open_clip_starft.eval.report import plot_groups, write_jsonl, write_table
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
 from open_clip_starft.eval.metrics import evaluate_prepared
 
@@ -144,10 +144,7 @@ def run(args) -> int:
             settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size}, log=print,
             progress=not args.no_progress)
         write_jsonl(records, args.out)  # after every checkpoint, so a long run leaves its results
-    table = markdown_table(records, id_set)
-    with open(table_path, "w") as f:
-        f.write(table)
-    print("\n" + table)
+    print("\n" + write_table(records, table_path, id_set))
     plots = [] if args.no_plots else plot_groups(records, plots_dir)
     print(f"results: {args.out}\ntable:   {table_path}" + (f"\nplots:   {', '.join(plots)}" if plots else "")
           + f"\ndone in {time.time() - start:.0f} s")

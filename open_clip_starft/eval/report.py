@@ -88,6 +88,15 @@ def markdown_table(records: list[dict], id_set: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(records: list[dict], path: str, id_set: str | None = None) -> str:
+    """Write ``markdown_table`` of ``records`` to ``path`` (under a temporary name first); returns it."""
+    table = markdown_table(records, id_set)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        f.write(table)
+    os.replace(path + ".partial", path)
+    return table
+
+
 def _pyplot():
     try:
         import matplotlib

@@ -24,7 +24,7 @@ from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.cli import add_data_args, check_run_args, add_run_args, set_specs_from_args
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, save_openclip
-from open_clip_starft.eval.report import layout, markdown_table, plot_wise, summary, write_jsonl
+from open_clip_starft.eval.report import layout, plot_wise, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
 from open_clip_starft.eval.metrics import evaluate_prepared
 
@@ -141,10 +141,7 @@ def run(args) -> int:
     points, x_label, y_label = curve(records, alphas, id_set)
     result = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned,
               "x": x_label, "y": y_label, "points": points}
-    table = markdown_table(records, id_set)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    print("\n" + table)
+    print("\n" + write_table(records, os.path.join(args.out, "results.md"), id_set))
     if args.save_alpha is not None or args.save is not None:
         alpha = choose_alpha(points, args.save_alpha or "best")
         target = args.save or os.path.join(args.out, f"wise-alpha-{alpha:g}")
