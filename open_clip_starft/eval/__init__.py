@@ -1,5 +1,13 @@
-"""Evaluation: metrics (top-k, per-group, worst-group, ECE), eval sets by layout, checkpoints and
-models, reports and plots, WiSE-FT, and the ``eval``/``wise`` commands.
+"""Evaluation: zero-shot accuracy of OpenCLIP checkpoints on eval sets, with the robustness metrics.
+
+- ``metrics``: top-1/top-5, per-class, per-group, worst-group and average-group accuracy, ECE;
+  the zero-shot heads (``HeadCache``) and ``evaluate_prepared``;
+- ``sets/``: eval sets, one module per layout chosen through a registry (``sets.registry``),
+  built-in entries, suite files, batches of images;
+- ``models``: checkpoints and run folders (``run_checkpoints``), model creation and weight loading,
+  WiSE-FT interpolation, and ``save_local_dir`` (the one ``local-dir:`` / Hub-layout saver);
+- ``report``: JSON lines, Markdown tables, plots; ``progress``: progress bars and log lines;
+- ``cli`` and ``wise``: the ``eval`` and ``wise`` commands.
 
 May import ``data`` (sample format), ``method`` and ``errors``, and OpenCLIP's public functions;
 never ``host``.
