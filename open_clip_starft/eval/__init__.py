@@ -7,6 +7,7 @@
 - ``models``: checkpoints and run folders (``run_checkpoints``), model creation and weight loading,
   WiSE-FT interpolation, and ``save_local_dir`` (the one ``local-dir:`` / Hub-layout saver);
 - ``report``: JSON lines, Markdown tables, plots; ``progress``: progress bars and log lines;
+- ``frontier``: worst-group vs in-distribution frontiers (WiSE-FT curves, matched comparisons);
 - ``cli`` and ``wise``: the ``eval`` and ``wise`` commands.
 
 May import ``data`` (sample format), ``method`` and ``errors``, and OpenCLIP's public functions;
