@@ -2,8 +2,8 @@
 output in a console log file, a set number of compute threads and its time taken.
 
 The demo and the Waterbirds-lite study run every training through it, so a run's console, exit status
-and failure message look the same everywhere. Progress on long work is shown by ``Progress``: a tqdm bar
-on a terminal, a line every ``interval`` seconds otherwise (log files stay readable).
+and failure message look the same everywhere; ``export_checkpoint`` turns a stage's checkpoint into a
+``local-dir:`` model for the next stage.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from open_clip.factory import load_state_dict
 
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import save_openclip
+from open_clip_starft.eval.models import save_local_dir
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """Environment for runs that must never reach a model hub."""
@@ -85,48 +85,4 @@ def export_checkpoint(checkpoint: str, model: str, out_dir: str) -> str:
     """A stage's training checkpoint as a ``local-dir:OUT_DIR`` model that plain OpenCLIP loads (config and
     tokenizer files from ``model``, a ``local-dir:`` folder or a model name); returns the ``--model`` value."""
     # OpenCLIP's loader takes the checkpoint's "state_dict" and drops DDP's "module." prefix
-    return save_openclip(load_state_dict(checkpoint, weights_only=False), model, out_dir)
-
-
-class Progress:
-    """Progress over ``total`` units of work: a tqdm bar when stderr is a terminal, otherwise a
-    ``desc: n/total (p%), elapsed, ETA`` line through ``log`` at most every ``interval`` seconds
-    (and at the end). Use as a context manager; ``update(n)`` after each unit."""
-
-    def __init__(self, total: int, desc: str, log=print, interval: float = 30.0, unit: str = "it"):
-        self.total, self.desc, self.log, self.interval = total, desc, log, interval
-        self.done, self.start, self.last = 0, time.time(), time.time()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, n: int = 1, note: str = "") -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            if note:
-                self.bar.set_postfix_str(note)
-            return
-        now = time.time()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            self.log(self.line(note))
-
-    def line(self, note: str = "") -> str:
-        elapsed = time.time() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        percent = 100 * self.done / self.total if self.total else 100.0
-        return (f"  {self.desc}: {self.done}/{self.total} ({percent:.0f}%), {elapsed:.0f} s elapsed"
-                + (f", ETA {eta:.0f} s" if self.done and self.done < self.total else "") + (f" ({note})" if note else ""))
-
-    def __enter__(self):
-        return self
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+    return save_local_dir(load_state_dict(checkpoint, weights_only=False), model, out_dir)

@@ -7,10 +7,11 @@ images takes seconds on a CPU.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from open_clip import CLIP
+
+from open_clip_starft.eval.models import save_local_dir
 
 TINY_MODEL_CFG = {
     "embed_dim": 32,
@@ -28,12 +29,8 @@ def build_tiny_model(seed: int = 0, image_size: int = 32) -> tuple[CLIP, dict]:
 
 
 def write_tiny_model(out_dir: str, seed: int = 0, image_size: int = 32, model: CLIP | None = None) -> str:
-    """Write ``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` to ``out_dir``;
-    returns the ``--model`` value (``local-dir:out_dir``). Pass ``model`` to save given weights."""
+    """Write the tiny model to ``out_dir`` as an OpenCLIP ``local-dir:`` folder (``open_clip_config.json``,
+    ``open_clip_model.safetensors``, through ``eval.models.save_local_dir``); returns the ``--model``
+    value (``local-dir:out_dir``). Pass ``model`` to save given weights."""
     built, cfg = build_tiny_model(seed, image_size)
-    model = model if model is not None else built
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": {}}, f, indent=2)
-    torch.save(model.state_dict(), os.path.join(out_dir, "open_clip_pytorch_model.bin"))
-    return f"local-dir:{out_dir}"
+    return save_local_dir((model if model is not None else built).state_dict(), cfg, out_dir)

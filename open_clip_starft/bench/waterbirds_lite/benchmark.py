@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 from open_clip.factory import load_state_dict
 
-from open_clip_starft.bench.stages import OFFLINE_ENV, Progress, run_stage, training_progress
+from open_clip_starft.bench.stages import OFFLINE_ENV, run_stage, training_progress
 from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.metrics import evaluate_zero_shot
+from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import interpolate_state_dicts, run_checkpoints
 
 METHODS = {
@@ -96,15 +97,16 @@ def run_job(job: Job, threads: int = 1, log=None) -> float:
                      what=f"Waterbirds-lite run {job.name}", threads=threads, env=OFFLINE_ENV, on_poll=poll, poll_s=30.0)
 
 
-def run_jobs(jobs: list[Job], parallel: int, log=print) -> dict[str, float]:
+def run_jobs(jobs: list[Job], parallel: int) -> dict[str, float]:
     """Run ``jobs``, ``parallel`` at a time, the machine's two cores shared among them; seconds per job.
     Progress: one unit per finished job (a bar on a terminal, lines in a log)."""
     seconds, lock = {}, threading.Lock()
-    with Progress(len(jobs), "fine-tunes", log=log, interval=0.0, unit="run") as progress:
+    with Progress(len(jobs), "  fine-tunes", unit="run", interval_s=0.0) as progress:
         def one(job):
             seconds[job.name] = run_job(job, threads=max(1, 2 // parallel))
             with lock:
-                progress.update(1, f"{job.name} {seconds[job.name]:.0f} s")
+                progress.write(f"    {job.name}: {seconds[job.name]:.0f} s")
+                progress.update(1)
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             for future in [pool.submit(one, j) for j in jobs]:
                 future.result()
@@ -193,11 +195,11 @@ def record(protocol: str, method: str, split: str, seed, metrics: dict, train_gr
 
 
 def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds,
-                  seconds: dict, log=print) -> list[dict]:
+                  seconds: dict) -> list[dict]:
     ev = Evaluator(zero_shot)
     records = []
     per_split = len(protocols) * (1 + len(train_seeds) * (len(methods) + sum(b in methods for b in WISE.values())))
-    progress = Progress(len(manifest["splits"]) * per_split, "evaluated models", log=log, unit="model")
+    progress = Progress(len(manifest["splits"]) * per_split, "  evaluated models", unit="model")
     for split, info in manifest["splits"].items():
         sets = {k: (info["sets"][k]["pattern"], _classnames(info["sets"][k]["pattern"]))
                 for k in ("wb-test", "wb-val", "heldout-test")}
@@ -205,7 +207,7 @@ def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, 
         zs = ev.evaluate(ev.zero_shot_state, sets)
         for protocol in protocols:
             records.append(record(protocol, "zero-shot", split, None, zs, wb_groups))
-            progress.update(1, f"{protocol} {split} zero-shot")
+            progress.update(1)
             for seed in train_seeds:
                 states = {}
                 for method in methods:
@@ -217,11 +219,11 @@ def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, 
                     records.append(record(protocol, method, split, seed, ev.evaluate(states[method], sets), wb_groups,
                                           seconds.get(name)))
                     records[-1]["star_loss_step0"] = first_star_loss(os.path.join(out, "logs", name, "out.log"))
-                    progress.update(1, name)
+                    progress.update(1)
                 for wise, base in WISE.items():
                     if base in states:
                         mixed = interpolate_state_dicts(ev.zero_shot_state, states[base], WISE_ALPHA)
                         records.append(record(protocol, wise, split, seed, ev.evaluate(mixed, sets), wb_groups))
-                        progress.update(1, f"{protocol}-{split}-seed{seed}-{wise}")
+                        progress.update(1)
     progress.close()
     return records

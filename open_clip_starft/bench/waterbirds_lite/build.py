@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from open_clip_starft.bench.stages import Progress
 from open_clip_starft.data.samples import brace_pattern, write_shards
 from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.progress import Progress
 
 PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
             "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
@@ -237,7 +237,7 @@ def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Mate
 
 
 def _counted(draw, progress):
-    """``draw``, with one unit of ``progress`` (a ``bench.stages.Progress`` or None) per image drawn."""
+    """``draw``, with one unit of ``progress`` (an ``eval.progress.Progress`` or None) per image drawn."""
     if progress is None:
         return draw
 
@@ -329,7 +329,7 @@ def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed:
         f"{sum(s.kind == 'landbird' for s in stamps)} landbirds), {len(scenes)} scenes "
         f"({sum(s.place == 'water' for s in scenes)} water)")
     per_split = sizes.wb_train + sizes.wb_val + sizes.wb_test + sizes.source_train + sizes.heldout_test
-    progress = Progress(sizes.pretrain + len(splits) * per_split, "composing images", log=log, unit="img")
+    progress = Progress(sizes.pretrain + len(splits) * per_split, "  composing images", unit="img")
     manifest["pretrain"] = write_pretrain(out, material, sizes, seed, progress)
     for variant, split_seed in splits:
         split = make_split(stamps, scenes, variant, split_seed, sizes.source_fraction)

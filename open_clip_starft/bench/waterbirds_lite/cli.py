@@ -156,12 +156,12 @@ def _run(args, argv) -> int:
             jobs = benchmark.finetune_jobs(out, _load_manifest(out, splits, args.splits), _zero_shot(out), protocols,
                                            methods, seeds, scale["schedule"])
             log(f"  {len(jobs)} fine-tunes, {args.parallel} at a time")
-            done = benchmark.run_jobs(jobs, args.parallel, log=log)
+            done = benchmark.run_jobs(jobs, args.parallel)
             _write_json(seconds_path, {**_read_json(seconds_path, {}), **{k: v for k, v in done.items() if v}})
         else:
             manifest = _load_manifest(out, splits, args.splits)
             records = benchmark.evaluate_runs(out, manifest, _zero_shot(out), protocols, methods, seeds,
-                                              _read_json(seconds_path, {}), log=log)
+                                              _read_json(seconds_path, {}))
             timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
             _write_json(timing_path, timing)
             _write_report(args, records, timing, manifest)

