@@ -69,7 +69,15 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
             "--device", "cpu", "--",
             "--train-data", ws["train"], "--dataset-type", "webdataset", "--device", "cpu", "--workers", "0",
             "--precision", "fp32", "--batch-size", "32", "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--seed", "0"]
+    # a job-array task trains its one setting and evaluates nothing; the choosing sweep then reads it
+    only = lambda i: argv[:argv.index("--")] + ["--only-run", str(i)] + argv[argv.index("--"):]  # noqa: E731
+    assert sweep.main(only(2)) == 0
+    assert (out / "runs" / "starft-lam4-constant-background" / "checkpoints" / "epoch_1.pt").is_file()
+    assert not (out / "runs" / "flyp").exists() and not (out / "sweep.json").exists()
+    assert sweep.main(only(3)) == 2  # outside the grid of 3
+    capsys.readouterr()
     assert sweep.main(argv) == 0
+    assert capsys.readouterr().out.count("finished run found, not rerun") == 1
     result = json.loads((out / "sweep.json").read_text())
     rows = result["grid"]
     assert [r["name"] for r in rows] == ["zero-shot", "flyp", "starft-lam1-constant-background",

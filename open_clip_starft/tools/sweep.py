@@ -19,7 +19,8 @@ earlier setting of the grid. Test numbers are recorded beside it and never read 
 ``--wise-alphas`` adds the WiSE-FT curves zero-shot→FLYP and zero-shot→selected StarFT (on the test
 sets) and the frontier comparison (``eval.frontier``). Writes ``OUT/sweep.json`` (the whole grid, the choice and
 the curves), ``OUT/evals.json`` (evaluations, reused when the sweep is rerun) and, with
-``--wise-alphas``, ``OUT/frontier.png``.
+``--wise-alphas``, ``OUT/frontier.png``. On a cluster, ``--only-run I`` trains setting I alone
+(``scripts/slurm/sweep_select.sbatch`` submits the grid as a job array, then the choosing sweep).
 """
 from __future__ import annotations
 
@@ -27,17 +28,17 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
+from open_clip_starft.bench.stages import run_stage
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve, write_json
-from open_clip_starft.eval.metrics import evaluate_prepared
+from open_clip_starft.eval.metrics import HeadCache, classification_metrics, collect_logits
 from open_clip_starft.eval.models import create_model, load_weights, run_checkpoints
-from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
+from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
 from open_clip_starft.eval.wise import parse_alphas
 
 ROLES = ("val", "val_in_dist", "test", "test_in_dist")  # --val, --val-in-dist, --test, --test-in-dist
@@ -91,22 +92,6 @@ def parse_floats(text: str, flag: str) -> list[float]:
     return values
 
 
-def run_module(module: str, args: list[str], console: str, threads: int = 1) -> float:
-    """Run ``python -m module args`` with its output in ``console`` and ``threads`` compute threads;
-    seconds. A failure is a StarftError quoting the end of the console log."""
-    start = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    os.makedirs(os.path.dirname(os.path.abspath(console)), exist_ok=True)
-    with open(console, "w") as out:
-        status = subprocess.run([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env).returncode
-    if status != 0:
-        with open(console) as f:
-            tail = " | ".join(line.strip() for line in f.readlines()[-6:])
-        raise StarftError(f"python -m {module} failed (exit {status}); see {console}: {tail}")
-    return time.time() - start
-
-
 def train_epochs(train_args: list[str]) -> int:
     """The ``--epochs`` of the training flags (OpenCLIP's default 32)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -134,7 +119,8 @@ def run_setting(setting: Setting, *, logs: str, model: str, pretrained: str | No
     resume = ["--resume", "latest"] if os.path.isdir(os.path.join(logs, setting.name)) else []
     args = ["--model", model, *(["--pretrained", pretrained] if pretrained else []), "--starft-classnames", classnames,
             *setting.train_args(), *train_args, "--logs", logs, "--name", setting.name, *resume]
-    seconds = run_module("open_clip_starft.main", args, os.path.join(logs, f"{setting.name}.console.txt"), threads)
+    seconds = run_stage("open_clip_starft.main", args, os.path.join(logs, f"{setting.name}.console.txt"),
+                        what=f"sweep run {setting.name}", threads=threads)
     if not os.path.isfile(final):
         found = run_checkpoints(os.path.join(logs, setting.name), "last")
         raise StarftError(f"run {setting.name} ended without {final} (last: {found[-1]}): check --save-frequency")
@@ -145,10 +131,12 @@ def run_setting(setting: Setting, *, logs: str, model: str, pretrained: str | No
 class Evaluator:
     """Zero-shot metrics of weights on the named sets, by role: ``val_avg``, ``val_worst_group``,
     ``val_in_dist`` (top-1 of the validation in-distribution set), ``avg``, ``worst_group`` and
-    ``in_dist`` (the test sets); a role without a set gives None."""
+    ``in_dist`` (the test sets); a role without a set gives None. With ``cache_images`` the
+    preprocessed images of every set are read once and kept in memory for every later model
+    (sets × images × 3 × H × W floats: for small sets)."""
 
     def __init__(self, model: str, pretrained: str | None, sets: dict[str, str], classnames: str,
-                 device: str = "cpu", batch_size: int = 256):
+                 device: str = "cpu", batch_size: int = 256, cache_images: bool = False):
         self.model_name = model
         tag = pretrained if pretrained and not os.path.isfile(pretrained) else None
         self.model, self.preprocess, self.tokenizer = create_model(model, device, tag)
@@ -157,7 +145,8 @@ class Evaluator:
         self.zero_shot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.prepared = {role: prepare_set(EvalSetSpec(name=role, root=root, classnames=classnames))
                          for role, root in sets.items()}
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.cache_images = device, batch_size, cache_images
+        self._images: dict[str, list] = {}
 
     def state_dict(self, checkpoint: str | None) -> dict:
         """The weights of a checkpoint file (None: the zero-shot model's)."""
@@ -166,13 +155,29 @@ class Evaluator:
         load_weights(self.model, checkpoint, self.model_name)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def _batches(self, prepared):
+        if not self.cache_images:
+            return batches(prepared, self.preprocess, self.batch_size)
+        if prepared.name not in self._images:
+            self._images[prepared.name] = list(batches(prepared, self.preprocess, self.batch_size))
+        return self._images[prepared.name]
+
     def __call__(self, state_dict: dict, roles: tuple[str, ...] = ROLES) -> dict:
         """Metrics of ``state_dict`` on the sets of ``roles`` (the others give None)."""
         self.model.load_state_dict(state_dict)
-        records = evaluate_prepared(self.model, self.preprocess, self.tokenizer,
-                                    [p for role, p in self.prepared.items() if role in roles],
-                                    device=self.device, batch_size=self.batch_size)
-        by_role = {r["dataset"]: r for r in records}
+        self.model.eval()
+        sets = [p for role, p in self.prepared.items() if role in roles]
+        heads = HeadCache(self.model, self.tokenizer, self.device)
+        heads.prepare(sets)
+        scale = float(self.model.logit_scale.detach().exp())
+        by_role = {}
+        for p in sets:
+            logits, labels, groups, skipped = collect_logits(self.model, heads[p], self._batches(p), self.device,
+                                                             class_map=p.class_map, logit_scale=scale)
+            if skipped or not len(labels):
+                raise StarftError(f"--{p.name.replace('_', '-')} {p.root}: {len(skipped)} unreadable image(s), e.g. "
+                                  f"{skipped[0] if skipped else 'none readable'}: a sweep compares runs on whole sets only")
+            by_role[p.name] = classification_metrics(logits, labels, groups)
         get = lambda role, key: by_role[role][key] if role in by_role else None  # noqa: E731
         return {"val_avg": get("val", "top1"), "val_worst_group": get("val", "worst_group"),
                 "val_in_dist": get("val_in_dist", "top1"), "avg": get("test", "top1"),
@@ -212,11 +217,19 @@ def run(args, log=print) -> dict:
         train_args = train_args[1:]
     train_epochs(train_args)  # refuses flags the sweep sets, before anything runs
     start = time.time()
+    if args.only_run is not None:  # one task of a job array: train one setting, evaluate nothing
+        if not 0 <= args.only_run < len(grid):
+            raise StarftError(f"--only-run {args.only_run}: the grid has settings 0..{len(grid) - 1} "
+                              f"(submit the array as --array=0-{len(grid) - 1})")
+        s = grid[args.only_run]
+        return {"trained": run_setting(s, logs=logs, model=args.model, pretrained=args.pretrained,
+                                       classnames=args.classnames, train_args=train_args, threads=args.threads, log=log)}
     log(f"sweep: {len(grid)} fine-tune(s) into {logs}; choice on {sets['val']}")
     checkpoints = {s.name: run_setting(s, logs=logs, model=args.model, pretrained=args.pretrained,
                                        classnames=args.classnames, train_args=train_args, threads=args.threads, log=log)
                    for s in grid}
-    evaluator = Evaluator(args.model, args.pretrained, sets, args.classnames, args.device)
+    evaluator = Evaluator(args.model, args.pretrained, sets, args.classnames, args.device,
+                          cache_images=args.cache_images)
     cache_path = os.path.join(out, "evals.json")
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
 
@@ -291,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-flyp", action="store_true", help="leave out the FLYP run (λ = 0)")
     parser.add_argument("--wise-alphas", metavar="A,B|START:STOP:STEP",
                         help="also WiSE-FT curves zero-shot→FLYP and →selected StarFT, e.g. 0:1:0.1")
+    parser.add_argument("--only-run", type=int, metavar="I",
+                        help="train only grid setting I (0 = FLYP unless --no-flyp) and stop: one task of a SLURM "
+                             "job array; a later sweep without it reads the finished runs and chooses")
+    parser.add_argument("--cache-images", action="store_true",
+                        help="keep the sets' preprocessed images in memory across models (small sets: faster)")
     parser.add_argument("--threads", type=int, default=1, help="compute threads per training run (default 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the evaluations (default cuda when available)")
