@@ -18,6 +18,7 @@ import csv
 import io
 import math
 import os
+import random
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -135,6 +136,17 @@ def render_sample(index, *, seed, biased=True, p_spurious=0.9, image_size=64):
 def caption(cls, bg):
     """Caption for class ``cls`` on background ``bg``, e.g. "a photo of a circle on the water."."""
     return f"a photo of a {CLASSNAMES[cls]} {BACKGROUND_PHRASES[BACKGROUNDS[bg]]}."
+
+
+def pretrain_caption(seed, p_background):
+    """Captions for pre-training (a ``caption_fn`` of ``write_shards``): "a photo of a circle." for
+    most samples, ``caption(cls, bg)`` (the background named too) for a ``p_background`` share,
+    decided per sample index from ``seed``."""
+    def text(i, cls, bg):
+        if random.Random(hash((seed, i))).random() < p_background:
+            return caption(cls, bg)
+        return f"a photo of a {CLASSNAMES[cls]}."
+    return text
 
 
 def group_id(cls, bg):
