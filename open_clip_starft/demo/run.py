@@ -99,7 +99,7 @@ def write_data(root: str, seed: int) -> dict:
 def pretrain(out: str, seed: int, data: dict) -> str:
     """The zero-shot model of ``seed`` as a ``local-dir:`` model (reused when already exported)."""
     init_dir, target = os.path.join(out, "models", "init"), os.path.join(out, "models", "zero-shot")
-    if os.path.isfile(os.path.join(target, "open_clip_pytorch_model.bin")):
+    if any(os.path.isfile(os.path.join(target, f)) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
         print("  pre-trained zero-shot model found, not retrained")
         return f"local-dir:{target}"
     logs = os.path.join(out, "logs")
