@@ -329,3 +329,15 @@ def test_16_bit_images_are_scaled_not_white(tmp_path):
     p = prepare_set(EvalSetSpec(name="deep", root=str(tmp_path / "deep"), classnames=["circle"]))
     image = np.asarray(open_image(p.items[0].ref))
     assert image.shape == (32, 32, 3) and image.max() == round(40920 / 257) and image.min() == 0
+
+
+def test_a_local_dir_model_without_weights_is_refused_not_evaluated_at_random(ws, tmp_path, capsys):
+    from open_clip_starft.eval import wise
+    bare = tmp_path / "bare"
+    os.makedirs(bare)
+    shutil.copy(os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_config.json"), bare)
+    rc = run_eval("--model", f"local-dir:{bare}", "--data", ws["shards"], "--classnames", ws["names"], "--out", tmp_path / "r.jsonl")
+    one_line_error(capsys, rc, "holds no weights file", "random weights")
+    rc = wise.main(["--model", f"local-dir:{bare}", "--fine-tuned", str(tmp_path / "x.pt"), "--data", ws["shards"],
+                    "--classnames", ws["names"], "--out", str(tmp_path / "w")])
+    one_line_error(capsys, rc, "has no weights of its own", "--zero-shot")

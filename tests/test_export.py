@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from open_clip_starft.demo.data import CLASSNAMES, render_sample
 from open_clip_starft.eval import cli as eval_cli
+from open_clip_starft.eval.models import local_dir_weights
 from open_clip_starft.tools import export as ex
 from runs import make_workspace, run, train_args
 
@@ -26,7 +27,7 @@ def trained(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = os.path.join(ws["root"], "logs", "ft", "checkpoints", "epoch_1.pt")
     results = os.path.join(ws["root"], "results.jsonl")
-    zero_shot = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
+    zero_shot = local_dir_weights(ws["model"])
     assert eval_cli.main(["--model", ws["model"], "--pretrained", f"zero-shot={zero_shot}", "--pretrained", f"starft={ckpt}",
                           "--data", ws["data"], "--classnames", ws["classes"], "--out", results, "--no-plots",
                           "--workers", "0", "--no-progress"]) == 0
@@ -64,8 +65,7 @@ def test_round_trip_gives_the_checkpoints_logits_and_a_card_with_every_setting(t
     want = logits(original, images, texts)
     got = logits(exported.eval(), images, texts)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
-    initial = logits(checkpoint_model(trained, os.path.join(trained["model"].removeprefix("local-dir:"),
-                                                            "open_clip_pytorch_model.bin")), images, texts)
+    initial = logits(checkpoint_model(trained, local_dir_weights(trained["model"])), images, texts)
     assert not torch.allclose(initial, want, atol=1e-3)  # the round trip carries the fine-tuned weights, not the initial ones
 
     card = (out / "README.md").read_text()

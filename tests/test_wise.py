@@ -11,7 +11,7 @@ from PIL import Image
 from open_clip_starft.eval import cli as eval_cli, wise
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, render_sample, write_shards
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import interpolate_state_dicts, save_openclip
+from open_clip_starft.eval.models import interpolate_state_dicts, local_dir_weights, save_openclip
 from open_clip_starft.demo.tiny_model import TINY_MODEL_CFG, build_tiny_model, write_tiny_model
 
 
@@ -66,7 +66,7 @@ def test_wise_curve_outputs_and_saved_checkpoint_loads_in_openclip(ws, tmp_path)
 
     # α = 0 and α = 1 score exactly as the zero-shot and fine-tuned checkpoints evaluated directly
     direct = tmp_path / "direct.jsonl"
-    assert eval_cli.main(["--model", ws["model"], "--pretrained", f"zs={ws['model'].removeprefix('local-dir:')}/open_clip_pytorch_model.bin",
+    assert eval_cli.main(["--model", ws["model"], "--pretrained", f"zs={local_dir_weights(ws['model'])}",
                           "--pretrained", f"ft={ws['ft']}", "--set", f"id={ws['id']}", "--set", f"ood={ws['ood']}",
                           "--classnames", ws["names"], "--out", str(direct), "--no-plots", "--workers", "0"]) == 0
     rows = {(r["checkpoint"], r["dataset"]): r for r in map(json.loads, direct.read_text().splitlines())}

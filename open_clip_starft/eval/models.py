@@ -24,12 +24,29 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS
 
 from open_clip_starft.errors import StarftError, one_line
 
+CONFIG_FILE = HF_CONFIG_NAME            # open_clip_config.json
+WEIGHTS_FILE = HF_SAFE_WEIGHTS_NAME     # open_clip_model.safetensors, the name OpenCLIP's Hub upload and loader prefer
+_OTHER_WEIGHTS = ("open_clip_pytorch_model.safetensors", HF_WEIGHTS_NAME, "open_clip_pytorch_model.pth")
+_NOT_COPIED = (CONFIG_FILE, "README.md")
+
 
 @dataclasses.dataclass
 class Checkpoint:
     label: str
     model: str
     pretrained: str | None = None   # a weights file, an OpenCLIP tag, or None (the model's own weights)
+
+
+def local_dir_weights(model: str) -> str | None:
+    """The weights file OpenCLIP loads for a ``local-dir:`` model (its preferred names first, then any
+    ``.safetensors``, ``.bin`` or ``.pth``); None when the folder has none (OpenCLIP then builds
+    random weights, with only a warning)."""
+    folder = model.removeprefix("local-dir:")
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".pth"))) if os.path.isdir(folder) else []
+    for name in (WEIGHTS_FILE, *_OTHER_WEIGHTS, *sorted(names, key=lambda n: not n.endswith(".safetensors"))):
+        if name in names and os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
 
 
 def model_of_run(run_dir: str) -> str:
@@ -162,6 +179,9 @@ class ModelCache:
         wanted = ckpt.pretrained if ckpt.pretrained is not None else "<own>"
         entry = self._entries.get(ckpt.model)
         if entry is None or (not is_file and entry[3] != wanted):
+            if not is_file and ckpt.pretrained is None and ckpt.model.startswith("local-dir:") and not local_dir_weights(ckpt.model):
+                raise StarftError(f"--model {ckpt.model!r} holds no weights file (OpenCLIP would evaluate random weights): "
+                                  "pass --pretrained FILE, or save the model's weights in the folder")
             model, preprocess, tokenizer = create_model(ckpt.model, self.device, None if is_file else ckpt.pretrained)
             entry = self._entries[ckpt.model] = [model, preprocess, tokenizer, "<own>" if is_file else wanted]
         if is_file:
@@ -217,12 +237,6 @@ def model_config(model: str) -> dict:
     return {"model_cfg": cfg, "preprocess_cfg": {}}
 
 
-CONFIG_FILE = HF_CONFIG_NAME            # open_clip_config.json
-WEIGHTS_FILE = HF_SAFE_WEIGHTS_NAME     # open_clip_model.safetensors, the name OpenCLIP's Hub upload and loader prefer
-_OTHER_WEIGHTS = (HF_WEIGHTS_NAME, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.pth")
-_NOT_COPIED = (CONFIG_FILE, "README.md")
-
-
 def _model_from_config(config: dict, where: str) -> torch.nn.Module:
     """An OpenCLIP model built from ``config`` (through a ``local-dir:`` folder holding only the
     config, so OpenCLIP builds it as it will load it), without any weights."""
@@ -252,6 +266,8 @@ def _copy_tokenizer(source: str, config: dict, out_dir: str) -> None:
                 shutil.copy(path, os.path.join(out_dir, name))
         return
     hf_name = config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name")
+    if hf_name and os.path.isdir(hf_name) and os.path.samefile(hf_name, out_dir):
+        return  # the tokenizer files are in the folder already
     if hf_name:  # a local-dir model always reads an HF tokenizer from its own folder
         try:
             from transformers import AutoTokenizer

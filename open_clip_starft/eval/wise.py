@@ -23,7 +23,7 @@ import time
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.cli import add_data_args, check_run_args, add_run_args, set_specs_from_args
 from open_clip_starft.eval.progress import Progress
-from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, save_openclip
+from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, local_dir_weights, save_openclip
 from open_clip_starft.eval.report import layout, plot_wise, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
 from open_clip_starft.eval.metrics import evaluate_prepared
@@ -116,9 +116,10 @@ def run(args) -> int:
     alphas = parse_alphas(args.alphas)
     specs, id_set = set_specs_from_args(args)
     prepared = [prepare_set(s) for s in specs]
-    if not args.zero_shot and not args.model.startswith("local-dir:"):
+    if not args.zero_shot and not (args.model.startswith("local-dir:") and local_dir_weights(args.model)):
         raise StarftError(f"--model {args.model} has no weights of its own here: pass --zero-shot FILE "
                           "(the pretrained weights the fine-tuning started from)")
+    zero_shot_file = args.zero_shot or local_dir_weights(args.model)
     model, preprocess, tokenizer = create_model(args.model, args.device)
     if args.zero_shot:
         load_weights(model, args.zero_shot, args.model)
@@ -128,7 +129,7 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
     records, start = [], time.time()
-    settings = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
+    settings = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
     with Progress(len(alphas), "WiSE-FT", unit="α", enabled=not args.no_progress, interval_s=0) as bar:
         for a in alphas:
             model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
@@ -139,7 +140,7 @@ def run(args) -> int:
             write_jsonl(records, os.path.join(args.out, "results.jsonl"))  # after every α, so a long run leaves its results
             bar.update(1)
     points, x_label, y_label = curve(records, alphas, id_set)
-    result = {"model": args.model, "zero_shot": args.zero_shot, "fine_tuned": args.fine_tuned,
+    result = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned,
               "x": x_label, "y": y_label, "points": points}
     print("\n" + write_table(records, os.path.join(args.out, "results.md"), id_set))
     if args.save_alpha is not None or args.save is not None:
