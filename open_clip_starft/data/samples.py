@@ -8,6 +8,7 @@ Here: the image keys, label parsing, image decoding to 8-bit RGB that is correct
 """
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import json
@@ -182,3 +183,109 @@ def brace_pattern(paths) -> str:
         raise ValueError(f"shard numbers are not consecutive: {paths}")
     head, first, last = matches[0][1], matches[0][2], matches[-1][2]
     return f"{head}-{{{first}..{last}}}.tar"
+
+
+class BrokenShard(Exception):
+    """A tar shard that cannot be read to its end: truncated (cut inside a header or a member),
+    corrupt, or unreadable. ``url``: the shard; ``samples``: complete samples read before the
+    damage; ``cause``: what was found. The message is one line naming all three."""
+
+    def __init__(self, url: str, samples: int, cause: str):
+        self.url, self.samples, self.cause = url, samples, cause
+        super().__init__(f"shard {url} is broken after {samples} complete sample(s): {cause}")
+
+
+class _TailReader:
+    """A binary stream wrapper that counts the bytes read and keeps the last ``keep`` of them, so
+    the end of a tar stream can be checked without seeking (works for pipes and remote streams)."""
+
+    def __init__(self, stream, keep: int = 1 << 16):
+        self.stream, self.keep, self.total = stream, keep, 0
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.kept = 0
+
+    def read(self, size=-1) -> bytes:
+        data = self.stream.read(size)
+        if data:
+            self.total += len(data)
+            self.chunks.append(bytes(data))
+            self.kept += len(data)
+            while self.chunks and self.kept - len(self.chunks[0]) >= self.keep:
+                self.kept -= len(self.chunks.popleft())
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def after(self, offset: int) -> bytes | None:
+        """The bytes from absolute ``offset`` to the end of the stream (call after ``drain``);
+        None when they are no longer kept (more than ``keep`` bytes follow ``offset``)."""
+        start = self.total - self.kept
+        if offset < start:
+            return None
+        return b"".join(self.chunks)[offset - start:]
+
+
+def _shard_member_name(name: str) -> bool:
+    """Whether a tar member belongs to a sample (webdataset's rule: ``__meta__`` files are not)."""
+    base = name.rsplit("/", 1)[-1]
+    return not (base.startswith("__") and base.endswith("__"))
+
+
+def iter_shard(url: str, stream=None):
+    """The samples of one webdataset tar shard, each a dict ``{"__key__", "__url__", ext: bytes}``
+    grouped by key as webdataset groups them, checked to the end of the archive.
+
+    Python's ``tarfile`` stops quietly where a tar is cut inside a header (or at a member
+    boundary): here the stream must end with the end-of-archive blocks (zero bytes only after
+    the last member), else ``BrokenShard`` is raised. A sample is yielded only once the next one
+    starts or the end is verified, so a shard cut inside a sample never yields that sample half
+    (``BrokenShard.samples`` counts the complete ones yielded). ``stream``: an open binary file
+    object for ``url`` (default: webdataset's ``gopen(url)``, local paths, pipes and URLs)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    import webdataset as wds
+
+    own = stream is None
+    try:
+        stream = wds.gopen(url) if own else stream
+    except Exception as e:  # noqa: BLE001 - any open failure names the shard
+        raise BrokenShard(url, 0, f"cannot open it ({type(e).__name__}: {e})") from e
+    reader = _TailReader(stream)
+    yielded, current = 0, None
+    try:
+        try:
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isreg() or not _shard_member_name(member.name):
+                        continue
+                    key, ext = base_plus_ext(member.name)
+                    if key is None:
+                        continue
+                    ext = ext.lower()
+                    if current is None or key != current["__key__"] or ext in current:
+                        if current is not None:
+                            yield current
+                            yielded += 1
+                        current = {"__key__": key, "__url__": url}
+                    current[ext] = tar.extractfile(member).read()
+                end, plain = tar.offset, getattr(tar.fileobj, "comptype", "tar") == "tar"
+            if plain:
+                reader.drain()
+                rest = reader.after(end)
+                if rest is None or len(rest) < 512 or rest.count(0) != len(rest):
+                    where = "at a member boundary" if rest == b"" else "inside a tar header or with data after the end"
+                    raise BrokenShard(url, yielded, f"truncated or corrupt tar (the archive stops {where} at byte "
+                                      f"{end} of {reader.total}, without the end-of-archive blocks)")
+        except BrokenShard:
+            raise
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            raise BrokenShard(url, yielded, f"{type(e).__name__}: {e}") from e
+        if current is not None:
+            yield current
+    finally:
+        if own:
+            stream.close()

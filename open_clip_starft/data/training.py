@@ -1,116 +1,300 @@
 """Training data for StarFT: class-labelled images → (image, caption, spurious caption, label).
 
 Webdataset shards hold an image (``jpg``/``jpeg``/``png``/``webp``) and an integer class id
-(``cls``) per sample. The pipeline is upstream's (``open_clip_train.data``): its shard lists,
-resampling, deterministic shard shuffle, node/worker splitting, error-tolerant tar reading and
-sample shuffle; only the tail differs: a label check, captions made per sample on the fly, and
-batches of ``(images [B,3,H,W], texts [B,L], spurious [B,L], labels [B])``.
+(``cls``) per sample. The pipeline follows upstream's (``open_clip_train.data``): its shard lists,
+resampling, deterministic shard shuffle and node/worker splitting; then StarFT's tail: shards read
+to their verified end (``data.samples.iter_shard``: a truncated tar is counted and named, not
+read half), a sample shuffle seeded by (seed, epoch, rank, worker, pass), a label check, images
+decoded 16-bit-safe (``data.samples.open_rgb``), captions drawn per sample from (seed, epoch,
+sample key), and batches of ``(images [B,3,H,W], texts [B,L], spurious [B,L], labels [B])``.
 A CSV (``--dataset-type csv``) gives image paths and labels instead.
 
+Because the order is a function of the seed and the epoch only, ``data["train"].start_from(epoch,
+k)`` makes the next pass over ``epoch`` yield exactly the batches an uninterrupted epoch yields
+after its first ``k`` (step-exact resume); the skipped samples are dropped before augmentation.
+
+Before training, ``prescan_shards`` reads the first shard (all shards when they are few or small)
+without decoding and names broken shards, samples without ``cls`` or image, and out-of-range ids.
 Samples without a usable label are skipped and counted (``LabelStats``); the training loop logs
 the counts and stops with a clear error when the skipped share passes
-``--starft-max-skipped-fraction`` or a class id is outside the class names.
+``--starft-max-skipped-fraction`` (decided only when it is certain, see ``LabelStats.check``) or
+a class id is outside the class names.
 """
 from __future__ import annotations
 
+import io
+import itertools
 import logging
 import math
 import os
 import random
-from multiprocessing import Value
+from multiprocessing import Array, Value
 
 import pandas as pd
 import torch
 import webdataset as wds
-from open_clip_train.data import (
-    DataInfo, ResampledShards2, SharedEpoch, _SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE,
-    _SHARD_SHUFFLE_INITIAL, _SHARD_SHUFFLE_SIZE, detshuffle2, expand_urls, get_dataset_size,
-    tarfile_to_samples_nothrow,
-)
+from open_clip_train.data import DataInfo, ResampledShards2, SharedEpoch, detshuffle2, expand_urls, get_dataset_size
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from open_clip_starft.data.samples import IMAGE_KEYS, parse_label
-from open_clip_starft.method.captions import CaptionBuilder
+from open_clip_starft.data.samples import IMAGE_KEYS, BrokenShard, iter_shard, open_rgb, parse_label
+from open_clip_starft.method.captions import CaptionBuilder, warn_long_captions
 from open_clip_starft.errors import StarftError
 
-_MIN_SEEN_FOR_CHECK = 50  # the skipped share is judged once this many samples were read
+# Upstream's buffer sizes (open_clip_train.data keeps them private; the same values here).
+SHARD_SHUFFLE_SIZE, SHARD_SHUFFLE_INITIAL = 2000, 500
+SAMPLE_SHUFFLE_SIZE, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
+PRESCAN_ALL_SHARDS, PRESCAN_ALL_BYTES = 4, 256 << 20  # the pre-scan reads every shard up to these, else the first
 
 
 class LabelStats:
-    """Counts shared with data-loader workers (multiprocessing values, like upstream's SharedEpoch)."""
+    """Counts shared with data-loader workers (multiprocessing values, like upstream's SharedEpoch).
+
+    ``seen``: samples read; ``kept``: of them with an image and an in-range label; ``no_label``,
+    ``no_image``, ``out_of_range`` (last such id in ``bad_id``): skipped; ``read_errors``:
+    unreadable shards and samples (the last one's description in ``last_error``), of them
+    ``undecodable``: kept samples dropped later (image or augmentation failed); ``horizon``: an
+    upper bound of ``kept - undecodable`` (the samples batched) at the end of the current epoch
+    (``start_epoch``), -1 when unknown."""
 
     def __init__(self):
         self.seen = Value("l", 0)
+        self.kept = Value("l", 0)
         self.no_label = Value("l", 0)
         self.no_image = Value("l", 0)
         self.out_of_range = Value("l", 0)
         self.bad_id = Value("l", 0)
         self.read_errors = Value("l", 0)
+        self.undecodable = Value("l", 0)
+        self.last_error = Array("c", 400)
+        self.horizon = Value("l", -1)
 
     def add(self, counter, amount=1):
         with counter.get_lock():
             counter.value += amount
 
+    def note_error(self, message: str, sample: bool = False):
+        """Count an unreadable shard or (``sample``) a kept sample that cannot be decoded or
+        augmented, and keep its one-line description for the summary."""
+        self.add(self.read_errors)
+        if sample:
+            self.add(self.undecodable)
+        self.last_error.value = message.encode("utf-8", "replace")[:399]
+
+    def start_epoch(self, labelled_budget: int):
+        """The epoch about to run batches at most ``labelled_budget`` more labelled samples."""
+        self.horizon.value = self.kept.value - self.undecodable.value + labelled_budget
+
     def summary(self) -> str:
-        return (f"so far: samples read {self.seen.value}, skipped without a usable 'cls' label {self.no_label.value}, "
+        text = (f"so far: samples read {self.seen.value}, skipped without a usable 'cls' label {self.no_label.value}, "
                 f"without an image {self.no_image.value}, unreadable shards/samples {self.read_errors.value}")
+        if self.read_errors.value:
+            text += f" (last: {self.last_error.value.decode('utf-8', 'replace')})"
+        return text
 
     def check(self, max_skipped_fraction: float, num_classes: int, source: str, final: bool = False):
-        """Raise StarftError when a class id was out of range or too many samples were skipped."""
+        """Raise StarftError when a class id was out of range or too many samples were skipped.
+
+        ``final`` (the end of an epoch): when the skipped share of the samples read passes
+        ``max_skipped_fraction``. Before that only when the end is certain to fail: ``skipped /
+        (seen + labelled samples still to come) > max_skipped_fraction``, with the labelled samples
+        still to come bounded by ``horizon`` (more skipped samples only raise the share), so a run
+        whose share ends under the threshold is never stopped, however early its bad samples come."""
         if self.out_of_range.value:
             raise StarftError(
                 f"{self.out_of_range.value} sample(s) in {source} have class ids outside the {num_classes} class names "
                 f"(e.g. {self.bad_id.value}): pass --starft-classnames with a file that names every class id")
         seen, skipped = self.seen.value, self.no_label.value + self.no_image.value
-        if seen and (final or seen >= _MIN_SEEN_FOR_CHECK) and skipped / seen > max_skipped_fraction:
+        if not seen or not skipped:
+            return
+        if final:
+            bound = seen
+        elif self.horizon.value < 0:
+            return
+        else:
+            bound = seen + max(0, self.horizon.value - (self.kept.value - self.undecodable.value))
+        if skipped / bound > max_skipped_fraction:
+            broken = (f"; {self.read_errors.value} shard(s)/sample(s) were unreadable, so check the shards too"
+                      if self.read_errors.value else "")
             raise StarftError(
                 f"{skipped} of {seen} samples in {source} were skipped ({self.summary()}): every sample needs an "
-                f"image and an integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now {max_skipped_fraction})")
+                f"image and an integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now "
+                f"{max_skipped_fraction}){broken}")
 
 
-def caption_rng(seed: int, rank: int, epoch: int) -> random.Random:
-    """A caption RNG for this data-loader worker, reproducible from the run's seed, rank and epoch."""
+def _worker() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of this data-loader worker; ``(0, 1)`` in the main process."""
     info = get_worker_info()
-    worker = info.id if info is not None else 0
-    return random.Random(hash((seed, rank, worker, epoch)) & 0xFFFFFFFF)
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def sample_rng(seed: int, epoch: int, sample: dict) -> random.Random:
+    """The caption RNG of one sample: a function of the run's seed, the epoch and the sample's
+    shard name and key only, so a sample's captions do not depend on workers, ranks or what was
+    skipped before it (step-exact resume)."""
+    shard = os.path.basename(str(sample.get("__url__", "")))
+    return random.Random(f"{seed}/{epoch}/{shard}/{sample['__key__']}")
+
+
+class _ShardSamples:
+    """Pipeline stage: ``{"url"}`` → the shard's samples (``iter_shard``: grouped, checked to the
+    archive's end). A broken shard is counted and named once per worker in a warning, and its
+    sample at the damage dropped; an empty shard is named in a warning."""
+
+    def __init__(self, stats: LabelStats):
+        self.stats = stats
+        self.warned: set[str] = set()
+
+    def __call__(self, sources):
+        for source in sources:
+            url = source["url"]
+            count = 0
+            try:
+                for sample in iter_shard(url):
+                    count += 1
+                    yield sample
+            except BrokenShard as e:
+                self.stats.note_error(str(e))
+                if url not in self.warned:
+                    self.warned.add(url)
+                    logging.warning(f"Skipping unreadable training data: {e}; its later samples are lost (rewrite the "
+                                    "shard, e.g. with open-clip-starft make-shards, or drop it from --train-data)")
+                continue
+            if count == 0 and url not in self.warned:
+                self.warned.add(url)
+                logging.warning(f"training shard {url} holds no samples (an empty tar)")
+
+
+class _Place:
+    """Where this copy of the pipeline is (one per worker process): the worker it reads for, the
+    passes it began over the current epoch (``passes``) and the current one (``pass_index``). After ``start_from(epoch, k)`` the DataLoader's
+    worker ``w`` reads for worker ``(w + k) % workers`` of the uninterrupted epoch: the DataLoader
+    takes batches round-robin starting at its worker 0, so its first batch then comes from the
+    worker that made batch ``k``."""
+
+    def __init__(self):
+        self.worker, self.workers, self.passes, self.pass_index = 0, 1, 0, 0
+
+
+class _SplitByWorker:
+    """Pipeline stage: this worker's share of the shard list (``wds.split_by_worker`` by ``_Place``)."""
+
+    def __init__(self, place: _Place):
+        self.place = place
+
+    def __call__(self, sources):
+        yield from itertools.islice(sources, self.place.worker, None, self.place.workers)
+
+
+class _Shuffle:
+    """Pipeline stage: upstream's sample shuffle buffer, with an RNG seeded by (seed, epoch, rank,
+    worker, pass) instead of the time, so the sample order repeats exactly run to run."""
+
+    def __init__(self, seed: int, rank: int, epoch: SharedEpoch, place: _Place):
+        self.seed, self.rank, self.epoch, self.place = seed, rank, epoch, place
+
+    def __call__(self, samples):
+        rng = random.Random(f"shuffle/{self.seed}/{self.epoch.get_value()}/{self.rank}/{self.place.worker}/{self.place.passes}")
+        self.place.passes += 1
+        return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL, rng=rng)(samples)
 
 
 class _LabelledSamples:
-    """Pipeline stage: keep samples with an image and a usable in-range ``cls``; count the rest."""
+    """Pipeline stage: keep samples with an image and a usable in-range ``cls``; count the rest.
 
-    def __init__(self, stats: LabelStats, num_classes: int):
-        self.stats, self.num_classes = stats, num_classes
+    Counted in a worker's first pass over its shards in an epoch only: an epoch of ``N`` samples
+    needs more than one pass when some are skipped, and the repeats would count the same skipped
+    sample twice (1 bad in 128 would read as 2 in 133)."""
+
+    def __init__(self, stats: LabelStats, num_classes: int, place: _Place):
+        self.stats, self.num_classes, self.place = stats, num_classes, place
 
     def __call__(self, samples):
+        count = self.place.pass_index == 0
+        add = self.stats.add if count else (lambda counter, amount=1: None)
         for sample in samples:
-            self.stats.add(self.stats.seen)
+            add(self.stats.seen)
             if not any(k in sample for k in IMAGE_KEYS):
-                self.stats.add(self.stats.no_image)
+                add(self.stats.no_image)
                 continue
             label = parse_label(sample.get("cls"))
             if label is None:
-                self.stats.add(self.stats.no_label)
+                add(self.stats.no_label)
                 continue
             if not 0 <= label < self.num_classes:
                 self.stats.add(self.stats.out_of_range)
                 self.stats.bad_id.value = label
                 continue
-            sample["__label__"] = label  # a "__" key: wds.decode leaves it alone
+            add(self.stats.kept)
+            sample["__label__"] = label
             yield sample
 
 
-class _AddCaptions:
-    """Pipeline stage: a clean and a spurious caption per sample, from a per-worker seeded RNG."""
+def _decodable(data: bytes) -> None:
+    """Raise as decoding would, at a fraction of its cost (JPEGs at 1/8 scale): for skipped samples."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (1, 1))
+        image.load()
 
-    def __init__(self, builder: CaptionBuilder, seed: int, rank: int, epoch: SharedEpoch):
-        self.builder, self.seed, self.rank, self.epoch = builder, seed, rank, epoch
+
+class _DecodeImages:
+    """Pipeline stage: the sample's image (first of ``IMAGE_KEYS``) decoded to 8-bit RGB under
+    ``image`` (``open_rgb``: 16-bit images scaled, not clipped white); an unreadable image is
+    counted and named (shard and key) in a warning.
+
+    ``start(batches, batch_size)``: the samples of this worker's first ``batches`` batches of the
+    epoch are dropped undecoded (a resumed epoch already trained on them), across passes: where a
+    pass ends while skipping, its last ``skipped % batch_size`` samples made no batch (the
+    uninterrupted epoch dropped them as a partial batch), so they are not counted as skipped."""
+
+    def __init__(self, stats: LabelStats):
+        self.stats = stats
+        self.skip, self.batch_size = 0, 1
+        self.skipped_this_pass = 0
+
+    def start(self, batches: int, batch_size: int):
+        self.skip, self.batch_size = batches * batch_size, batch_size
 
     def __call__(self, samples):
-        rng = caption_rng(self.seed, self.rank, self.epoch.get_value())
+        self.skipped_this_pass = 0
         for sample in samples:
-            sample["text"], sample["spurious"] = self.builder(sample["__label__"], rng)
+            key = next(k for k in IMAGE_KEYS if k in sample)
+            data = sample.pop(key)
+            for other in IMAGE_KEYS:
+                sample.pop(other, None)
+            try:
+                if not data:
+                    raise ValueError("the image is empty (0 bytes)")
+                if self.skip > 0:
+                    _decodable(data)
+                else:
+                    sample["image"] = open_rgb(data)
+            except Exception as e:  # noqa: BLE001 - any undecodable image is skipped and named
+                message = (f"unreadable image {key!r} of sample {sample['__key__']!r} in shard "
+                           f"{sample.get('__url__', '?')} ({type(e).__name__}: {e})")
+                self.stats.note_error(message, sample=True)
+                logging.warning(f"Skipping an {message}")
+                continue
+            if self.skip > 0:
+                self.skip -= 1
+                self.skipped_this_pass += 1
+                continue
+            yield sample
+        if self.skip > 0:  # the pass ended while skipping: its partial batch was never a batch
+            self.skip += self.skipped_this_pass % self.batch_size
+
+
+class _AddCaptions:
+    """Pipeline stage: a clean and a spurious caption per sample, from ``sample_rng``."""
+
+    def __init__(self, builder: CaptionBuilder, seed: int, epoch: SharedEpoch):
+        self.builder, self.seed, self.epoch = builder, seed, epoch
+
+    def __call__(self, samples):
+        epoch = self.epoch.get_value()
+        for sample in samples:
+            sample["text"], sample["spurious"] = self.builder(sample["__label__"], sample_rng(self.seed, epoch, sample))
             yield sample
 
 
@@ -146,8 +330,9 @@ class Collate:
 
 
 def _counting_handler(stats: LabelStats):
+    """The augmentation stage's error handler: count the dropped sample, warn, go on."""
     def handler(exn):
-        stats.add(stats.read_errors)
+        stats.note_error(f"{type(exn).__name__}: {exn}", sample=True)
         logging.warning(f"Skipping unreadable training data ({exn!r}).")
         return True
     return handler
@@ -166,18 +351,135 @@ def check_shards_exist(pattern: str) -> list[str]:
     return urls
 
 
-class _StopWhenEmpty(wds.DataPipeline):
-    """``with_epoch`` repeats the data without end; stop when a whole pass yields nothing (no
-    labelled sample), where webdataset would spin forever."""
+def prescan_shards(urls: list[str], num_classes: int, max_skipped_fraction: float, source: str,
+                   warn: bool = True) -> dict:
+    """Read the first local shard, or all of them when there are at most ``PRESCAN_ALL_SHARDS`` or
+    they hold at most ``PRESCAN_ALL_BYTES``, without decoding images, before the first step.
 
-    def iterator(self):
-        for _ in range(self.repetitions):
+    Warns (when ``warn``) naming each broken or empty shard and the shards with samples without a
+    usable ``cls`` or an image (with their keys). Raises a one-line StarftError for a class id
+    outside the class names, and, when every shard was read, for data with no usable sample or
+    whose skipped share passes ``max_skipped_fraction`` (the share an epoch over all of it would
+    end with). Returns the counts ``{"shards", "all", "samples", "skipped", "broken"}``."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
+    if not local:
+        return {"shards": 0, "all": False, "samples": 0, "skipped": 0, "broken": 0}
+    every = len(local) == len(urls) and (len(local) <= PRESCAN_ALL_SHARDS
+                                         or sum(os.path.getsize(u) for u in local) <= PRESCAN_ALL_BYTES)
+    scan = local if every else local[:1]
+    samples = skipped = broken = 0
+    notes = []
+    for url in scan:
+        count, bad = 0, {}
+        try:
+            for sample in iter_shard(url):
+                count += 1
+                if not any(k in sample for k in IMAGE_KEYS):
+                    bad.setdefault("no image", []).append(sample["__key__"])
+                    continue
+                label = parse_label(sample.get("cls"))
+                if label is None:
+                    bad.setdefault("no usable 'cls' label", []).append(sample["__key__"])
+                elif not 0 <= label < num_classes:
+                    raise StarftError(f"sample {sample['__key__']!r} in shard {url} has class id {label}, outside the "
+                                      f"{num_classes} class names of --starft-classnames: pass a file that names every class id")
+        except BrokenShard as e:
+            broken += 1
+            notes.append(f"{e} (its later samples are skipped and counted as unreadable; rewrite it)")
+        if count == 0 and not broken:
+            notes.append(f"shard {url} holds no samples (an empty tar)")
+        for cause, keys in bad.items():
+            notes.append(f"shard {url}: {len(keys)} of {count} samples have {cause} (e.g. "
+                         f"{', '.join(map(repr, keys[:3]))}) and will be skipped")
+        samples += count
+        skipped += sum(map(len, bad.values()))
+    if warn:
+        for note in notes:
+            logging.warning(f"--train-data pre-scan: {note}")
+    if every and samples and skipped / samples > max_skipped_fraction:
+        raise StarftError(f"{skipped} of {samples} samples in --train-data {source} would be skipped "
+                          f"({'; '.join(n for n in notes if 'will be skipped' in n)}): every sample needs an image and an "
+                          f"integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now "
+                          f"{max_skipped_fraction})")
+    if every and samples - skipped <= 0:
+        raise StarftError(f"--train-data {source} holds no usable sample ({samples} read in {len(scan)} shard(s), "
+                          f"{skipped} skipped without an image or a usable 'cls' label, {broken} broken shard(s)): every "
+                          "sample needs an image and an integer class id under the key 'cls'")
+    return {"shards": len(scan), "all": every, "samples": samples, "skipped": skipped, "broken": broken}
+
+
+class _ResumePoint:
+    """Where a resumed epoch starts (``start_from``), shared with data-loader workers."""
+
+    def __init__(self):
+        self.epoch = Value("l", -1)
+        self.batches = Value("l", 0)
+
+    def set(self, epoch: int, batches_done: int):
+        self.epoch.value, self.batches.value = epoch, batches_done
+
+    def place(self, epoch: int, worker: int, workers: int) -> tuple[int, int]:
+        """``(worker of the uninterrupted epoch that DataLoader worker ``worker`` reads for, batches
+        that worker already yielded)``: after ``k`` batches worker ``v`` made ``ceil((k - v) / workers)``."""
+        k = self.batches.value if self.epoch.value == epoch else 0
+        virtual = (worker + k) % workers
+        return virtual, max(0, -(-(k - virtual) // workers))
+
+
+class _EpochPipeline(wds.DataPipeline):
+    """The per-worker training pipeline of one epoch: ``batches`` batches (fewer after
+    ``start_from``: the ones already trained on are skipped), repeating the worker's shards when
+    they run out, and stopping when a whole pass gives no batch (no labelled sample), where
+    webdataset's ``with_epoch`` would spin forever."""
+
+    def __init__(self, *stages, batches: int, batch_size: int, epoch: SharedEpoch, resume: _ResumePoint,
+                 decoder: _DecodeImages, place: _Place):
+        super().__init__(*stages)
+        self.batches, self.batch_size, self.epoch, self.resume = batches, batch_size, epoch, resume
+        self.decoder, self.place = decoder, place
+
+    def __iter__(self):
+        worker, workers = _worker()
+        virtual, done = self.resume.place(self.epoch.get_value(), worker, workers)
+        done = min(self.batches, done)
+        self.place.worker, self.place.workers, self.place.passes = virtual, workers, 0
+        self.decoder.start(done, self.batch_size)
+        return itertools.islice(self.passes(), self.batches - done)
+
+    def passes(self):
+        for index in itertools.count():
+            self.place.pass_index = index
             empty = True
             for item in self.iterator1():
                 empty = False
                 yield item
-            if empty:
+            if empty and not self.decoder.skipped_this_pass:
                 return
+
+
+class _WdsTrainData(DataInfo):
+    """The webdataset training data: upstream's ``DataInfo`` plus ``label_stats``, the per-epoch
+    bound the label check uses, and ``start_from`` (step-exact resume)."""
+
+    def set_epoch(self, epoch):
+        super().set_epoch(epoch)
+        self.label_stats.start_epoch(self.labelled_budget)
+
+    def start_from(self, epoch: int, batches_done: int):
+        """The next pass over ``epoch`` yields exactly the batches an uninterrupted epoch yields
+        after its first ``batches_done``, in the same order (call before iterating the epoch)."""
+        self.resume.set(epoch, batches_done)
+
+
+class _WorkerSeed:
+    """``ResampledShards2``'s worker seed from the run's seed, rank and worker (not the torch RNG
+    state at the first iteration, which a resumed run does not reproduce)."""
+
+    def __init__(self, seed: int, rank: int, place: _Place):
+        self.seed, self.rank, self.place = seed, rank, place
+
+    def __call__(self) -> int:
+        return random.Random(f"resample/{self.seed}/{self.rank}/{self.place.worker}").getrandbits(48)
 
 
 def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
@@ -194,52 +496,65 @@ def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
         if not num_samples:
             raise StarftError(f"--train-data {pattern!r} has no sizes.json or __len__ beside its shards: "
                               "pass --train-num-samples N")
-    shared_epoch = SharedEpoch(epoch=epoch)
-    stats = LabelStats()
-    handler = _counting_handler(stats)
     if args.train_data_upsampling_factors is not None and not resampled:
         raise StarftError("--train-data-upsampling-factors needs --dataset-resampled")
-
-    if resampled:
-        pipeline = [ResampledShards2(pattern, weights=args.train_data_upsampling_factors,
-                                     deterministic=True, epoch=shared_epoch)]
-    else:
+    readers = max(1, args.workers)  # a process with --workers 0 reads in its main process: one reader
+    if not resampled:
         num_shards = num_shards or len(urls)
-        if num_shards < args.workers * args.world_size:
-            raise StarftError(f"--train-data has {num_shards} shards for {args.workers} workers × {args.world_size} "
-                              "processes: use fewer --workers or more shards (each worker needs one)")
+        if num_shards < readers * args.world_size:
+            raise StarftError(f"--train-data has {num_shards} shard(s) for {readers} reader(s) × {args.world_size} "
+                              f"process(es) (--workers {args.workers}; 0 reads in the main process): use fewer "
+                              "--workers or processes, or more shards (each reader needs one)")
+    # callers outside the CLI (benchmarks) may set no threshold: the pre-scan then only warns
+    prescan_shards(urls, builder.num_classes, getattr(args, "starft_max_skipped_fraction", 1.0), repr(pattern),
+                   warn=args.rank == 0)
+    if tokenizer is not None and args.rank == 0:
+        warn_long_captions(builder, tokenizer, "training captions")
+
+    shared_epoch = SharedEpoch(epoch=epoch)
+    place = _Place()
+    stats = LabelStats()
+    handler = _counting_handler(stats)
+    if resampled:
+        pipeline = [ResampledShards2(pattern, weights=args.train_data_upsampling_factors, deterministic=True,
+                                     worker_seed=_WorkerSeed(args.seed, args.rank, place), epoch=shared_epoch)]
+    else:
         pipeline = [
             wds.SimpleShardList(pattern),
-            detshuffle2(bufsize=_SHARD_SHUFFLE_SIZE, initial=_SHARD_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch),
+            detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch),
             wds.split_by_node,
-            wds.split_by_worker,
+            _SplitByWorker(place),
         ]
+    decoder = _DecodeImages(stats)
     pipeline.extend([
-        lambda src: tarfile_to_samples_nothrow(src, handler=handler),
-        wds.shuffle(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL),
-        _LabelledSamples(stats, builder.num_classes),
-        wds.decode("pilrgb", handler=handler),
-        wds.rename(image=";".join(IMAGE_KEYS)),
-        _AddCaptions(builder, args.seed, args.rank, shared_epoch),
+        _ShardSamples(stats),
+        _Shuffle(args.seed, args.rank, shared_epoch, place),
+        _LabelledSamples(stats, builder.num_classes, place),
+        decoder,
+        _AddCaptions(builder, args.seed, shared_epoch),
         *([_AddPlainImage(preprocess_plain)] if preprocess_plain else []),
         wds.map_dict(image=preprocess_img, handler=handler),
         wds.to_tuple("image", "text", "spurious", "__label__", *(("plain", "__sample_id__") if preprocess_plain else ())),
         wds.batched(args.batch_size, collation_fn=Collate(tokenizer), partial=False),
     ])
-    dataset = _StopWhenEmpty(*pipeline)
 
     # As upstream: every worker yields the same number of full batches, so all ranks step together.
     global_batch_size = args.batch_size * args.world_size
-    num_workers = max(1, args.workers)
-    num_worker_batches = math.ceil(math.ceil(num_samples / global_batch_size) / num_workers)
-    num_batches = num_worker_batches * num_workers
-    dataset = dataset.with_epoch(num_worker_batches)
+    num_worker_batches = math.ceil(math.ceil(num_samples / global_batch_size) / readers)
+    num_batches = num_worker_batches * readers
+    resume = _ResumePoint()
+    dataset = _EpochPipeline(*pipeline, batches=num_worker_batches, batch_size=args.batch_size,
+                             epoch=shared_epoch, resume=resume, decoder=decoder, place=place)
     dataloader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
                                persistent_workers=args.workers > 0)
     dataloader.num_batches = num_batches
     dataloader.num_samples = num_batches * global_batch_size
-    info = DataInfo(dataloader=dataloader, shared_epoch=shared_epoch)
-    info.label_stats = stats
+    info = _WdsTrainData(dataloader=dataloader, shared_epoch=shared_epoch)
+    info.label_stats, info.resume = stats, resume
+    # At most this many labelled samples per epoch and process: each reader's batches, plus a partial
+    # batch dropped at the end of each pass (a pass gives at least one batch, or the epoch stops).
+    info.labelled_budget = readers * (num_worker_batches * args.batch_size + (num_worker_batches + 1) * (args.batch_size - 1))
+    stats.start_epoch(info.labelled_budget)
     return info
 
 
@@ -274,7 +589,7 @@ class LabelledCsvDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx):
-        raw = Image.open(self.images[idx]).convert("RGB")
+        raw = open_rgb(self.images[idx])
         rng = random.Random(hash((self.seed, self.epoch, idx)) & 0xFFFFFFFF)
         text, spurious = self.builder(self.labels[idx], rng)
         sample = (self.transforms(raw), text, spurious, self.labels[idx])
