@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 
 from open_clip_starft.demo.data import brace_pattern, render_sample
-from runs import log_of, make_workspace, metric, run, train_args
+from runs import checkpoints, log_of, make_workspace, metric, run, train_args
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,25 @@ def test_corrupt_tar_among_good_ones_is_skipped_and_training_finishes(ws):
 
 def test_accum_freq_is_refused_clearly(ws):
     one_line_error(run(train_args(ws, "accum", "--accum-freq", "2")), "--accum-freq 2", "--batch-size")
+
+
+def test_infinite_lambda(ws):
+    one_line_error(run(train_args(ws, "inf", "--starft-lambda", "inf")), "--starft-lambda inf", "finite")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp"])
+def test_a_non_finite_loss_stops_the_run_and_is_never_saved(ws, precision):
+    """A learning rate that blows the weights up after step 0: the loss of step 1 is not finite. Under
+    amp the scaler would skip every later step silently and the run would save the initial weights."""
+    name = f"nan-{precision}"
+    result = run(train_args(ws, name, "--lr", "1e30", "--precision", precision, epochs=2))
+    last = one_line_error(result, "non-finite loss at step 1 (epoch 0, batch 1)", "contrastive_loss=", "star_loss=",
+                          "--lr")
+    assert "nan" in last or "inf" in last
+    assert checkpoints(ws, name) == []
+
+
+def test_local_dir_model_with_pretrained_is_refused(ws):
+    weights = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
+    one_line_error(run(train_args(ws, "localpre", "--pretrained", weights)), "--pretrained", "is ignored",
+                   "open-clip-starft export", "--model NAME --pretrained CKPT")
