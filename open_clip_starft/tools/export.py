@@ -186,34 +186,43 @@ def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: di
     return generate_readme(card, name)
 
 
-def export(checkpoint: str, out: str, *, model: str | None = None, results: str | None = None,
-           license_id: str = "other", log=print) -> str:
-    """Export ``checkpoint`` to the folder ``out`` (see the module docstring); returns ``"local-dir:OUT"``."""
+def export_model(checkpoint: str, out: str, *, model: str | None = None) -> tuple[str, dict, dict, str]:
+    """The checkpoint's weights as the ``local-dir:`` folder ``out`` (config, weights, tokenizer files),
+    with the changes the run's ``--force-*``/``--image-*`` flags made, checked by loading it back with
+    plain OpenCLIP. Returns ``("local-dir:OUT", checkpoint entries, run params, model)``."""
     if not os.path.isfile(checkpoint):
         raise StarftError(f"--checkpoint {checkpoint!r} does not exist: give a training checkpoint (LOGS/NAME/checkpoints/epoch_N.pt)")
-    params, params_path = run_params(checkpoint)
+    params, _ = run_params(checkpoint)
     model = model or params.get("model")
     if not model:
         raise StarftError(f"--checkpoint {checkpoint!r} has no params.txt beside its run folder: pass --model "
                           "(the OpenCLIP name or local-dir:DIR it was trained with)")
-    if results is not None and not os.path.isfile(results):
-        raise StarftError(f"--results {results!r} does not exist: give the results.jsonl of open-clip-starft eval")
-    if results is not None:
-        results_of(read_jsonl(results), checkpoint, results)  # a wrong results file fails before anything is written
     state, meta = read_checkpoint(checkpoint)
     updates, preprocess = model_changes(params)
     saved = save_local_dir(state, model, out, preprocess_cfg=preprocess, model_cfg_updates=updates)
-    loaded = open_clip.create_model(saved)  # the check: plain OpenCLIP loads exactly these weights
-    differ = [k for k, v in loaded.state_dict().items() if k not in state or not torch.equal(v, state[k].to(v.dtype))]
-    if differ or len(loaded.state_dict()) != len(state):
+    loaded = open_clip.create_model(saved).state_dict()  # the check: plain OpenCLIP loads exactly these weights
+    differ = [k for k, v in loaded.items() if k not in state or not torch.equal(v, state[k].to(v.dtype))]
+    if differ or len(loaded) != len(state):
         raise StarftError(f"the folder {out!r} does not load back as the checkpoint (first differing weight: "
                           f"{(differ or ['a missing key'])[0]}): report this with the checkpoint's --model")
+    return saved, meta, params, model
+
+
+def export(checkpoint: str, out: str, *, model: str | None = None, results: str | None = None,
+           license_id: str = "other", log=print) -> str:
+    """Export ``checkpoint`` to the folder ``out`` with its model card (see the module docstring);
+    returns ``"local-dir:OUT"``."""
+    if results is not None:
+        if not os.path.isfile(results):
+            raise StarftError(f"--results {results!r} does not exist: give the results.jsonl of open-clip-starft eval")
+        results_of(read_jsonl(results), checkpoint, results)  # a wrong results file fails before anything is written
+    saved, meta, params, model = export_model(checkpoint, out, model=model)
     card = model_card(name=os.path.basename(os.path.abspath(out)), model=model, checkpoint=checkpoint, meta=meta,
-                      params=params, params_path=params_path, results=results, license_id=license_id)
+                      params=params, params_path=run_params(checkpoint)[1], results=results, license_id=license_id)
     with open(os.path.join(out, "README.md.partial"), "w", encoding="utf-8") as f:
         f.write(card)
     os.replace(os.path.join(out, "README.md.partial"), os.path.join(out, "README.md"))
-    log(f"exported {checkpoint} as {saved} ({len(state)} tensors; model card {os.path.join(out, 'README.md')})")
+    log(f"exported {checkpoint} as {saved} (model card {os.path.join(out, 'README.md')})")
     log(f"load: open_clip.create_model_and_transforms({saved!r}); share: huggingface-cli upload ORG/NAME {out}")
     return saved
 
