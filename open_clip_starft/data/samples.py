@@ -3,8 +3,9 @@
 A sample is a webdataset record: ``__key__``, one image under one of ``IMAGE_KEYS`` (encoded
 bytes), an integer class id under ``cls`` and optionally a ``group`` id and other fields.
 Here: the image keys, label parsing, image decoding to 8-bit RGB that is correct for 16- and
-32-bit images (``to_rgb``, ``open_rgb``), and the one tar shard writer (``write_shard``,
-``write_shards``, ``brace_pattern``).
+32-bit images (``to_rgb``, ``open_rgb``), the one tar shard writer (``write_shard``,
+``write_shards``, ``brace_pattern``) and a shard reader that checks the archive reaches its end
+(``iter_shard``, ``BrokenShard``: Python's tarfile stops quietly at a cut inside a header).
 """
 from __future__ import annotations
 
