@@ -89,10 +89,11 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
                .batched(batch_size, collation_fn=collate, partial=True))
     workers = min(workers, len(prepared.shards))
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
-    read: dict[str, int] = {}  # samples read per shard URL ("URL:KEY" or "URL:KEY (why)" names)
+    read: dict[str, int] = {}  # samples read per shard URL
+    urls = set(prepared.shards)
     for images, labels, groups, names, skipped in _unreadable_shard_is_one_line(prepared, loader):
         for name in (*names, *skipped):
-            url = name.split(" (", 1)[0].rsplit(":", 1)[0]
+            url = _shard_of(name, urls)
             read[url] = read.get(url, 0) + 1
         if prepared.label_of is not None and len(labels):
             mapped = [prepared.label_of(int(lab)) for lab in labels]
@@ -109,6 +110,15 @@ def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: i
                               "(or a subset) that name every label")
         yield images, labels, groups, names, skipped
     check_shard_counts(prepared, read)
+
+
+def _shard_of(name: str, urls: set[str]) -> str | None:
+    """The shard URL of a sample name ``URL:KEY`` or ``URL:KEY (why)`` (URLs and keys may hold ':')."""
+    end = len(name)
+    while (end := name.rfind(":", 0, end)) > 0:
+        if name[:end] in urls:
+            return name[:end]
+    return None
 
 
 def _unreadable_shard_is_one_line(prepared: PreparedSet, loader):
