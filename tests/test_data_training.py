@@ -3,6 +3,7 @@ tars, unlabelled samples, the pre-scan, the shard/reader check and step-exact re
 import io
 import logging
 import os
+import sys
 import tarfile
 from types import SimpleNamespace
 
@@ -226,3 +227,42 @@ def test_start_from_continues_the_uninterrupted_epoch_exactly(tmp_path, workers)
         data.start_from(2, k)
         assert epoch_batches(data, 2) == full[k:], k  # keys, spurious captions and labels
         assert epoch_batches(data, 3) == epoch_batches(pipeline(args_for(pattern, workers=workers)), 3)
+
+
+# -- end to end: the entry point stops before the first step, with one line --------------------
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from runs import make_workspace
+    return make_workspace(tmp_path_factory.mktemp("data-e2e"), n=32, shards=1)
+
+
+def last_line_error(result, *needles):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("open-clip-starft: error: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def test_a_sample_without_cls_stops_the_run_before_its_first_step(ws, tmp_path):
+    from runs import run, train_args
+    paths = write_shards(str(tmp_path / "shards"), samples(32, without_cls={9}), samples_per_shard=8)
+    args = train_args(ws, "prescan", epochs=1, batch_size=8)
+    args[args.index("--train-data") + 1] = brace_pattern(paths)
+    result = run(args)
+    last_line_error(result, "1 of 32", "'s00009'", "shard-000001.tar", "--starft-max-skipped-fraction")
+    assert "Train Epoch" not in result.stdout + result.stderr  # not after an epoch: before any step
+
+
+def test_two_processes_with_workers_0_and_one_shard_stop_with_one_line(ws):
+    from runs import run, train_args
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29647",
+                "-m", "--", "open_clip_starft.main")
+    result = run(train_args(ws, "one-shard", epochs=1, batch_size=8, workers=0), launcher=launcher)
+    assert result.returncode != 0 and "Connection closed by peer" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("open-clip-starft: error: ")]
+    assert len(errors) == 2 and all("1 shard(s) for 1 reader(s) × 2 process(es)" in e for e in errors), result.stderr[-3000:]
+    assert "open_clip_starft/" not in result.stderr  # no traceback of ours (torchrun reports the exits with its own)
+    assert "exitcode  : 2" in result.stderr
