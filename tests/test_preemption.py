@@ -1,4 +1,5 @@
 """SIGUSR1/SIGTERM mid-epoch: a checkpoint, exit 0, and --resume latest finishes the same run."""
+import json
 import os
 import re
 import signal
@@ -73,3 +74,57 @@ def test_sbatch_script_forwards_usr1_and_requeues(ws, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().strip() == "requeue 4242"
     assert any(re.fullmatch(r"epoch_\d+_step_\d+\.pt", c) for c in checkpoints(ws, "requeue")), checkpoints(ws, "requeue")
+
+
+RECORD_KEYS = """
+import json, os, sys
+from open_clip_starft.host import step as host_step
+call = host_step.StarftStep.__call__
+
+def record(self, model, batch, loss, args, *, step, epoch, num_batches_per_epoch):
+    with open(os.environ["BATCH_KEYS"], "a") as f:
+        f.write(json.dumps([step, list(host_step.Batch.of(batch).sample_ids)]) + "\\n")
+    return call(self, model, batch, loss, args, step=step, epoch=epoch, num_batches_per_epoch=num_batches_per_epoch)
+
+host_step.StarftStep.__call__ = record
+from open_clip_starft.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def batch_keys(path):
+    """{global step: the sample ids (shard URL/key) of its batch}, from RECORD_KEYS's file."""
+    keys = {}
+    for line in open(path):
+        step, ids = json.loads(line)
+        assert step not in keys, f"step {step} trained twice"
+        keys[step] = ids
+    return keys
+
+
+def test_a_preempted_and_resumed_run_trains_on_exactly_the_batches_of_an_uninterrupted_one(ws, tmp_path):
+    """Step-exact data on resume: every batch's sample keys, interrupted (SIGUSR1 mid-epoch) vs not.
+    The teacher image cache is on only because it makes each batch carry its samples' ids."""
+    def launch(name, keys, *extra):
+        args = train_args(ws, name, "--starft-teacher-image-cache", *extra, batch_size=8, epochs=EPOCHS)
+        env = dict(os.environ, OMP_NUM_THREADS="1", BATCH_KEYS=str(keys))
+        return subprocess.Popen([sys.executable, "-c", RECORD_KEYS, *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    whole = launch("keys-whole", tmp_path / "whole.jsonl")
+    _, stderr = whole.communicate(timeout=300)
+    assert whole.returncode == 0, stderr[-3000:]
+    proc = launch("keys-cut", tmp_path / "cut.jsonl")
+    wait_for_step(ws, "keys-cut", proc, 4)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by a signal" in stderr, stderr[-3000:]
+    assert re.fullmatch(r"epoch_0_step_\d+\.pt", checkpoints(ws, "keys-cut")[0])
+    resumed = launch("keys-cut", tmp_path / "cut.jsonl", "--resume", "latest")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert "resuming epoch 0 after batch" in log_of(ws, "keys-cut")
+
+    expected, got = batch_keys(tmp_path / "whole.jsonl"), batch_keys(tmp_path / "cut.jsonl")
+    assert sorted(expected) == list(range(EPOCHS * STEPS_PER_EPOCH))
+    assert got == expected
