@@ -1,0 +1,78 @@
+"""The ``open-clip-starft`` dispatcher and the conventions every subcommand shares: a module with
+``build_parser()`` and ``main(argv)``, one-line errors, ``--device`` cuda when available, no file
+written unless ``--out``/``--docs`` says where, and the old names kept as aliases."""
+import importlib
+
+import pytest
+import torch
+
+from open_clip_starft.bench import cli as bench_cli
+from open_clip_starft.cli import COMMANDS, main
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_subcommand_has_build_parser_and_main(name):
+    module = importlib.import_module(COMMANDS[name][0])
+    assert callable(module.main) and callable(module.build_parser), name
+
+
+@pytest.mark.parametrize("name", sorted(bench_cli.SUBCOMMANDS))
+def test_every_bench_subcommand_has_build_parser_and_main(name):
+    module = importlib.import_module(bench_cli.SUBCOMMANDS[name][0])
+    assert callable(module.main) and callable(module.build_parser), name
+
+
+def test_help_lists_every_command_and_unknown_ones_are_one_line(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main(["benchh"]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown command 'benchh'" in err
+
+
+def test_renamed_commands_keep_their_old_names(capsys):
+    # eval-bench is bench eval; bench waterbirds-lite is the top-level accuracy study
+    assert COMMANDS["eval-bench"][0] == bench_cli.SUBCOMMANDS["eval"][0]
+    assert COMMANDS["waterbirds-lite"][0] == bench_cli.SUBCOMMANDS["waterbirds-lite"][0]
+    for argv in (["eval-bench", "--help"], ["bench", "eval", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and "eval throughput" in capsys.readouterr().out
+    for argv in (["waterbirds-lite", "--help"], ["bench", "waterbirds-lite", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and "accuracy study" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "not a speed benchmark" in capsys.readouterr().out
+
+
+def test_bench_defaults_device_and_writes_nothing_without_out():
+    from open_clip_starft.bench import data, eval_throughput, step
+    from open_clip_starft.bench.waterbirds_lite import cli as wbl
+
+    assert step.build_parser().parse_args([]).device == DEVICE
+    assert eval_throughput.build_parser().parse_args([]).device == DEVICE
+    assert step.build_parser().parse_args([]).out is None
+    assert data.build_parser().parse_args(["--shards", "x.tar"]).out is None
+    assert eval_throughput.build_parser().parse_args([]).json is None
+    assert wbl.build_parser().parse_args(["report"]).docs is None  # the report goes under --out
+
+
+def test_bench_errors_are_one_line(capsys):
+    assert main(["bench", "step", "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "open-clip-starft: error: --batch-size and --steps must be ≥ 1"
+    if not torch.cuda.is_available():
+        assert main(["bench", "step", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_waterbirds_lite_stage_out_of_order_is_one_line(tmp_path, capsys):
+    assert main(["waterbirds-lite", "report", "--out", str(tmp_path / "wbl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run the build stage first" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wbl"]  # nothing written outside --out
