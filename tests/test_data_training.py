@@ -266,3 +266,24 @@ def test_two_processes_with_workers_0_and_one_shard_stop_with_one_line(ws):
     assert len(errors) == 2 and all("1 shard(s) for 1 reader(s) × 2 process(es)" in e for e in errors), result.stderr[-3000:]
     assert "open_clip_starft/" not in result.stderr  # no traceback of ours (torchrun reports the exits with its own)
     assert "exitcode  : 2" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_from_continues_a_csv_epoch_exactly(tmp_path, workers):
+    from open_clip_starft.data.training import get_csv_train_data
+    from open_clip_starft.demo.data import write_csv
+
+    path = write_csv(str(tmp_path), 30, seed=2, image_size=16)
+
+    def data():
+        args = SimpleNamespace(train_data=path, csv_img_key="filepath", starft_csv_label_key="label", csv_separator="\t",
+                               seed=3, rank=0, world_size=1, batch_size=4, workers=workers, starft_max_skipped_fraction=0.01)
+        return get_csv_train_data(args, PILToTensor(), CaptionBuilder(CLASSNAMES, descriptors=DESCRIPTORS),
+                                  tokenizer=TOKENIZER, preprocess_plain=lambda image: torch.zeros(1, 1, 1))
+    full = epoch_batches(data(), 1)
+    assert len(full) == 7 and full == epoch_batches(data(), 1) and full != epoch_batches(data(), 2)
+    for k in (1, 4, 6):
+        resumed = data()
+        resumed.start_from(1, k)
+        assert epoch_batches(resumed, 1) == full[k:]
+        assert epoch_batches(resumed, 2) == epoch_batches(data(), 2)  # only the resumed epoch is shortened

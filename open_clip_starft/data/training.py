@@ -598,10 +598,34 @@ class LabelledCsvDataset(Dataset):
         return sample
 
 
+class _CsvOrder(DistributedSampler):
+    """The CSV rows' order: ``DistributedSampler``'s permutation seeded by ``--seed`` and the epoch
+    (one process: all rows), so it repeats run to run; ``start_from`` drops a resumed epoch's
+    first batches. Batches are drawn in the main process, so workers do not change the order."""
+
+    def __init__(self, dataset, world_size: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.resume = batch_size, (-1, 0)
+
+    def _skip(self) -> int:
+        return self.resume[1] * self.batch_size if self.resume[0] == self.epoch else 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self._skip(), None)
+
+    def __len__(self):
+        return max(0, self.num_samples - self._skip())
+
+
 class _CsvDataInfo(DataInfo):
     def set_epoch(self, epoch):
         super().set_epoch(epoch)
         self.dataloader.dataset.epoch = epoch
+
+    def start_from(self, epoch: int, batches_done: int):
+        """The next pass over ``epoch`` yields exactly the batches an uninterrupted epoch yields
+        after its first ``batches_done`` (call before iterating the epoch)."""
+        self.sampler.resume = (epoch, batches_done)
 
 
 def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
@@ -610,8 +634,10 @@ def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
     dataset = LabelledCsvDataset(args.train_data, preprocess_img, builder, tokenizer, args.csv_img_key,
                                  args.starft_csv_label_key, args.csv_separator, args.seed, stats, preprocess_plain)
     stats.check(args.starft_max_skipped_fraction, builder.num_classes, repr(args.train_data), final=True)
-    sampler = DistributedSampler(dataset) if args.distributed else None
-    dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+    if tokenizer is not None and args.rank == 0:
+        warn_long_captions(builder, tokenizer, "training captions")
+    sampler = _CsvOrder(dataset, args.world_size, args.rank, args.seed, args.batch_size)
+    dataloader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                             num_workers=args.workers, drop_last=True, collate_fn=Collate(tokenizer))
     if len(dataloader) == 0:
         raise StarftError(f"--train-data {args.train_data!r} has {len(dataset)} labelled rows, fewer than one batch "
