@@ -110,3 +110,22 @@ def test_wise_bad_alphas_and_architecture(ws, tmp_path, capsys):
                     "--classnames", ws["names"], "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "small.pt" in err[0] and "is not a" in err[0]
+
+
+def test_save_local_dir_checks_the_weights_and_keeps_tokenizer_settings(ws, tmp_path):
+    from open_clip_starft.eval.models import save_local_dir
+    state = interpolate_state_dicts(ws["zs_state"], ws["ft_state"], 0.75)
+    folder = save_local_dir(state, ws["model"], str(tmp_path / "m"), tokenizer_cfg={"tokenizer_kwargs": {"clean": "whitespace"}},
+                            preprocess_cfg={"interpolation": "bilinear"})
+    assert sorted(os.listdir(tmp_path / "m")) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    config = json.loads((tmp_path / "m" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["tokenizer_kwargs"] == {"clean": "whitespace"}
+    assert config["preprocess_cfg"]["interpolation"] == "bilinear"
+    lower = open_clip.get_tokenizer(ws["model"])(["A  Photo"])
+    kept = open_clip.get_tokenizer(folder)(["A  Photo"])  # "whitespace" cleaning keeps the case: other tokens
+    assert not torch.equal(lower, kept)
+    model, _, _ = open_clip.create_model_and_transforms(folder)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(StarftError, match="the weights are not those of .*size mismatch for text_projection"):
+        save_local_dir({**state, "text_projection": state["text_projection"][:, :8]}, ws["model"], str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "open_clip_config.json")
