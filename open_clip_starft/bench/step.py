@@ -16,8 +16,8 @@ CPU: peak resident memory of a fresh process running only that step, model and o
 included, measured over the training steps). Prints a table; ``--out FILE`` adds the JSON record
 to a list of records (one per model/device/batch/precision).
 
-The step itself is the host's (``host.step.starft_losses``, ``host.teacher``, ``host.text_prefix``,
-public names only): the benchmark times the code training runs.
+The step itself is the host's (``host.step.starft_losses``, ``host.batch.Batch``, ``host.teacher.Teacher``,
+``host.text_prefix``; public names only): the benchmark times the code training runs.
 """
 from __future__ import annotations
 
