@@ -152,6 +152,17 @@ def test_prescan_blames_a_broken_shard_not_labels(tmp_path, caplog):
     assert counts["broken"] == 1 and counts["skipped"] == 0 and counts["all"]
     (message,) = [r.getMessage() for r in caplog.records]
     assert paths[1] in message and "broken" in message and "'cls'" not in message
+    # training: the half sample at the cut is not counted as one without 'cls'; the shard is named
+    data = pipeline(args_for(brace_pattern(paths), num_samples=24))
+    assert len(epoch_batches(data, 0)) == 6
+    data.label_stats.check(0.01, 4, "x", final=True)
+    assert data.label_stats.no_label.value == 0 and paths[1] in data.label_stats.summary()
+    # every shard broken: one line that says so, not that labels are missing
+    with open(paths[0], "wb") as f:
+        f.write(raw[:700])
+    with pytest.raises(StarftError, match="no shard can be read") as e:
+        prescan_shards(paths[:1], 4, 0.01, "x")
+    assert "'cls'" not in str(e.value) and paths[0] in str(e.value)
 
 
 def test_prescan_refuses_a_class_id_beyond_the_names(tmp_path):

@@ -401,6 +401,9 @@ def prescan_shards(urls: list[str], num_classes: int, max_skipped_fraction: floa
                           f"({'; '.join(n for n in notes if 'will be skipped' in n)}): every sample needs an image and an "
                           f"integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now "
                           f"{max_skipped_fraction})")
+    if every and samples == 0 and broken:
+        raise StarftError(f"--train-data {source}: no shard can be read ({notes[0]}): rewrite the shards, e.g. with "
+                          "open-clip-starft make-shards")
     if every and samples - skipped <= 0:
         raise StarftError(f"--train-data {source} holds no usable sample ({samples} read in {len(scan)} shard(s), "
                           f"{skipped} skipped without an image or a usable 'cls' label, {broken} broken shard(s)): every "
