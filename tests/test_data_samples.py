@@ -139,3 +139,17 @@ def test_iter_shard_names_an_unreadable_file(tmp_path):
         read(str(path))
     with pytest.raises(BrokenShard, match="cannot open"):
         read(str(tmp_path / "missing.tar"))
+
+
+def test_make_shards_writes_a_16_bit_png_as_its_grey_not_white(tmp_path):
+    # issue 13 case 2: make-shards wrote solid-white JPEGs from I;16 PNGs
+    from open_clip_starft.tools.make_shards import make_shards
+
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "tree" / cls / "x.png")
+    manifest = make_shards(str(tmp_path / "tree"), str(tmp_path / "out"), progress=False, log=lambda *_: None)
+    assert manifest["samples"] == 2
+    for sample in iter_shard(str(tmp_path / "out" / "shard-000000.tar")):
+        pixels = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"))
+        assert abs(float(pixels.mean()) - 156) <= 2
