@@ -240,6 +240,21 @@ def test_start_from_continues_the_uninterrupted_epoch_exactly(tmp_path, workers)
         assert epoch_batches(data, 3) == epoch_batches(pipeline(args_for(pattern, workers=workers)), 3)
 
 
+def test_start_from_with_resampled_shards(tmp_path):
+    paths = write_shards(str(tmp_path), samples(60), samples_per_shard=10)
+
+    def data():
+        args = args_for(brace_pattern(paths), workers=2)
+        args.dataset_resampled = True
+        return pipeline(args)
+    full = epoch_batches(data(), 1)
+    assert full == epoch_batches(data(), 1)  # the shard draws no longer depend on torch's RNG state
+    for k in (3, len(full) - 1):
+        resumed = data()
+        resumed.start_from(1, k)
+        assert epoch_batches(resumed, 1) == full[k:]
+
+
 # -- end to end: the entry point stops before the first step, with one line --------------------
 
 @pytest.fixture(scope="module")
