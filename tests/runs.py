@@ -60,6 +60,15 @@ def checkpoints(ws, name):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+def tiny_weights(ws):
+    """The weights file of the workspace's tiny local-dir model (OpenCLIP's local-dir file names)."""
+    model_dir = ws["model"].removeprefix("local-dir:")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if os.path.exists(os.path.join(model_dir, name)):
+            return os.path.join(model_dir, name)
+    raise FileNotFoundError(f"no weights in {model_dir}")
+
+
 def register_tiny_config(ws, name="starft-tiny"):
     """Register the tiny architecture with OpenCLIP under ``name`` (for ``--model NAME --pretrained FILE``)."""
     import open_clip

@@ -15,7 +15,7 @@ import webdataset as wds
 
 from open_clip_starft.demo.data import CLASSNAMES, render_sample, write_csv
 from open_clip_starft.host.teacher import fingerprint
-from runs import NO_CROP, checkpoints, log_of, make_workspace, metric, register_tiny_config, run, train_args
+from runs import NO_CROP, checkpoints, log_of, make_workspace, metric, register_tiny_config, run, tiny_weights, train_args
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_csv_training(tmp_path):
 
 
 def test_pretrained_file_with_a_named_architecture(ws):
-    weights = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
+    weights = tiny_weights(ws)
     config = register_tiny_config(ws)
     args = train_args(ws, "pretrained", epochs=1)
     args[args.index("--model") + 1] = "starft-tiny"

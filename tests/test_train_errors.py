@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 
 from open_clip_starft.demo.data import brace_pattern, render_sample
-from runs import checkpoints, log_of, make_workspace, metric, run, train_args
+from runs import checkpoints, log_of, make_workspace, metric, run, tiny_weights, train_args
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,6 @@ def test_a_non_finite_loss_stops_the_run_and_is_never_saved(ws, precision):
 
 
 def test_local_dir_model_with_pretrained_is_refused(ws):
-    weights = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_pytorch_model.bin")
+    weights = tiny_weights(ws)
     one_line_error(run(train_args(ws, "localpre", "--pretrained", weights)), "--pretrained", "is ignored",
                    "open-clip-starft export", "--model NAME --pretrained CKPT")

@@ -129,8 +129,7 @@ class StarftStep:
         self.start_batch = resume.get("batches_done", 0) if resume.get("epoch") == epoch else 0
         if self.start_batch:
             logging.info(f"StarFT: resuming epoch {epoch} after batch {self.start_batch} (preemption checkpoint)")
-            if hasattr(self.train, "start_from"):  # the data continues the same sample order
-                self.train.start_from(epoch, self.start_batch)
+            self.train.start_from(epoch, self.start_batch)  # the data continues the same sample order
         return self.start_batch
 
     def __call__(self, model, batch, loss, args, *, step: int, epoch: int, num_batches_per_epoch: int):
