@@ -166,3 +166,18 @@ def test_teacher_image_cache_approximation_trains(ws):
     star = metric(log, "Star_loss")
     assert len(star) == 8 and all(math.isfinite(v) for v in star)
     assert "starft_teacher_image_cache: True" in open(os.path.join(ws["root"], "logs", "imgcache", "params.txt")).read()
+
+
+def test_bare_resume_weights_are_the_start_and_the_teacher(ws):
+    """upstream loads a model-only --resume file as the starting weights; the step loads it into the teacher too."""
+    from open_clip_starft.demo.tiny_model import build_tiny_model
+    other, _ = build_tiny_model(seed=7)
+    bare = os.path.join(ws["root"], "bare.pt")
+    torch.save(other.state_dict(), bare)
+    result = run(train_args(ws, "bare", "--resume", bare, epochs=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(ws, "bare")
+    assert f"loaded the bare --resume weights {bare} as the zero-shot model" in log
+    teacher = float(re.search(r"teacher fingerprint at epoch 0: ([0-9.e+]+)", log).group(1))
+    assert teacher == pytest.approx(fingerprint(other), rel=1e-9)
+    assert metric(log, "Star_loss")[0] < 1e-6  # step 0: the student (the bare weights) is the teacher
