@@ -15,7 +15,8 @@ from PIL import Image
 from torchvision.transforms import PILToTensor
 
 from open_clip_starft.data.samples import brace_pattern, write_shards
-from open_clip_starft.data.training import LabelStats, get_wds_train_data, prescan_shards
+from open_clip_starft.data.checks import LabelStats, prescan_shards
+from open_clip_starft.data.training import get_wds_train_data
 from open_clip_starft.demo.data import CLASSNAMES, render_sample
 from open_clip_starft.errors import StarftError
 from open_clip_starft.method.captions import CaptionBuilder
