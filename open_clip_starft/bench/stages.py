@@ -13,10 +13,8 @@ import subprocess
 import sys
 import time
 
-from open_clip.factory import load_state_dict
-
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import save_local_dir
+from open_clip_starft.tools.export import export_model
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """Environment for runs that must never reach a model hub."""
@@ -82,7 +80,7 @@ def run_stage(module: str, args: list[str], console: str, *, what: str, threads:
 
 
 def export_checkpoint(checkpoint: str, model: str, out_dir: str) -> str:
-    """A stage's training checkpoint as a ``local-dir:OUT_DIR`` model that plain OpenCLIP loads (config and
-    tokenizer files from ``model``, a ``local-dir:`` folder or a model name); returns the ``--model`` value."""
-    # OpenCLIP's loader takes the checkpoint's "state_dict" and drops DDP's "module." prefix
-    return save_local_dir(load_state_dict(checkpoint, weights_only=False), model, out_dir)
+    """A stage's training checkpoint as a ``local-dir:OUT_DIR`` model for the next stage, through the one
+    exporter (``tools.export.export_model``: config and tokenizer files from ``model``, a ``local-dir:``
+    folder or a model name, the run's forced settings, a load-back check); returns the ``--model`` value."""
+    return export_model(checkpoint, out_dir, model=model)[0]
