@@ -165,7 +165,7 @@ class StarftStep:
         self.preempt = any(row[1] for row in rows)
         log = {"star_lambda": lam, "step": step}
         if star_term is not None:
-            log["star_term"] = rows[0][2 + list(terms).index("star_term")]
+            log["star_term"] = rows[dist.get_rank() if _distributed() else 0][2 + list(terms).index("star_term")]
         return losses, logit_scale, log
 
     def after_step(self, model, optimizer, scaler, epoch: int, batches_done: int, args) -> None:
