@@ -1,0 +1,96 @@
+"""The package's import rules, read from its own code (README, "The package").
+
+- ``method/`` imports nothing of the package but ``errors``, and never ``open_clip_train``;
+- ``eval/`` never imports ``host/``; ``data/`` imports neither ``host/`` nor ``eval/``;
+- only ``host/`` imports ``open_clip_train``'s private (``_underscore``) names, and no subpackage
+  imports another's private names;
+- tar shards are written by one module; λ is picked per step in one module;
+- ``host/`` has no module-level ``NAME = None`` slot carrying a run's state.
+"""
+import ast
+import os
+import re
+
+import pytest
+
+import open_clip_starft
+
+PKG_DIR = os.path.dirname(open_clip_starft.__file__)
+
+
+def modules():
+    """(dotted name, path, source) of every module of the package."""
+    for root, _, files in os.walk(PKG_DIR):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(root, f)
+                rel = os.path.relpath(path, os.path.dirname(PKG_DIR))[:-3].replace(os.sep, ".")
+                with open(path, encoding="utf-8") as fh:
+                    yield rel.removesuffix(".__init__"), path, fh.read()
+
+
+def imports(name, path, source):
+    """(imported module, imported name or None) for every import statement of a module."""
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, None
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                yield module, alias.name
+
+
+def subpackage(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "open_clip_starft" else None
+
+
+ALL = list(modules())
+
+
+def test_the_subpackages_exist_and_say_what_they_hold():
+    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo"):
+        init = os.path.join(PKG_DIR, sub, "__init__.py")
+        assert os.path.exists(init), sub
+        with open(init, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read()))
+        assert doc and "import" in doc.lower(), f"{sub}/__init__.py must say what it may import"
+
+
+@pytest.mark.parametrize("name,path,source", ALL, ids=[m[0] for m in ALL])
+def test_import_rules(name, path, source):
+    here = subpackage(name)
+    for module, imported in imports(name, path, source):
+        full = f"{module}.{imported}" if module == "open_clip_starft" and imported else module
+        there = subpackage(full)
+        if here == "method":
+            assert not module.startswith("open_clip_train"), f"{name} imports {module}"
+            assert there in (None, "method", "errors"), f"{name} imports {full}"
+        if here == "eval":
+            assert there != "host", f"{name} imports {full}"
+        if here == "data":
+            assert there not in ("host", "eval", "tools", "bench", "demo"), f"{name} imports {full}"
+        if imported and imported.startswith("_") and not imported.startswith("__"):
+            if module.startswith("open_clip_train"):
+                assert here == "host", f"{name} imports open_clip_train's private {module}.{imported}"
+            if there is not None:
+                assert there == here, f"{name} imports {there}'s private {module}.{imported}"
+
+
+def test_one_shard_writer_and_one_lambda_call_site():
+    writers = [n for n, _, s in ALL if re.search(r"TarWriter|ShardWriter|tarfile\.open\([^)]*['\"]w", s)]
+    assert writers == ["open_clip_starft.data.samples"]
+    lam = [n for n, _, s in ALL if re.search(r"\bstar_lambda\(", s) and "def star_lambda(" not in s]
+    assert lam == ["open_clip_starft.host.step"]
+
+
+def test_no_module_level_run_slot_in_host():
+    for name, _, source in ALL:
+        if subpackage(name) == "host":
+            assert not re.search(r"^[A-Z_]+\s*=\s*None\b", source, re.M), name
