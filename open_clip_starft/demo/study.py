@@ -113,6 +113,36 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+def reading(records: list[dict], summary: dict) -> str:
+    """What the headline numbers say, in words decided by the intervals (0 inside or outside)."""
+    def side(key, what):
+        m, h = summary["selected"][key]["mean"], summary["selected"][key]["ci95"]
+        if m - h > 0:
+            return f"{what} is above zero ({100 * m:+.1f} ± {100 * h:.1f})"
+        if m + h < 0:
+            return f"{what} is below zero ({100 * m:+.1f} ± {100 * h:.1f})"
+        return f"{what} is not distinguishable from zero ({100 * m:+.1f} ± {100 * h:.1f}, the interval includes 0)"
+    units = summary["units"]
+    chosen = [next(r for r in records if r["unit"] == u and r["method"] == "starft" and r["selected"]) for u in units]
+    top = max(r["lam"] for r in records if r["method"] == "starft")
+    zs = statistics.fmean(next(r for r in records if r["unit"] == u and r["method"] == "zero-shot")["val_worst_group"]
+                          for u in units)
+    text = (side("minus_flyp_worst_group", "StarFT − FLYP in worst group") + "; "
+            + side("minus_wise_matched_worst_group", "StarFT − WiSE-FT(FLYP) at matched in-distribution accuracy")
+            + ". So on this demo StarFT buys worst-group accuracy at the price of in-distribution accuracy, and "
+            "the trade it makes is " + ("better than" if summary["selected"]["minus_wise_matched_worst_group"]["mean"]
+                                        - summary["selected"]["minus_wise_matched_worst_group"]["ci95"] > 0 else
+                                        "no better than") + " plain weight interpolation of FLYP.")
+    zero_best = all(next(r for r in records if r["unit"] == u and r["method"] == "zero-shot")["val_worst_group"]
+                    > max(r["val_worst_group"] for r in records if r["unit"] == u and r["method"] in ("flyp", "starft"))
+                    for u in units)
+    if all(r["lam"] == top for r in chosen):
+        text += f" Every unit chose the grid's largest λ ({top:g}), the edge of the grid"
+        text += (f": validation worst group alone rewards staying close to the zero-shot model, whose validation worst "
+                 f"group (mean {100 * zs:.1f} %) is above every fine-tune's in every unit." if zero_best else ".")
+    return text
+
+
 def markdown(records: list[dict], summary: dict, meta: dict) -> str:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     units = summary["units"]
@@ -157,7 +187,7 @@ def markdown(records: list[dict], summary: dict, meta: dict) -> str:
     if clamped:
         lines.append(f"({clamped} matched comparison(s) fell outside WiSE-FT's in-distribution range and used the "
                      "curve's nearest end.)")
-    lines += ["", "## Per unit", "", "| unit | zero-shot WG / in-dist | FLYP WG / in-dist | selected setting | its val WG | "
+    lines += ["", "**Reading.** " + reading(records, summary), "", "## Per unit", "", "| unit | zero-shot WG / in-dist | FLYP WG / in-dist | selected setting | its val WG | "
               "its test WG / in-dist | WiSE-FT(FLYP) WG at that in-dist |", "|---|---|---|---|---|---|---|"]
     for u in units:
         zs = next(r for r in records if r["unit"] == u and r["method"] == "zero-shot")
