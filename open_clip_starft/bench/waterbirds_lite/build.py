@@ -3,25 +3,39 @@
 Material, all from Debian packages (``PACKAGES``): the photographic stamps of Tux Paint
 (``tuxpaint-stamps-default``: objects and ~35 birds with alpha masks) and landscape photographs
 (Tux Paint's templates and five wallpaper packages). ``labels.json`` (beside this file, made by
-looking at every image) says which birds live on water and which on land, which scenes are water
-and which land, each scene's caption phrase ("on the beach"), and each object's natural place.
+looking at every image) says which birds live on water and which on land, each bird's species
+(``species``, where several stamps show one species: duck / domestic duck, peacock / white
+peafowl, chicken / rooster / hen, ...), which scenes are water and which land, each scene's
+caption phrase ("on the beach"), and each object's natural place.
 
 A sample is a random crop of a scene (resized to ``image_size``) with one cut-out pasted at a
 random scale, position and flip. Everything is deterministic from the seeds: sample ``i`` of a
 set is drawn from ``numpy.random.default_rng([seed, set_id, i])``.
 
-Sets written (webdataset shards with ``jpg``, ``cls``, ``group``, ``txt``; ``classnames.txt`` and
-``sizes.json`` beside them; ``manifest.json`` at the top):
+Splits (``{variant}-s{seed}``; scenes are always split by photograph, 50/20/30 % within each place):
 
-- ``pretrain``: every stamp on every scene, uniformly; the class is a caption body ("duck on the
-  beach" or "duck", half each), so a contrastive run through ``open_clip_starft.main`` with
-  ``--starft-lambda 0`` and template ``a photo of a {}.`` learns from object-and-scene captions;
-- per split (``identity-s{seed}``: birds split by identity; ``shared-s{seed}``: every bird in
-  every split; scenes are always split by photograph, 50/20/30 % within each place):
-  ``wb-train`` (95 % waterbirds on water and landbirds on land), ``wb-val``, ``wb-test``
-  (balanced over the four groups; group = 2·label + place, as Waterbirds), ``source-train`` (the
-  ImageNet stand-in: the source object classes, each on a scene of its natural place 80 % of the
-  time), ``heldout-test`` (the other object classes, uniform scenes: retained zero-shot).
+- ``shared``: every bird species in every part, as in real Waterbirds (which shifts only the
+  backgrounds). Tux Paint has one cut-out per species for most species, so the bird cut-outs
+  themselves are shared between parts; only the scene photographs are not.
+- ``identity``: bird SPECIES split 50/20/30 % within each kind (all stamps of a species on one side).
+
+Sets written per split (webdataset shards with ``jpg``, ``cls``, ``group``, ``txt``;
+``classnames.txt`` and ``sizes.json`` beside them; ``manifest.json`` at the top):
+
+- ``pretrain``: the split's own pre-training set, on its TRAIN scene photographs only (no val or test
+  photograph): every object stamp and the train-part birds, each on its natural place with
+  probability ``p_pretrain_natural`` (web photographs are biased too). The class is a caption body
+  ("duck", "duck on the beach"; for birds also "waterbird, a duck" and "waterbird, a duck on the
+  beach", naming the superclass), so a contrastive run through ``open_clip_starft.main`` with
+  ``--starft-lambda 0`` and template ``a photo of a {}.`` learns objects, birds and superclasses;
+- ``wb-train`` (95 % waterbirds on water and landbirds on land), ``wb-val``, ``wb-test`` (balanced
+  over the four groups; group = 2·label + place, as Waterbirds);
+- ``source-train``, ``source-val``, ``source-test`` (the ImageNet stand-in of protocol P1, a
+  multi-class task: the source object classes, each on a scene of its natural place 80 % of the
+  time, and the train-part bird species, named by species, on their own place 95 % of the time;
+  val/test on the val/test scene photographs with the same biases: source-val chooses P1's
+  fine-tune schedule, source-test is P1's in-distribution accuracy);
+- ``heldout-test`` (the other object classes, uniform scenes: retained zero-shot).
 """
 from __future__ import annotations
 
@@ -47,8 +61,11 @@ PLACES = ("land", "water")
 WB_CLASSNAMES = ("landbird", "waterbird")
 WB_GROUP_NAMES = ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water")
 SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
+VARIANTS = ("shared", "identity")
+VERSION = 2  # of the manifest and its sets: v1 (commit 83bb42d) had one pre-training set for all splits
 # the sets' ids in the sample seeds (never reuse one)
-SET_IDS = {"pretrain": 1, "wb-train": 2, "wb-val": 3, "wb-test": 4, "source-train": 5, "heldout-test": 6}
+SET_IDS = {"pretrain": 1, "wb-train": 2, "wb-val": 3, "wb-test": 4, "source-train": 5, "heldout-test": 6,
+           "source-val": 7, "source-test": 8}
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,12 @@ class Stamp:
     name: str    # class name ("duck")
     kind: str    # waterbird | landbird | object
     place: str   # where it naturally is: land | water
+    species: str = ""  # birds: the species several stamps may share ("duck" for "domestic duck"); default: name
+
+    @property
+    def group(self) -> str:
+        """What a split keeps on one side: the species of a bird, the name of anything else."""
+        return self.species or self.name
 
 
 @dataclass(frozen=True)
@@ -71,15 +94,18 @@ class Scene:
 class Sizes:
     """Sample counts per set and the image size (pixels)."""
     image_size: int = 64
-    pretrain: int = 12000
+    pretrain: int = 16000          # per split (each split pre-trains its own zero-shot models)
     wb_train: int = 1200
     wb_val: int = 400
     wb_test: int = 1000
-    source_train: int = 2400
+    source_train: int = 3000
+    source_val: int = 600
+    source_test: int = 1000
     heldout_test: int = 800
     source_fraction: float = 0.6  # share of the object classes that form the source task
-    p_aligned: float = 0.95       # wb-train: share of birds on their own place
-    p_natural: float = 0.8        # source-train: share of objects on their natural place
+    p_aligned: float = 0.95       # wb-train and the source task's birds: share on their own place
+    p_natural: float = 0.8        # source task's objects: share on their natural place
+    p_pretrain_natural: float = 0.8  # pre-training: share of stamps on their natural place
 
 
 # -- material ------------------------------------------------------------------------------------
@@ -121,7 +147,7 @@ def load_labels(path: str = LABELS) -> tuple[list[Stamp], list[Scene]]:
     """The labelled stamps and scenes of ``labels.json``; a one-line error for a file that is not there."""
     with open(path) as f:
         data = json.load(f)
-    stamps = [Stamp(s["file"], s["name"], s["kind"], s["place"]) for s in data["stamps"]]
+    stamps = [Stamp(s["file"], s["name"], s["kind"], s["place"], s.get("species", "")) for s in data["stamps"]]
     scenes = [Scene(s["package"], s["file"], s["place"], s["phrase"]) for s in data["scenes"]]
     for s in stamps:
         if not os.path.exists(os.path.join(STAMPS_ROOT, s.file)):
@@ -184,24 +210,40 @@ def _split(indices: list[int], seed: int, what: str) -> dict[str, list[int]]:
     empty = [k for k, v in parts.items() if not v]
     if empty:
         raise StarftError(f"Waterbirds-lite: the {empty[0]} split of the {what} would be empty ({n} in all): "
-                          "label more of them in labels.json or use the shared-identity split")
+                          "label more of them in labels.json or use the shared split")
     return {k: [int(i) for i in v] for k, v in parts.items()}
 
 
+def bird_species(stamps: list[Stamp], kind: str) -> dict[str, list[int]]:
+    """``{species: [stamp index, ...]}`` of the birds of ``kind``, in first-appearance order."""
+    out: dict[str, list[int]] = {}
+    for i, s in enumerate(stamps):
+        if s.kind == kind:
+            out.setdefault(s.group, []).append(i)
+    return out
+
+
 def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int, source_fraction: float) -> dict:
-    """Which scenes, birds and object classes each part of split ``{variant}-s{seed}`` uses (indices)."""
-    if variant not in ("identity", "shared"):
-        raise StarftError(f"unknown split variant {variant!r}: use identity (birds split by identity) or shared")
+    """Which scenes, birds and object classes each part of split ``{variant}-s{seed}`` uses (indices).
+    ``identity`` splits bird species (every stamp of a species on one side), ``shared`` keeps every
+    species in every part; scene photographs are split in both."""
+    if variant not in VARIANTS:
+        raise StarftError(f"unknown split variant {variant!r}: use shared (species in every part) or identity "
+                          "(species split)")
     split = {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "scenes": {}, "birds": {}}
     for place in PLACES:
         split["scenes"][place] = _split([i for i, s in enumerate(scenes) if s.place == place], seed * 7 + 1,
                                         f"{place} scenes")
     for kind in ("landbird", "waterbird"):
-        birds = [i for i, s in enumerate(stamps) if s.kind == kind]
-        if not birds:
+        species = bird_species(stamps, kind)
+        if not species:
             raise StarftError(f"Waterbirds-lite: labels.json has no {kind}: label at least one")
-        split["birds"][kind] = (_split(birds, seed * 7 + 2, f"{kind}s") if variant == "identity"
-                                else {k: birds for k in SPLIT_FRACTIONS})
+        if variant == "identity":
+            names = list(species)
+            parts = _split(list(range(len(names))), seed * 7 + 2, f"{kind} species")
+            split["birds"][kind] = {k: [i for n in v for i in species[names[n]]] for k, v in parts.items()}
+        else:
+            split["birds"][kind] = {k: [i for v in species.values() for i in v] for k in SPLIT_FRACTIONS}
     objects = [i for i, s in enumerate(stamps) if s.kind == "object"]
     order = [int(i) for i in np.random.default_rng(seed * 7 + 3).permutation(objects)]
     n_source = round(len(order) * source_fraction)
@@ -247,32 +289,68 @@ def _counted(draw, progress):
     return counted
 
 
-def pretrain_classnames(stamps: list[Stamp], scenes: list[Scene]) -> list[str]:
-    """Caption bodies of the pre-training set: each stamp alone, then each stamp with each scene phrase."""
-    phrases = sorted({s.phrase for s in scenes})
-    return [s.name for s in stamps] + [f"{s.name} {p}" for s in stamps for p in phrases]
+def _place(natural: str, p_natural: float | None, rng: np.random.Generator) -> str:
+    """``natural`` with probability ``p_natural``, else the other place; uniform for None."""
+    if p_natural is None:
+        return PLACES[int(rng.integers(2))]
+    return natural if rng.random() < p_natural else PLACES[1 - PLACES.index(natural)]
 
 
-def write_pretrain(out: str, material: Material, sizes: Sizes, seed: int, progress=None) -> dict:
+def pretrain_captions(stamp: Stamp, phrases: list[str]) -> list[str]:
+    """The caption bodies of ``stamp`` in pre-training: its name alone and with each scene phrase;
+    for a bird also with its superclass first ("waterbird, a duck", "waterbird, a duck on the beach")."""
+    names = [stamp.name] + ([f"{stamp.kind}, a {stamp.name}"] if stamp.kind != "object" else [])
+    return names + [f"{n} {p}" for n in names for p in phrases]
+
+
+def write_pretrain(root: str, material: Material, split: dict, sizes: Sizes, seed: int, progress=None) -> dict:
+    """The split's pre-training set under ``root/pretrain``: every object and the split's train-part birds on
+    its train scene photographs, each stamp on its natural place with probability ``sizes.p_pretrain_natural``;
+    one caption body per sample, drawn uniformly from ``pretrain_captions`` (class = its index)."""
     stamps, scenes = material.stamps, material.scenes
-    names = pretrain_classnames(stamps, scenes)
     phrases = sorted({s.phrase for s in scenes})
+    birds = split["birds"]["landbird"]["train"] + split["birds"]["waterbird"]["train"]
+    chosen = sorted([i for i, s in enumerate(stamps) if s.kind == "object"] + birds)
+    names, first = [], {}
+    for i in chosen:
+        first[i] = len(names)
+        names += pretrain_captions(stamps[i], phrases)
 
     def draw(rng):
-        stamp, scene = int(rng.integers(len(stamps))), int(rng.integers(len(scenes)))
-        with_scene = rng.random() < 0.5
-        cls = len(stamps) + stamp * len(phrases) + phrases.index(scenes[scene].phrase) if with_scene else stamp
-        return stamp, scene, cls, PLACES.index(scenes[scene].place), names[cls]
-    return _write_set(os.path.join(out, "pretrain"), sizes.pretrain, _counted(draw, progress), names, material, seed,
+        stamp = chosen[int(rng.integers(len(chosen)))]
+        place = _place(stamps[stamp].place, sizes.p_pretrain_natural, rng)
+        pool = split["scenes"][place]["train"]
+        scene = pool[int(rng.integers(len(pool)))]
+        n_names = 2 if stamps[stamp].kind != "object" else 1
+        # half the captions name the scene (its own phrase), half do not; birds: half with the superclass
+        which = int(rng.integers(n_names))
+        if rng.random() < 0.5:
+            offset = n_names + which * len(phrases) + phrases.index(scenes[scene].phrase)
+        else:
+            offset = which
+        return stamp, scene, first[stamp] + offset, PLACES.index(place), names[first[stamp] + offset]
+    return _write_set(os.path.join(root, "pretrain"), sizes.pretrain, _counted(draw, progress), names, material, seed,
                       SET_IDS["pretrain"])
 
 
+def source_classes(stamps: list[Stamp], split: dict) -> list[tuple[str, list[int], str]]:
+    """P1's source task: ``(class name, stamp indices, kind)`` of the source objects, then of the train-part
+    bird species (a species' stamps form one class, named by the species)."""
+    classes = [(stamps[i].name, [i], "object") for i in split["source_classes"]]
+    for kind in ("landbird", "waterbird"):
+        species: dict[str, list[int]] = {}
+        for i in split["birds"][kind]["train"]:
+            species.setdefault(stamps[i].group, []).append(i)
+        classes += [(name, idx, kind) for name, idx in sorted(species.items())]
+    return classes
+
+
 def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: int, progress=None) -> dict:
-    """The five sets of one split under ``out/{split name}``; returns their counts and patterns.
+    """The sets of one split under ``out/{split name}``; returns their counts and patterns.
     ``progress``: one unit per image."""
     stamps, scenes = material.stamps, material.scenes
     root = os.path.join(out, split["name"])
-    sets = {}
+    sets = {"pretrain": write_pretrain(root, material, split, sizes, seed, progress)}
 
     def birds_on(part: str, balanced: bool):
         def draw(rng):
@@ -289,63 +367,80 @@ def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: i
         sets[f"wb-{part}"] = _write_set(os.path.join(root, f"wb-{part}"), n, _counted(birds_on(part, balanced), progress),
                                         list(WB_CLASSNAMES), material, seed, SET_IDS[f"wb-{part}"])
 
-    def objects_on(classes: list[int], part: str, p_natural: float | None):
+    def stamps_on(classes: list[tuple[str, list[int], str]], part: str, biased: bool):
         def draw(rng):
             cls = int(rng.integers(len(classes)))
-            natural = stamps[classes[cls]].place
-            if p_natural is None:
-                place = PLACES[int(rng.integers(2))]
-            else:
-                place = natural if rng.random() < p_natural else PLACES[1 - PLACES.index(natural)]
+            name, members, kind = classes[cls]
+            stamp = members[int(rng.integers(len(members)))]
+            p = (sizes.p_natural if kind == "object" else sizes.p_aligned) if biased else None
+            place = _place(stamps[stamp].place, p, rng)
             pool = split["scenes"][place][part]
             scene = pool[int(rng.integers(len(pool)))]
-            return classes[cls], scene, cls, PLACES.index(place), stamps[classes[cls]].name
+            return stamp, scene, cls, PLACES.index(place), name
         return draw
 
-    source, heldout = split["source_classes"], split["heldout_classes"]
-    sets["source-train"] = _write_set(os.path.join(root, "source-train"), sizes.source_train,
-                                      _counted(objects_on(source, "train", sizes.p_natural), progress),
-                                      [stamps[i].name for i in source],
-                                      material, seed, SET_IDS["source-train"])
+    source = source_classes(stamps, split)
+    for part, n in (("train", sizes.source_train), ("val", sizes.source_val), ("test", sizes.source_test)):
+        sets[f"source-{part}"] = _write_set(os.path.join(root, f"source-{part}"), n,
+                                            _counted(stamps_on(source, part, True), progress),
+                                            [c[0] for c in source], material, seed, SET_IDS[f"source-{part}"])
+    heldout = [(stamps[i].name, [i], "object") for i in split["heldout_classes"]]
     sets["heldout-test"] = _write_set(os.path.join(root, "heldout-test"), sizes.heldout_test,
-                                      _counted(objects_on(heldout, "test", None), progress),
-                                      [stamps[i].name for i in heldout],
-                                      material, seed, SET_IDS["heldout-test"])
+                                      _counted(stamps_on(heldout, "test", False), progress),
+                                      [c[0] for c in heldout], material, seed, SET_IDS["heldout-test"])
     return sets
+
+
+def set_sizes(sizes: Sizes) -> int:
+    """Images written per split."""
+    return (sizes.pretrain + sizes.wb_train + sizes.wb_val + sizes.wb_test + sizes.source_train + sizes.source_val
+            + sizes.source_test + sizes.heldout_test)
 
 
 def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed: int = 0, install: bool = True,
           labels: str = LABELS, log=print) -> dict:
-    """Write the pre-training set and every split's sets under ``out``; returns (and writes) the manifest."""
+    """Write every split's sets under ``out`` (a split already in ``out/manifest.json`` with the same sizes and
+    seed is kept); returns (and writes) the manifest."""
     ensure_packages(install=install)
     stamps, scenes = load_labels(labels)
     for place in PLACES:
         if not any(s.place == place for s in scenes):
             raise StarftError(f"Waterbirds-lite: labels.json has no {place} scene: label at least three")
-    material = Material(stamps, scenes, sizes.image_size)
-    manifest = {"sizes": asdict(sizes), "seed": seed, "packages": {p: _version(p) for p in PACKAGES},
+    path = os.path.join(out, "manifest.json")
+    manifest = {"version": VERSION, "sizes": asdict(sizes), "seed": seed, "packages": {p: _version(p) for p in PACKAGES},
                 "stamps": len(stamps), "scenes": len(scenes), "splits": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if (old.get("version"), old.get("sizes"), old.get("seed")) == (VERSION, manifest["sizes"], seed):
+            manifest["splits"] = old["splits"]
+    todo = [(v, s) for v, s in splits if f"{v}-s{s}" not in manifest["splits"]]
     log(f"  material: {len(stamps)} stamps ({sum(s.kind == 'waterbird' for s in stamps)} waterbirds, "
         f"{sum(s.kind == 'landbird' for s in stamps)} landbirds), {len(scenes)} scenes "
-        f"({sum(s.place == 'water' for s in scenes)} water)")
-    per_split = sizes.wb_train + sizes.wb_val + sizes.wb_test + sizes.source_train + sizes.heldout_test
-    progress = Progress(sizes.pretrain + len(splits) * per_split, "  composing images", unit="img")
-    manifest["pretrain"] = write_pretrain(out, material, sizes, seed, progress)
-    for variant, split_seed in splits:
+        f"({sum(s.place == 'water' for s in scenes)} water); {len(todo)} split(s) to write")
+    if not todo:
+        return manifest
+    material = Material(stamps, scenes, sizes.image_size)
+    progress = Progress(len(todo) * set_sizes(sizes), "  composing images", unit="img")
+    for variant, split_seed in todo:
         split = make_split(stamps, scenes, variant, split_seed, sizes.source_fraction)
-        sets = write_split(out, material, split, sizes, seed + 1000 * (split_seed + 1), progress)
+        sets = write_split(out, material, split, sizes, seed + 1000 * (split_seed + 1) + 100 * VARIANTS.index(variant),
+                           progress)
         manifest["splits"][split["name"]] = {
+            "variant": variant,
             "sets": sets,
             "scenes": {p: {k: [scenes[i].file for i in v] for k, v in split["scenes"][p].items()} for p in PLACES},
             "birds": {k: {part: [stamps[i].name for i in v] for part, v in parts.items()}
                       for k, parts in split["birds"].items()},
-            "source_classes": [stamps[i].name for i in split["source_classes"]],
+            "species": {k: {part: sorted({stamps[i].group for i in v}) for part, v in parts.items()}
+                        for k, parts in split["birds"].items()},
+            "source_classes": [c[0] for c in source_classes(stamps, split)],
             "heldout_classes": [stamps[i].name for i in split["heldout_classes"]],
         }
         log(f"  split {split['name']}: " + ", ".join(f"{k} {v['samples']}" for k, v in sets.items()))
+        with open(path, "w") as f:  # after each split: an interrupted build keeps the finished ones
+            json.dump(manifest, f, indent=1)
     progress.close()
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
     return manifest
 
 
