@@ -26,7 +26,7 @@ def test_builder_refuses_missing_packages_and_empty_splits():
         build.ensure_packages(("no-such-package-wbl",), install=False)
     stamps, scenes = build.load_labels()
     few = [s for s in stamps if s.kind != "waterbird"] + [s for s in stamps if s.kind == "waterbird"][:2]
-    with pytest.raises(StarftError, match=r"split of the waterbirds would be empty \(2 in all\)"):
+    with pytest.raises(StarftError, match=r"split of the waterbird species would be empty \(2 in all\)"):
         build.make_split(few, scenes, "identity", 0, 0.6)
     build.make_split(few, scenes, "shared", 0, 0.6)  # shared identities need one bird of each kind only
     with pytest.raises(StarftError, match="unknown split variant"):
@@ -49,19 +49,51 @@ def test_composition_is_deterministic_and_puts_the_cut_out_on_the_scene():
     assert 0.05 < changed < 0.9  # a visible object, not the whole image
 
 
+def test_identity_splits_group_stamps_by_species_and_shared_splits_keep_every_species():
+    stamps, scenes = build.load_labels()
+    species = {s.name: s.group for s in stamps}
+    assert species["domestic duck"] == species["duck"] and species["white peafowl"] == species["peacock"]
+    assert species["rooster"] == species["hen"] == species["chicken"]
+    for seed in range(5):
+        split = build.make_split(stamps, scenes, "identity", seed, 0.6)
+        for kind, parts in split["birds"].items():
+            sides = {part: {stamps[i].group for i in idx} for part, idx in parts.items()}
+            assert not sides["train"] & sides["val"] and not sides["train"] & sides["test"] \
+                and not sides["val"] & sides["test"], (seed, kind, sides)
+            assert sum(map(len, parts.values())) == sum(s.kind == kind for s in stamps)  # every bird on one side
+        shared = build.make_split(stamps, scenes, "shared", seed, 0.6)
+        for kind, parts in shared["birds"].items():
+            assert parts["train"] == parts["val"] == parts["test"]
+        for place in build.PLACES:  # scene photographs never shared between parts
+            p = shared["scenes"][place]
+            assert not set(p["train"]) & set(p["test"]) and not set(p["val"]) & set(p["test"])
+        # P1's source task: the source objects and the train-part bird species, a species one class
+        classes = build.source_classes(stamps, split)
+        birds = [c for c in classes if c[2] != "object"]
+        assert {c[0] for c in birds} == {stamps[i].group for k in split["birds"] for i in split["birds"][k]["train"]}
+        assert len(classes) == len(split["source_classes"]) + len(birds)
+    duck = next(s for s in stamps if s.name == "duck")
+    assert build.pretrain_captions(duck, ["on a lake"]) == ["duck", "waterbird, a duck", "duck on a lake",
+                                                            "waterbird, a duck on a lake"]
+
+
 def test_miniature_benchmark_end_to_end(tmp_path):
     out, docs = tmp_path / "wbl", tmp_path / "docs"
     argv = ["all", "--out", str(out), "--docs", str(docs), "--scale", "mini", "--splits", "identity:0",
-            "--train-seeds", "0", "--methods", "flyp,starft", "--parallel", "2"]
+            "--train-seeds", "0", "--lambdas", "2", "--schedules", "constant", "--parallel", "2"]
     assert wbl_main(argv) == 0
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     split = manifest["splits"]["identity-s0"]
-    # identity split: no bird and no scene photograph in two parts
-    for kind, parts in split["birds"].items():
-        assert not set(parts["train"]) & set(parts["test"]), kind
+    # identity split: no bird species and no scene photograph in two parts
+    for kind, parts in split["species"].items():
+        assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), kind
     for place, parts in split["scenes"].items():
         assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), place
+    # pre-training saw the train-part birds only (their names, some with the superclass), no val/test bird
+    pre_names = set((out / "data" / "identity-s0" / "pretrain" / "classnames.txt").read_text().splitlines())
+    held_out = split["birds"]["waterbird"]["test"] + split["birds"]["landbird"]["val"]
+    assert not pre_names & set(held_out) and f"waterbird, a {split['birds']['waterbird']['train'][0]}" in pre_names
     # wb-train is biased, wb-test balanced over the four groups (group = 2·label + place)
     train_groups, test_groups = split["sets"]["wb-train"]["groups"], split["sets"]["wb-test"]["groups"]
     aligned = (train_groups.get("0", 0) + train_groups.get("3", 0)) / sum(train_groups.values())
@@ -69,26 +101,67 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     sample = next(iter(wds.WebDataset(split["sets"]["wb-test"]["pattern"], shardshuffle=False)))
     assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
     assert int(sample["group"]) // 2 == int(sample["cls"])
+    # P1's fine-tune length was chosen on source-val among the mini schedule's (1, 2) epochs
+    p1 = json.loads((out / "p1_epochs.json").read_text())["identity-s0-p0"]["0"]
+    assert set(p1["source_val"]) == {"1", "2"} and p1["chosen"] in (1, 2)
+    assert json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]["val_avg"] >= 0
 
     records = json.loads((docs / "waterbirds-lite.json").read_text())
     methods = {(r["protocol"], r["method"]) for r in records}
     assert methods == {(p, m) for p in ("P1", "P2") for m in ("zero-shot", "flyp", "starft", "wise-flyp", "wise-starft")}
+    fields = {"protocol", "method", "unit", "split", "pretrain_seed", "seed", "lam", "schedule", "descriptors", "alpha",
+              "avg", "worst_group", "in_dist", "val_avg", "val_worst_group", "heldout", "selected"}
     for r in records:
-        assert set(r) >= {"protocol", "method", "split", "seed", "avg", "worst_group", "groups"}
+        assert set(r) >= fields | {"groups"}, fields - set(r)
         assert 0 <= r["worst_group"] <= r["avg"] <= 1 and len(r["groups"]) == 4
         assert r["worst_group"] == min(r["groups"].values())
-    # at step 0 of every fine-tune the Star term is ~0: the student starts as the teacher
-    starft = [r for r in records if r["method"] == "starft"]
-    assert len(starft) == 2 and all(r["star_loss_step0"] < 1e-6 for r in starft)
+        assert r["unit"] == "identity-s0-p0" and r["pretrain_seed"] == 0
+    for protocol in ("P1", "P2"):
+        starft = [r for r in records if r["protocol"] == protocol and r["method"] == "starft"]
+        assert len(starft) == 1 and starft[0]["selected"] and (starft[0]["lam"], starft[0]["schedule"]) == (2, "constant")
+        assert starft[0]["descriptors"] == "background" and starft[0]["alpha"] is None
+        # at step 0 of every fine-tune the Star term is ~0: the student starts as the teacher
+        assert starft[0]["star_loss_step0"] < 1e-6
+        for wise in ("wise-flyp", "wise-starft"):
+            alphas = [r["alpha"] for r in records if r["protocol"] == protocol and r["method"] == wise]
+            assert alphas == [0.5]  # the mini scale's WiSE-FT points (full: 0.1 … 0.9)
+        # the two-class terms: exactly 0 for the teacher against itself, above 0 once fine-tuned
+        zs = next(r for r in records if r["protocol"] == protocol and r["method"] == "zero-shot")
+        flyp = next(r for r in records if r["protocol"] == protocol and r["method"] == "flyp")
+        assert abs(zs["star_masked"]) < 1e-6 and abs(zs["star_unmasked"]) < 1e-6
+        assert flyp["star_unmasked"] > 1e-6 and set(flyp["margin"]) == set(build.WB_GROUP_NAMES)
+        assert set(flyp["margin_by_background"]) == set(build.PLACES)
+    p1_flyp = next(r for r in records if r["protocol"] == "P1" and r["method"] == "flyp")
+    assert p1_flyp["epochs"] == p1["chosen"]
     text = (docs / "waterbirds-lite.md").read_text()
-    assert "## Every run" in text and "starft − flyp" in text and (docs / "waterbirds-lite.png").stat().st_size > 1000
+    assert "## Every run" in text and "StarFT (selected) − FLYP: worst group" in text
+    assert "StarFT (selected) − WiSE-FT(FLYP) at its in-dist" in text and (docs / "waterbirds-lite.png").stat().st_size > 1000
     # a second call reuses the finished stages (nothing is retrained)
     assert wbl_main(["run", *argv[1:]]) == 0
+
+
+def _rec(method, unit, seed, wg, in_dist, *, lam=0.0, alpha=None, selected=False, val_wg=0.5):
+    return {"protocol": "P1", "method": method, "unit": unit, "variant": "shared", "seed": seed, "lam": lam,
+            "schedule": "constant" if lam else None, "descriptors": "background" if lam else None, "alpha": alpha,
+            "worst_group": wg, "in_dist": in_dist, "avg": 0.5, "heldout": 0.5, "selected": selected,
+            "val_worst_group": val_wg, "val_in_dist": 0.5, "val_avg": 0.5}
 
 
 def test_report_statistics_by_hand():
     m, h = report.mean_ci([0.1, 0.3])
     assert m == pytest.approx(0.2) and h == pytest.approx(12.706 * (0.02 ** 0.5) / (2 ** 0.5))
-    recs = [{"protocol": "P2", "method": meth, "split": "s", "seed": seed, "worst_group": wg, "avg": 0.5, "heldout": 0.1}
-            for meth, seed, wg in (("starft", 0, 0.4), ("flyp", 0, 0.3), ("starft", 1, 0.2), ("flyp", 1, 0.25))]
-    assert report.paired(recs, "P2", "starft", "flyp", "worst_group") == pytest.approx([0.1, -0.05])
+    recs = []
+    # unit a: two training seeds (averaged within the unit first); unit b: one
+    for unit, seed, flyp_wg, starft_wg in (("a", 0, 0.3, 0.4), ("a", 1, 0.3, 0.2), ("b", 0, 0.2, 0.5)):
+        recs += [_rec("flyp", unit, seed, flyp_wg, 0.8), _rec("starft", unit, seed, starft_wg, 0.7, lam=2.0, selected=True)]
+        # WiSE-FT(FLYP) from the zero-shot point (wg 0.6, in-dist 0.6) to FLYP: at in-dist 0.7 halfway
+        recs.append(_rec("wise-flyp", unit, seed, (0.6 + flyp_wg) / 2, 0.7, alpha=0.5))
+    recs += [_rec("zero-shot", u, None, 0.6, 0.6) for u in ("a", "b")]
+    s = report.headline(recs, "P1", "shared")
+    d = s["StarFT (selected) − FLYP: worst group"]
+    assert d["per_unit"] == pytest.approx({"a": 0.0, "b": 0.3}) and d["units"] == 2
+    assert (d["wins"], d["ties"], d["losses"]) == (1, 1, 0)
+    matched = s["StarFT (selected) − WiSE-FT(FLYP) at its in-dist: worst group"]["per_unit"]
+    assert matched == pytest.approx({"a": (0.4 - 0.45 + 0.2 - 0.45) / 2, "b": 0.5 - 0.4})
+    assert s["FLYP − zero-shot: worst group"]["per_unit"] == pytest.approx({"a": -0.3, "b": -0.4})
+    assert s["_clamped"] == 0

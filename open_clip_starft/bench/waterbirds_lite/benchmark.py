@@ -1,57 +1,61 @@
-"""The Waterbirds-lite benchmark: pre-train CLIP-lite, fine-tune by each method, evaluate, record.
+"""The Waterbirds-lite benchmark (v2): pre-train one CLIP-lite per unit, fine-tune it over a StarFT grid,
+choose on validation, evaluate, record.
 
-Protocols (each fine-tune is one ``python -m open_clip_starft.main`` run from the pre-trained
-CLIP-lite, the same flags for every method but the StarFT ones):
+A *unit* is one pre-trained zero-shot model: a split (``shared-sN`` or ``identity-sN``) × a pre-training
+seed (``unit_name``). Runs that share a unit are not independent; the report's intervals are over units.
 
-- ``P1`` (the paper's): fine-tune on the split's source task (object classes on scenes with a
-  natural object–scene correlation), then zero-shot on Waterbirds-lite and on held-out classes;
-- ``P2``: fine-tune on the biased Waterbirds-lite train split, test on the balanced test split.
+Protocols (each fine-tune is one ``python -m open_clip_starft.main`` run from the unit's zero-shot model,
+the same flags for every setting but the StarFT ones):
 
-Methods: ``zero-shot`` (the pre-trained model), ``flyp`` (λ 0), ``starft`` (λ 0.5, background
-descriptors), ``starft-l2`` (λ 2), ``starft-nomask`` (λ 0.5 without the same-class mask),
-``starft-random`` (λ 0.5, random-word suffixes), ``wise-flyp`` / ``wise-starft`` (WiSE-FT α 0.5
-between the zero-shot and the fine-tuned weights). Hyper-parameters are fixed in advance (no
-selection; the validation split is reported beside the test split).
+- ``P1`` (the paper's): fine-tune on the split's multi-class source task (object classes and the train-part
+  bird species on biased scenes), then zero-shot on Waterbirds-lite and on held-out classes; in-distribution
+  accuracy is source-test's. The fine-tune length is chosen per unit among ``Schedule.p1_epochs`` by FLYP's
+  source-VALIDATION accuracy (``choose_p1_epochs``), before any StarFT run;
+- ``P2``: fine-tune on the biased Waterbirds-lite train split (two classes: with the same-class mask every
+  column of a row names the other class, so the Star term compares descriptors only; see the docs).
+
+Settings (``tools.sweep.Setting``/``make_grid``): FLYP (λ 0) and StarFT over λ × schedule × descriptor set
+(``background``, the shipped set, or ``scenes``, the scenes' own phrases). Per unit, protocol and training
+seed, the StarFT setting is chosen by ``tools.sweep.select`` on validation (Waterbirds-lite val worst group;
+ties by validation in-distribution accuracy): test numbers are never read by a choice. WiSE-FT curves
+(α 0.1 … 0.9; α 0 is the zero-shot model, α 1 the fine-tune) for FLYP and for the chosen StarFT.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from open_clip.factory import load_state_dict
+import numpy as np
+import torch
 
 from open_clip_starft.bench.stages import OFFLINE_ENV, run_stage, training_progress
-from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
+from open_clip_starft.bench.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.metrics import evaluate_zero_shot
-from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import interpolate_state_dicts, run_checkpoints
+from open_clip_starft.eval.progress import Progress
+from open_clip_starft.tools.sweep import Setting, make_grid, select
 
-METHODS = {
-    "flyp": ["--starft-lambda", "0"],
-    "starft": ["--starft-lambda", "0.5"],
-    "starft-l2": ["--starft-lambda", "2"],
-    "starft-nomask": ["--starft-lambda", "0.5", "--starft-no-mask"],
-    "starft-random": ["--starft-lambda", "0.5", "--starft-suffix", "random"],
-}
-WISE = {"wise-flyp": "flyp", "wise-starft": "starft"}
-WISE_ALPHA = 0.5
 PROTOCOLS = {"P1": "source-train", "P2": "wb-train"}
+WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+TEMPLATE = "a photo of a {}."
 
 
 @dataclass
 class Schedule:
-    """Optimisation settings of the pre-training run and of every fine-tune (all methods alike)."""
+    """Optimisation settings of the pre-training runs and of every fine-tune (all settings alike)."""
     pretrain_epochs: int = 8
     pretrain_lr: float = 1e-3
     pretrain_batch_size: int = 128
-    finetune_epochs: int = 3
+    finetune_epochs: int = 3           # P2
+    p1_epochs: tuple = (3, 8)          # P1 candidates, chosen on source-val by FLYP
     finetune_lr: float = 1e-4
     finetune_batch_size: int = 64
     warmup: int = 10
+    wise_alphas: tuple = WISE_ALPHAS  # WiSE-FT points evaluated between the zero-shot model and a fine-tune
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -84,12 +88,16 @@ class Job:
     def epochs(self) -> int:
         return int(self.args[self.args.index("--epochs") + 1])
 
+    @property
+    def done(self) -> bool:
+        return self.checkpoint.endswith(f"epoch_{self.epochs}.pt")
+
 
 def run_job(job: Job, threads: int = 1, log=None) -> float:
     """Run one training through ``open_clip_starft.main`` (skipped when its last checkpoint exists, resumed
     from its latest checkpoint when it has one); seconds. ``log``: a line with the run's epoch and percent
     every 30 s while it runs."""
-    if job.checkpoint.endswith(f"epoch_{job.epochs}.pt"):
+    if job.done:
         return 0.0
     resume = ["--resume", "latest"] if os.path.isdir(os.path.join(job.logs, job.name)) else []
     poll = None if log is None else (lambda console: log(f"    {job.name}: {training_progress(console) or 'starting'}"))
@@ -113,31 +121,15 @@ def run_jobs(jobs: list[Job], parallel: int) -> dict[str, float]:
     return seconds
 
 
-def pretrain(out: str, manifest: dict, schedule: Schedule, seed: int, init_model: str) -> Job:
-    """The pre-training job: contrastive, λ = 0, on the pre-training set's caption classes."""
-    pre = manifest["pretrain"]
-    data_dir = os.path.join(out, "data", "pretrain")
-    job = Job("pretrain", ["--model", init_model, *_train_args(
-        pre["pattern"], os.path.join(out, "logs"), "pretrain", seed, schedule.pretrain_epochs, schedule.pretrain_lr,
-        schedule.pretrain_batch_size, 4 * schedule.warmup, os.path.join(data_dir, "classnames.txt")),
-        "--starft-lambda", "0"], os.path.join(out, "logs"))
-    return job
+# -- pre-training ----------------------------------------------------------------------------------
+def unit_name(split: str, pretrain_seed: int) -> str:
+    """A unit: one pre-trained zero-shot model (``{split}-p{pretrain_seed}``); runs sharing it are not independent."""
+    return f"{split}-p{pretrain_seed}"
 
 
-def finetune_jobs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds, schedule: Schedule) -> list[Job]:
-    jobs = []
-    for split, info in manifest["splits"].items():
-        for protocol in protocols:
-            data = info["sets"][PROTOCOLS[protocol]]
-            classnames = os.path.join(os.path.dirname(_first_shard(data["pattern"])), "classnames.txt")
-            for seed in train_seeds:
-                for method in methods:
-                    name = f"{protocol}-{split}-seed{seed}-{method}"
-                    jobs.append(Job(name, ["--model", zero_shot, *_train_args(
-                        data["pattern"], os.path.join(out, "logs"), name, seed, schedule.finetune_epochs,
-                        schedule.finetune_lr, schedule.finetune_batch_size, schedule.warmup, classnames),
-                        *METHODS[method]], os.path.join(out, "logs")))
-    return jobs
+def parse_unit(unit: str) -> tuple[str, int]:
+    split, _, seed = unit.rpartition("-p")
+    return split, int(seed)
 
 
 def _first_shard(pattern: str) -> str:
@@ -145,85 +137,312 @@ def _first_shard(pattern: str) -> str:
     return expand_urls(pattern)[0][0]
 
 
-# -- evaluation --------------------------------------------------------------------------------------
-class Evaluator:
-    """Zero-shot accuracy of state dicts of one architecture on the Waterbirds-lite sets."""
+def _classnames_path(pattern: str) -> str:
+    return os.path.join(os.path.dirname(_first_shard(pattern)), "classnames.txt")
 
-    def __init__(self, zero_shot: str):
+
+def _classnames(pattern: str) -> list[str]:
+    with open(_classnames_path(pattern)) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def pretrain(out: str, manifest: dict, split: str, pretrain_seed: int, schedule: Schedule, init_model: str) -> Job:
+    """The pre-training job of unit (``split``, ``pretrain_seed``): contrastive, λ = 0, on the split's own
+    pre-training set (its train scene photographs only), seeded by ``pretrain_seed``."""
+    pre = manifest["splits"][split]["sets"]["pretrain"]
+    unit = unit_name(split, pretrain_seed)
+    return Job(f"pretrain-{unit}", ["--model", init_model, *_train_args(
+        pre["pattern"], os.path.join(out, "logs"), f"pretrain-{unit}", pretrain_seed, schedule.pretrain_epochs,
+        schedule.pretrain_lr, schedule.pretrain_batch_size, 4 * schedule.warmup, _classnames_path(pre["pattern"])),
+        "--starft-lambda", "0"], os.path.join(out, "logs"))
+
+
+def zero_shot_check(model: str, info: dict) -> dict:
+    """The zero-shot model's Waterbirds-lite VALIDATION accuracy and worst group, and its source-val accuracy
+    (never a test set): the competence check of a pre-trained unit."""
+    ev = Evaluator(model, info, roles=("wb-val", "source-val"))
+    m = ev.evaluate(ev.zero_shot_state)
+    return {"val_avg": m["wb-val"]["top1"], "val_worst_group": m["wb-val"]["worst_group"],
+            "val_groups": {WB_GROUP_NAMES[g]: a for g, a in sorted(m["wb-val"]["groups"].items())},
+            "source_val": m["source-val"]["top1"]}
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+def scene_descriptors(out: str, manifest_scenes_phrases: list[str]) -> str:
+    """``OUT/scenes.txt``: one descriptor template per scene phrase ("{} on the beach."); returns its path."""
+    path = os.path.join(out, "scenes.txt")
+    text = "".join(f"{{}} {p}.\n" for p in manifest_scenes_phrases)
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return path
+
+
+def descriptor_label(spec: str | None) -> str | None:
+    """The record's ``descriptors``: a concept name, or a descriptor file's name without extension."""
+    return None if spec is None else os.path.splitext(os.path.basename(spec))[0]
+
+
+def finetune_job(out: str, info: dict, unit: str, protocol: str, seed: int, setting: Setting, epochs: int,
+                 schedule: Schedule) -> Job:
+    data = info["sets"][PROTOCOLS[protocol]]
+    name = f"{protocol}-{unit}-seed{seed}-{setting.name}-e{epochs}"
+    return Job(name, ["--model", f"local-dir:{os.path.join(out, 'models', unit, 'zero-shot')}", *_train_args(
+        data["pattern"], os.path.join(out, "logs"), name, seed, epochs, schedule.finetune_lr,
+        schedule.finetune_batch_size, schedule.warmup, _classnames_path(data["pattern"])), *setting.train_args()],
+        os.path.join(out, "logs"))
+
+
+def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule: Schedule, parallel: int,
+                     seconds: dict, log=print) -> dict:
+    """P1's fine-tune length per unit and seed: FLYP trained for each of ``schedule.p1_epochs``, the one with the
+    highest source-VALIDATION accuracy (ties: the shorter) kept. ``OUT/p1_epochs.json``:
+    ``{unit: {seed: {"source_val": {epochs: acc}, "chosen": epochs}}}``. ``seconds``: filled with the runs' times."""
+    path = os.path.join(out, "p1_epochs.json")
+    chosen = json.load(open(path)) if os.path.exists(path) else {}
+    flyp = Setting(0.0)
+    jobs = {(u, s, e): finetune_job(out, manifest["splits"][parse_unit(u)[0]], u, "P1", s, flyp, e, schedule)
+            for u in units for s in seeds for e in schedule.p1_epochs}
+    seconds.update({k: v for k, v in run_jobs([j for j in jobs.values() if not j.done], parallel).items() if v})
+    for u in units:
+        info = manifest["splits"][parse_unit(u)[0]]
+        for s in seeds:
+            entry = chosen.setdefault(u, {}).get(str(s))
+            if entry and set(entry["source_val"]) == {str(e) for e in schedule.p1_epochs}:
+                continue
+            ev = Evaluator(_zero_shot_dir(out, u), info, roles=("source-val",))
+            acc = {str(e): ev.evaluate(ev.state_of(jobs[(u, s, e)].checkpoint))["source-val"]["top1"]
+                   for e in schedule.p1_epochs}
+            best = max(schedule.p1_epochs, key=lambda e: (acc[str(e)], -e))
+            chosen[u][str(s)] = {"source_val": acc, "chosen": best}
+            log(f"  P1 {u} seed {s}: source-val " + ", ".join(f"{e} ep {100 * a:.1f} %" for e, a in acc.items())
+                + f" → {best} epochs")
+            with open(path, "w") as f:
+                json.dump(chosen, f, indent=1)
+    return chosen
+
+
+def grid_jobs(out: str, manifest: dict, units: list[str], protocols, seeds, grid: list[Setting], schedule: Schedule,
+              p1_epochs: dict) -> list[tuple[dict, Job]]:
+    """``(run description, job)`` for every unit × protocol × seed × setting."""
+    jobs = []
+    for u in units:
+        info = manifest["splits"][parse_unit(u)[0]]
+        for protocol in protocols:
+            for s in seeds:
+                epochs = p1_epochs[u][str(s)]["chosen"] if protocol == "P1" else schedule.finetune_epochs
+                for setting in grid:
+                    jobs.append(({"unit": u, "protocol": protocol, "seed": s, "setting": setting, "epochs": epochs},
+                                 finetune_job(out, info, u, protocol, s, setting, epochs, schedule)))
+    return jobs
+
+
+def _zero_shot_dir(out: str, unit: str) -> str:
+    return f"local-dir:{os.path.join(out, 'models', unit, 'zero-shot')}"
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+class Evaluator:
+    """Zero-shot accuracy of state dicts of one unit's architecture on its sets, the preprocessed images of
+    each set read once and kept in memory (``[N, 3, H, W]`` float32 per set)."""
+
+    ROLES = ("wb-test", "wb-val", "heldout-test", "source-test", "source-val")
+
+    def __init__(self, zero_shot: str, info: dict, roles=ROLES, batch_size: int = 250):
         import open_clip
+        from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(zero_shot)
+        self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(zero_shot)
         self.zero_shot_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.sets = {}
+        for role in roles:
+            pattern = info["sets"][role]["pattern"]
+            names = _classnames(pattern)
+            prepared = prepare_set(EvalSetSpec(name=role, root=pattern, format="wds", classnames=names,
+                                               templates=[TEMPLATE]))
+            cached = [(images, labels, groups) for images, labels, groups, _n, _bad in
+                      batches(prepared, self.preprocess, batch_size) if images is not None]
+            self.sets[role] = (names, cached)
+
+        # the text transformer (MiniLM) is locked in every run: its pooled outputs are computed once per caption
+        # list and reused while the loaded weights' transformer equals the zero-shot one (checked per load)
+        self._transformer = {k: v for k, v in self.zero_shot_state.items() if k.startswith("text.transformer.")}
+        self._pooled: dict[tuple, torch.Tensor] = {}
+        self._frozen_text = True
+
+    def load(self, state: dict) -> None:
+        """Load ``state`` into the model; note whether its text transformer is the zero-shot one."""
+        self.model.load_state_dict(state)
+        self._frozen_text = all(torch.equal(state[k], v) for k, v in self._transformer.items())
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """``[N, D]`` normalised text features of ``captions`` for the loaded weights (``encode_text``'s values)."""
+        text = self.model.text
+        if not self._frozen_text or not hasattr(text, "pooler"):
+            return self.model.encode_text(self.tokenizer(captions), normalize=True)
+        key = tuple(captions)
+        if key not in self._pooled:
+            tokens = self.tokenizer(captions)
+            mask = (tokens != text.config.pad_token_id).long()
+            self._pooled[key] = text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+        return torch.nn.functional.normalize(text.proj(self._pooled[key]), dim=-1)
 
     def state_of(self, checkpoint: str) -> dict:
+        from open_clip.factory import load_state_dict
         return load_state_dict(checkpoint, weights_only=False)  # OpenCLIP's: "state_dict", no "module."
 
-    def evaluate(self, state: dict, sets: dict) -> dict:
-        """``{set name: group metrics}`` for ``sets`` = {name: (pattern, classnames)}."""
-        self.model.load_state_dict(state)
-        return {name: evaluate_zero_shot(self.model, self.tokenizer, self.preprocess, pattern, classnames)
-                for name, (pattern, classnames) in sets.items()}
+    @torch.no_grad()
+    def head(self, names: list[str]) -> torch.Tensor:
+        """``[D, K]`` normalised text features of ``TEMPLATE`` per class name, for the loaded weights."""
+        return self.encode_text([TEMPLATE.format(n) for n in names]).T
+
+    @torch.no_grad()
+    def features(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image features [N, D], labels [N], groups [N])`` of set ``role`` for the loaded weights."""
+        feats, labels, groups = [], [], []
+        for images, lab, grp in self.sets[role][1]:
+            feats.append(self.model.encode_image(images, normalize=True))
+            labels.append(lab)
+            groups.append(grp)
+        return torch.cat(feats), torch.cat(labels), torch.cat(groups)
+
+    @torch.no_grad()
+    def evaluate(self, state: dict) -> dict:
+        """``{role: group_metrics}`` of the weights ``state`` on every cached set."""
+        from open_clip_starft.eval.metrics import group_metrics
+        self.load(state)
+        out = {}
+        for role, (names, _) in self.sets.items():
+            x, labels, groups = self.features(role)
+            out[role] = group_metrics((x @ self.head(names)).argmax(dim=1), labels, groups)
+        return out
+
+
+@torch.no_grad()
+def two_class_terms(ev: Evaluator, state: dict, teacher: dict, descriptors: list[str], batch_size: int,
+                    seed: int = 0) -> dict:
+    """The two-class property on Waterbirds-lite test for weights ``state`` against the zero-shot ``teacher``
+    (both state dicts of ``ev``'s architecture): the Star term with and without the same-class mask
+    (``method.loss.star_loss``, the teacher's logit scale, batches of ``batch_size`` in set order, spurious
+    captions "a photo of a {class} {descriptor}." with one descriptor per sample drawn from ``seed``), and the
+    class margin ``t·(x·y_true − x·y_other)`` of the student per group and per background (place)."""
+    from open_clip_starft.method.loss import star_loss
+    rng = np.random.default_rng(seed)
+
+    def encode(weights):
+        ev.load(weights)
+        x, labels, groups = ev.features("wb-test")
+        captions = [d.replace("{}", TEMPLATE.format(WB_CLASSNAMES[int(c)]).rstrip(".")) for c, d in
+                    zip(labels, chosen)]
+        return x, ev.encode_text(captions), labels, groups, ev.head(list(WB_CLASSNAMES))
+
+    n = sum(len(b[1]) for b in ev.sets["wb-test"][1])
+    chosen = [descriptors[int(i)] for i in rng.integers(len(descriptors), size=n)]
+    tx, ts, labels, groups, _ = encode(teacher)
+    scale = float(ev.model.logit_scale.exp())
+    x, s, _, _, head = encode(state)
+    terms = {}
+    for key, mask in (("star_masked", True), ("star_unmasked", False)):
+        values = [float(star_loss(x[i:i + batch_size], s[i:i + batch_size], tx[i:i + batch_size],
+                                  ts[i:i + batch_size], labels[i:i + batch_size], logit_scale=scale,
+                                  mask_same_class=mask)) for i in range(0, n, batch_size)]
+        terms[key] = sum(values) / len(values)
+    logits = scale * x @ head
+    margin = logits.gather(1, labels[:, None])[:, 0] - logits.gather(1, 1 - labels[:, None])[:, 0]
+    terms["margin"] = {WB_GROUP_NAMES[g]: float(margin[groups == g].mean()) for g in range(4) if (groups == g).any()}
+    terms["margin_by_background"] = {p: float(margin[groups % 2 == i].mean()) for i, p in enumerate(PLACES)}
+    return terms
 
 
 def first_star_loss(log_path: str) -> float | None:
     """The Star term logged at a run's first step (≈ 0: the student starts as the teacher); None if none logged."""
+    if not os.path.exists(log_path):
+        return None
     with open(log_path) as f:
         found = re.search(r"Star_loss: ([-0-9.e+naif]+)", f.read())
     return float(found.group(1)) if found else None
 
 
-def _classnames(pattern: str) -> list[str]:
-    with open(os.path.join(os.path.dirname(_first_shard(pattern)), "classnames.txt")) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def record(protocol: str, method: str, split: str, seed, metrics: dict, train_groups: dict, seconds=None) -> dict:
-    """One JSON record: Waterbirds-lite test (balanced avg, worst group, per group, in-distribution
-    accuracy weighted by the train split's group shares), validation, held-out classes."""
-    test = metrics["wb-test"]
+def _in_dist(metrics: dict, train_groups: dict) -> float:
     total = sum(train_groups.values())
-    in_dist = sum(test["groups"].get(int(g), 0.0) * n / total for g, n in train_groups.items())
+    return sum(metrics["groups"].get(int(g), 0.0) * n / total for g, n in train_groups.items())
+
+
+def record(protocol: str, method: str, unit: str, metrics: dict, info: dict, *, seed=None, setting: Setting | None = None,
+           alpha=None, epochs=None, seconds=None) -> dict:
+    """One JSON record of an evaluated model. ``avg``/``worst_group``/``groups``: Waterbirds-lite test
+    (balanced); ``in_dist``: P1 source-test accuracy, P2 Waterbirds-lite test weighted by the train split's group
+    shares; ``val_*`` the same on validation (wb-val; P1 ``val_in_dist``: source-val); ``heldout``: held-out
+    classes (zero-shot)."""
+    split, pretrain_seed = parse_unit(unit)
+    test, val, groups = metrics["wb-test"], metrics["wb-val"], info["sets"]["wb-train"]["groups"]
+    if protocol == "P1":
+        in_dist, val_in_dist = metrics["source-test"]["top1"], metrics["source-val"]["top1"]
+    else:
+        in_dist, val_in_dist = _in_dist(test, groups), _in_dist(val, groups)
+    lam = None if setting is None else setting.lam
     return {
-        "protocol": protocol, "method": method, "split": split, "seed": seed,
+        "protocol": protocol, "method": method, "unit": unit, "split": split, "variant": info.get("variant"),
+        "pretrain_seed": pretrain_seed, "seed": seed, "lam": lam,
+        "schedule": None if setting is None else setting.schedule,
+        "descriptors": None if setting is None else descriptor_label(setting.descriptors),
+        "alpha": alpha, "epochs": epochs,
         "avg": test["top1"], "worst_group": test["worst_group"],
         "groups": {WB_GROUP_NAMES[g]: acc for g, acc in sorted(test["groups"].items())},
-        "in_dist": in_dist,
-        "val_avg": metrics["wb-val"]["top1"], "val_worst_group": metrics["wb-val"]["worst_group"],
-        "heldout": metrics["heldout-test"]["top1"],
-        "train_seconds": seconds,
+        "in_dist": in_dist, "val_avg": val["top1"], "val_worst_group": val["worst_group"], "val_in_dist": val_in_dist,
+        "heldout": metrics["heldout-test"]["top1"], "selected": False, "train_seconds": seconds,
     }
 
 
-def evaluate_runs(out: str, manifest: dict, zero_shot: str, protocols, methods, train_seeds,
-                  seconds: dict) -> list[dict]:
-    ev = Evaluator(zero_shot)
+def evaluate_unit(out: str, info: dict, unit: str, protocols, seeds, grid: list[Setting], schedule: Schedule,
+                  p1_epochs: dict, seconds: dict, progress=None) -> list[dict]:
+    """Every record of one unit: zero-shot (per protocol), each grid run, the validation choice among the StarFT
+    runs (``selected``), WiSE-FT curves of FLYP and of the chosen StarFT, and the two-class terms (test) of FLYP
+    and every StarFT run."""
+    from open_clip_starft.method.descriptors import load_descriptors
+    ev = Evaluator(_zero_shot_dir(out, unit), info)
+    zs_state = ev.zero_shot_state
+    zs = ev.evaluate(zs_state)
     records = []
-    per_split = len(protocols) * (1 + len(train_seeds) * (len(methods) + sum(b in methods for b in WISE.values())))
-    progress = Progress(len(manifest["splits"]) * per_split, "  evaluated models", unit="model")
-    for split, info in manifest["splits"].items():
-        sets = {k: (info["sets"][k]["pattern"], _classnames(info["sets"][k]["pattern"]))
-                for k in ("wb-test", "wb-val", "heldout-test")}
-        wb_groups = info["sets"]["wb-train"]["groups"]
-        zs = ev.evaluate(ev.zero_shot_state, sets)
-        for protocol in protocols:
-            records.append(record(protocol, "zero-shot", split, None, zs, wb_groups))
-            progress.update(1)
-            for seed in train_seeds:
-                states = {}
-                for method in methods:
-                    name = f"{protocol}-{split}-seed{seed}-{method}"
-                    ckpt = Job(name, [], os.path.join(out, "logs")).checkpoint
-                    if not ckpt:
-                        raise StarftError(f"Waterbirds-lite: run {name} has no checkpoint: run the 'run' stage first")
-                    states[method] = ev.state_of(ckpt)
-                    records.append(record(protocol, method, split, seed, ev.evaluate(states[method], sets), wb_groups,
-                                          seconds.get(name)))
-                    records[-1]["star_loss_step0"] = first_star_loss(os.path.join(out, "logs", name, "out.log"))
-                    progress.update(1)
-                for wise, base in WISE.items():
-                    if base in states:
-                        mixed = interpolate_state_dicts(ev.zero_shot_state, states[base], WISE_ALPHA)
-                        records.append(record(protocol, wise, split, seed, ev.evaluate(mixed, sets), wb_groups))
-                        progress.update(1)
-    progress.close()
+    tick = (lambda: progress.update(1)) if progress is not None else (lambda: None)
+    for protocol in protocols:
+        records.append(record(protocol, "zero-shot", unit, zs, info))
+        records[-1].update(two_class_terms(ev, zs_state, zs_state, load_descriptors("background"),
+                                           schedule.finetune_batch_size))
+        tick()
+        for s in seeds:
+            epochs = p1_epochs[unit][str(s)]["chosen"] if protocol == "P1" else schedule.finetune_epochs
+            rows, states = [], {}
+            for setting in grid:
+                job = finetune_job(out, info, unit, protocol, s, setting, epochs, schedule)
+                if not job.done:
+                    raise StarftError(f"Waterbirds-lite: run {job.name} has no final checkpoint: run the 'run' stage first")
+                states[setting] = ev.state_of(job.checkpoint)
+                r = record(protocol, setting.method, unit, ev.evaluate(states[setting]), info, seed=s, setting=setting,
+                           epochs=epochs, seconds=seconds.get(job.name))
+                r["star_loss_step0"] = first_star_loss(os.path.join(job.logs, job.name, "out.log"))
+                r.update(two_class_terms(ev, states[setting], zs_state,
+                                         load_descriptors(setting.descriptors or "background"),
+                                         schedule.finetune_batch_size))
+                rows.append(r)
+                tick()
+            if any(r["lam"] for r in rows):
+                chosen = select(rows)  # validation fields only
+                chosen["selected"] = True
+            records += rows
+            for row, setting in zip(rows, grid):
+                if setting.lam == 0 or row["selected"]:
+                    for a in schedule.wise_alphas:
+                        mixed = interpolate_state_dicts(zs_state, states[setting], a)
+                        records.append(record(protocol, f"wise-{setting.method}", unit, ev.evaluate(mixed), info,
+                                              seed=s, setting=setting, alpha=a, epochs=epochs))
+                        tick()
     return records
+
+
+def evaluations_per_unit(protocols, seeds, grid, schedule: Schedule) -> int:
+    """Models ``evaluate_unit`` evaluates (its progress units)."""
+    starft = any(g.lam for g in grid)
+    return len(protocols) * (1 + len(seeds) * (len(grid) + len(schedule.wise_alphas) * (1 + starft)))

