@@ -28,7 +28,7 @@ import time
 
 from PIL import Image
 
-from open_clip_starft.data.samples import to_rgb, write_shard
+from open_clip_starft.data.samples import brace_pattern, to_rgb, write_shard
 from open_clip_starft.method.captions import load_classnames
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
@@ -125,10 +125,6 @@ def _fingerprint(samples, samples_per_shard, prefix, max_side) -> str:
     return h.hexdigest()
 
 
-def brace(prefix_path: str, n: int) -> str:
-    return f"{prefix_path}-000000.tar" if n == 1 else f"{prefix_path}-{{000000..{n - 1:06d}}}.tar"
-
-
 def make_shards(source: str, out: str, *, classnames: str | None = None, samples_per_shard: int = 1000,
                 workers: int = 1, prefix: str = "shard", shuffle: bool = True, seed: int = 0, max_side: int | None = None,
                 path_key=None, label_key=None, group_key=None, overwrite: bool = False, limit_shards: int | None = None,
@@ -210,7 +206,7 @@ def make_shards(source: str, out: str, *, classnames: str | None = None, samples
         for k, v in st["per_group"].items():
             per_group[k] = per_group.get(k, 0) + v
     total = sum(sizes.values())
-    pattern = brace(os.path.join(os.path.abspath(out), prefix), n_shards)
+    pattern = brace_pattern(f"{os.path.join(os.path.abspath(out), prefix)}-{i:06d}.tar" for i in range(n_shards))
     with open(os.path.join(out, "classnames.txt"), "w") as f:
         f.write("\n".join(names) + "\n")
     sizes_path = os.path.join(out, "sizes.json")
