@@ -86,3 +86,24 @@ def test_summarise_hand_computed():
     assert "u2: zero-shot validation accuracy 90.0 %, worst group 10.0 %" in text
     assert "| StarFT − FLYP, test worst group | +30.0 ± " in text
     json.dumps(s)  # the summary is plain JSON
+
+
+@pytest.mark.slow
+def test_the_full_demo_as_readme_runs_it(tmp_path):
+    """README's first command, end to end (about 5 minutes on 2 cores): exit 0, a competent zero-shot
+    model, FLYP and the chosen StarFT setting evaluated, and the premise of the demo visible in its
+    numbers: fine-tuning on the biased set costs test worst-group accuracy."""
+    import subprocess
+    import sys
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "open_clip_starft.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / "sweep" / "sweep.json") as f:
+        sweep = json.load(f)
+    rows = {row["method"]: row for row in sweep["grid"]}
+    assert set(rows) == {"zero-shot", "flyp", "starft"}
+    assert rows["zero-shot"]["val_avg"] >= 0.80 and rows["zero-shot"]["val_worst_group"] >= 0.50
+    assert sweep["selected"] == rows["starft"]["name"]
+    assert rows["flyp"]["worst_group"] < rows["zero-shot"]["worst_group"]
+    assert rows["flyp"]["in_dist"] > rows["zero-shot"]["in_dist"]
