@@ -7,31 +7,15 @@ Statistics: a difference is taken per (unit, training seed), averaged within the
 pre-trained model are never counted as independent."""
 from __future__ import annotations
 
-import math
 import statistics
 
-# two-sided 95 % Student t quantiles by degrees of freedom (scipy is not a dependency)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042}
+from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
+from open_clip_starft.eval.frontier import fmt, matched_worst_group, mean_ci, plot_frontiers, unit_summary
+
 VARIANT_NAMES = {"shared": "shared species (the faithful analogue, headline)",
                  "identity": "identity (species held out, stricter)"}
 PROTOCOL_NAMES = {"P1": "P1 (the paper's protocol): fine-tuned on the multi-class source task, zero-shot on Waterbirds-lite",
                   "P2": "P2 (secondary): fine-tuned on the biased two-class Waterbirds-lite train split"}
-
-
-def t975(df: int) -> float:
-    if df in _T975:
-        return _T975[df]
-    return _T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95 % confidence interval (Student t; 0 for one value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _by(records, **match):
@@ -73,7 +57,6 @@ def runs(records: list[dict], protocol: str, variant: str | None = None) -> dict
 def headline(records: list[dict], protocol: str, variant: str | None) -> dict:
     """``{comparison: unit_summary}`` (shares, not points): the selected StarFT − FLYP (worst group, in-dist,
     held-out, avg), selected StarFT − WiSE-FT(FLYP) matched in in-distribution accuracy, FLYP − zero-shot."""
-    from open_clip_starft.eval.frontier import matched_worst_group, unit_summary
     diffs: dict[str, list] = {}
     clamped = 0
     for (unit, _), run in runs(records, protocol, variant).items():
@@ -116,7 +99,6 @@ def zero_shot_table(records: list[dict]) -> list[str]:
 
 
 def headline_lines(records: list[dict], protocol: str) -> list[str]:
-    from open_clip_starft.eval.frontier import fmt
     lines = ["| split variant | comparison | mean ± 95 % interval over units (points) |", "| --- | --- | --- |"]
     for variant in [v for v in VARIANT_NAMES if _by(records, protocol=protocol, variant=v)]:
         summary = headline(records, protocol, variant)
@@ -145,7 +127,6 @@ def grid_table(records: list[dict], protocol: str) -> list[str]:
 def two_class_table(records: list[dict], protocol: str) -> list[str]:
     """Star term (masked, unmasked) of each model against its zero-shot teacher on test, and the class margin
     t·(x·y_true − x·y_other) per group (means over runs)."""
-    from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
     lines = ["| model | runs | Star term, masked | Star term, no mask | " + " | ".join(f"margin: {g}" for g in WB_GROUP_NAMES)
              + " |", "| " + " | ".join(["---"] * (4 + len(WB_GROUP_NAMES))) + " |"]
     picks = {"zero-shot": _by(records, protocol=protocol, method="zero-shot"),
@@ -163,7 +144,6 @@ def two_class_table(records: list[dict], protocol: str) -> list[str]:
 
 
 def runs_table(records: list[dict]) -> list[str]:
-    from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
     lines = ["| protocol | unit | seed | setting | epochs | selected | avg | worst group | "
              + " | ".join(WB_GROUP_NAMES) + " | in-dist | held-out | val avg | val WG | train s |",
              "| " + " | ".join(["---"] * (14 + len(WB_GROUP_NAMES) - 4 + 0)) + " |"]
@@ -185,7 +165,6 @@ def runs_table(records: list[dict]) -> list[str]:
 def plot(records: list[dict], path: str) -> str:
     """The frontiers (``eval.frontier.plot_frontiers``): per protocol and unit (first training seed), WiSE-FT's
     curves from the zero-shot model to FLYP and to the chosen StarFT, and the StarFT grid's points."""
-    from open_clip_starft.eval.frontier import plot_frontiers
     panels = {}
     for protocol in sorted({r["protocol"] for r in records}):
         for (unit, seed), run in sorted(runs(records, protocol).items()):
