@@ -319,6 +319,22 @@ def test_a_truncated_shard_is_named_not_scored_on_half_its_images(ws, tmp_path, 
         assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_a_truncated_shard_without_sizes_json_is_named_too(ws, tmp_path, capsys):
+    import tarfile
+    paths = write_shards(str(tmp_path / "cut"), 32, seed=4, biased=False, image_size=32, samples_per_shard=16)
+    os.remove(tmp_path / "cut" / "sizes.json")  # nothing to count against: the archive's end must be checked
+    with tarfile.open(paths[1]) as tar:
+        members = tar.getmembers()
+    with open(paths[1], "rb") as f:
+        data = f.read()
+    with open(paths[1], "wb") as f:  # cut where a member header starts: tarfile ends quietly
+        f.write(data[:members[len(members) // 2].offset])
+    rc = run_eval("--model", ws["model"], "--data", brace_pattern(paths), "--classnames", ws["names"],
+                  "--out", tmp_path / "r.jsonl", "--no-plots")
+    one_line_error(capsys, rc, os.path.basename(paths[1]), "cannot read shard", "truncated or damaged")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_16_bit_images_are_scaled_not_white(tmp_path):
     from open_clip_starft.eval.sets import open_image
     folder = tmp_path / "deep" / "circle"

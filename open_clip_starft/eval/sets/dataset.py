@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from open_clip_starft.data.samples import IMAGE_KEYS, open_rgb, parse_label, to_rgb
+from open_clip_starft.data.samples import IMAGE_KEYS, BrokenShard, iter_shard, open_rgb, parse_label, to_rgb
 from open_clip_starft.errors import StarftError, one_line
 from open_clip_starft.eval.sets.spec import Item, PreparedSet
 
@@ -135,11 +135,20 @@ def _unreadable_shard_is_one_line(prepared: PreparedSet, loader):
 
 
 def check_shard_counts(prepared: PreparedSet, read: dict[str, int]) -> None:
-    """Every shard gave the samples ``sizes.json`` lists: a tar cut short ends quietly in Python's
-    tarfile, which would score the set on part of its images without a word."""
-    if prepared.shard_sizes is None:
-        return
-    for url, listed in prepared.shard_sizes.items():
+    """Every shard was read to its end: a tar cut short ends quietly in Python's tarfile, which
+    would score the set on part of its images without a word. A shard listed in ``sizes.json``
+    must have given that count; one that is not is read again without decoding
+    (``data.samples.iter_shard``, which checks the end-of-archive blocks)."""
+    listed_sizes = prepared.shard_sizes or {}
+    for url, listed in listed_sizes.items():
         if read.get(url, 0) != listed:
             raise StarftError(f"eval set {prepared.name!r}: shard {url!r} gave {read.get(url, 0)} samples but its sizes.json "
                               f"lists {listed}: the shard is truncated (write it again) or sizes.json is out of date (fix it)")
+    for url in prepared.shards or ():
+        if url not in listed_sizes:
+            try:
+                for _ in iter_shard(url):
+                    pass
+            except BrokenShard as e:
+                raise StarftError(f"eval set {prepared.name!r}: cannot read shard {url!r} to its end ({e.cause}): "
+                                  "the shard is truncated or damaged: write it again") from None
