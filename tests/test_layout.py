@@ -95,3 +95,13 @@ def test_no_module_level_run_slot_in_host():
     for name, _, source in ALL:
         if subpackage(name) == "host":
             assert not re.search(r"^[A-Z_]+\s*=\s*None\b", source, re.M), name
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every package folder (an editable install finds a
+    missing one anyway; a wheel would not ship it)."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(os.path.dirname(PKG_DIR), "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {name for name, path, _ in ALL if path.endswith("__init__.py")}
+    assert found - listed == set()
