@@ -73,14 +73,15 @@ def test_identity_splits_group_stamps_by_species_and_shared_splits_keep_every_sp
         assert {c[0] for c in birds} == {stamps[i].group for k in split["birds"] for i in split["birds"][k]["train"]}
         assert len(classes) == len(split["source_classes"]) + len(birds)
     duck = next(s for s in stamps if s.name == "duck")
-    assert build.pretrain_captions(duck, ["on a lake"]) == ["duck", "waterbird, a duck", "duck on a lake",
-                                                            "waterbird, a duck on a lake"]
+    assert build.pretrain_captions(duck, ["on a lake"]) == ["duck", "waterbird, a duck", "waterbird", "duck on a lake",
+                                                            "waterbird, a duck on a lake", "waterbird on a lake"]
 
 
 def test_miniature_benchmark_end_to_end(tmp_path):
     out, docs = tmp_path / "wbl", tmp_path / "docs"
     argv = ["all", "--out", str(out), "--docs", str(docs), "--scale", "mini", "--splits", "identity:0",
-            "--train-seeds", "0", "--lambdas", "2", "--schedules", "constant", "--parallel", "2"]
+            "--train-seeds", "0", "--lambdas", "2", "--schedules", "constant", "--parallel", "2",
+            "--protocols", "P1,P2"]
     assert wbl_main(argv) == 0
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
@@ -138,6 +139,39 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     assert "StarFT (selected) − WiSE-FT(FLYP) at its in-dist" in text and (docs / "waterbirds-lite.png").stat().st_size > 1000
     # a second call reuses the finished stages (nothing is retrained)
     assert wbl_main(["run", *argv[1:]]) == 0
+
+
+def test_pretraining_shows_birds_and_names_their_superclass_at_the_set_rates(tmp_path):
+    stamps, scenes = build.load_labels()
+    material = build.Material(stamps, scenes, image_size=16)
+    split = build.make_split(stamps, scenes, "shared", 0, 0.6)
+    sizes = build.Sizes(image_size=16, pretrain=600, p_pretrain_bird=0.7, p_pretrain_superclass=0.8)
+    build.write_pretrain(str(tmp_path), material, split, sizes, seed=0)
+    shards = sorted(str(p) for p in (tmp_path / "pretrain").glob("*.tar"))
+    captions = [s["txt"].decode() for s in wds.WebDataset(shards, shardshuffle=False)]
+    assert len(captions) == 600
+    bird_names = {s.name for s in stamps if s.kind != "object"}
+    birds = [c for c in captions if "waterbird" in c or "landbird" in c or any(f" {b}" in c for b in bird_names)]
+    superclass = [c for c in birds if "waterbird" in c or "landbird" in c]
+    # binomial 3-sigma bounds around the set rates
+    assert abs(len(birds) / 600 - 0.7) < 3 * (0.7 * 0.3 / 600) ** 0.5
+    assert abs(len(superclass) / len(birds) - 0.8) < 3 * (0.8 * 0.2 / len(birds)) ** 0.5
+    alone = [c for c in superclass if c.startswith(("a photo of a waterbird.", "a photo of a landbird.",
+                                                    "a photo of a waterbird ", "a photo of a landbird "))]
+    assert 0.3 < len(alone) / len(superclass) < 0.7  # the superclass alone or with the species, equally often
+
+
+def test_units_whose_zero_shot_model_is_below_the_bar_are_left_out_with_a_line(tmp_path):
+    from open_clip_starft.bench.waterbirds_lite.cli import competent_units
+    (tmp_path / "zero_shot.json").write_text(json.dumps({"a-p0": {"val_avg": 0.8}, "b-p0": {"val_avg": 0.6}}))
+    lines = []
+    kept, failed = competent_units(str(tmp_path), ["a-p0", "b-p0"], 0.75, lines.append)
+    assert kept == ["a-p0"] and list(failed) == ["b-p0"]
+    assert len(lines) == 1 and "b-p0 left out" in lines[0] and "60.0 %" in lines[0]
+    with pytest.raises(StarftError, match="no unit's zero-shot model reached a validation average of 90 %"):
+        competent_units(str(tmp_path), ["a-p0", "b-p0"], 0.9, lines.append)
+    with pytest.raises(StarftError, match="unit c-p0 has no zero-shot check"):
+        competent_units(str(tmp_path), ["c-p0"], 0.5, lines.append)
 
 
 def _rec(method, unit, seed, wg, in_dist, *, lam=0.0, alpha=None, selected=False, val_wg=0.5):

@@ -61,7 +61,7 @@ PLACES = ("land", "water")
 WB_CLASSNAMES = ("landbird", "waterbird")
 WB_GROUP_NAMES = ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water")
 SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
-VARIANTS = ("shared", "identity")
+VARIANTS = ("shared", "identity", "crops")  # the index is in the data seed: append, never reorder
 VERSION = 2  # of the manifest and its sets: v1 (commit 83bb42d) had one pre-training set for all splits
 # the sets' ids in the sample seeds (never reuse one)
 SET_IDS = {"pretrain": 1, "wb-train": 2, "wb-val": 3, "wb-test": 4, "source-train": 5, "heldout-test": 6,
@@ -106,6 +106,8 @@ class Sizes:
     p_aligned: float = 0.95       # wb-train and the source task's birds: share on their own place
     p_natural: float = 0.8        # source task's objects: share on their natural place
     p_pretrain_natural: float = 0.8  # pre-training: share of stamps on their natural place
+    p_pretrain_bird: float = 0.7     # pre-training: share of samples that show a bird (the rest: objects)
+    p_pretrain_superclass: float = 0.8  # pre-training: share of bird captions that name the superclass
 
 
 # -- material ------------------------------------------------------------------------------------
@@ -225,15 +227,18 @@ def bird_species(stamps: list[Stamp], kind: str) -> dict[str, list[int]]:
 
 def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int, source_fraction: float) -> dict:
     """Which scenes, birds and object classes each part of split ``{variant}-s{seed}`` uses (indices).
-    ``identity`` splits bird species (every stamp of a species on one side), ``shared`` keeps every
-    species in every part; scene photographs are split in both."""
+    ``identity`` splits bird species (every stamp of a species on one side), ``shared`` and ``crops`` keep every
+    species in every part; scene photographs are split in ``shared`` and ``identity``, while in ``crops`` every
+    part draws its own random crops of every photograph (the background photographs, not their crops, are
+    shared, as Waterbirds' Places backgrounds are in-distribution for CLIP)."""
     if variant not in VARIANTS:
-        raise StarftError(f"unknown split variant {variant!r}: use shared (species in every part) or identity "
-                          "(species split)")
+        raise StarftError(f"unknown split variant {variant!r}: use crops (species and photographs in every part), "
+                          "shared (species in every part, photographs split) or identity (species split)")
     split = {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "scenes": {}, "birds": {}}
     for place in PLACES:
-        split["scenes"][place] = _split([i for i, s in enumerate(scenes) if s.place == place], seed * 7 + 1,
-                                        f"{place} scenes")
+        at_place = [i for i, s in enumerate(scenes) if s.place == place]
+        split["scenes"][place] = (_split(at_place, seed * 7 + 1, f"{place} scenes") if variant != "crops" else
+                                  {part: at_place for part in SPLIT_FRACTIONS})
     for kind in ("landbird", "waterbird"):
         species = bird_species(stamps, kind)
         if not species:
@@ -297,33 +302,39 @@ def _place(natural: str, p_natural: float | None, rng: np.random.Generator) -> s
 
 
 def pretrain_captions(stamp: Stamp, phrases: list[str]) -> list[str]:
-    """The caption bodies of ``stamp`` in pre-training: its name alone and with each scene phrase;
-    for a bird also with its superclass first ("waterbird, a duck", "waterbird, a duck on the beach")."""
-    names = [stamp.name] + ([f"{stamp.kind}, a {stamp.name}"] if stamp.kind != "object" else [])
+    """The caption bodies of ``stamp`` in pre-training: its names alone, then each with each scene phrase.
+    An object has one name ("chair"); a bird three: its species, its superclass with the species ("waterbird,
+    a duck") and its superclass alone ("waterbird"), as web captions name a bird at either level."""
+    names = [stamp.name] + ([f"{stamp.kind}, a {stamp.name}", stamp.kind] if stamp.kind != "object" else [])
     return names + [f"{n} {p}" for n in names for p in phrases]
 
 
 def write_pretrain(root: str, material: Material, split: dict, sizes: Sizes, seed: int, progress=None) -> dict:
     """The split's pre-training set under ``root/pretrain``: every object and the split's train-part birds on
-    its train scene photographs, each stamp on its natural place with probability ``sizes.p_pretrain_natural``;
-    one caption body per sample, drawn uniformly from ``pretrain_captions`` (class = its index)."""
+    its train scene photographs, each stamp on its natural place with probability ``sizes.p_pretrain_natural``.
+    A sample shows a bird with probability ``sizes.p_pretrain_bird`` (uniform over the train-part bird stamps),
+    else an object (uniform over objects); one caption body per sample from ``pretrain_captions`` (class = its
+    index): a bird's names its superclass with probability ``sizes.p_pretrain_superclass`` (with its species or
+    alone, equally often), and half of all captions name the scene (its own phrase)."""
     stamps, scenes = material.stamps, material.scenes
     phrases = sorted({s.phrase for s in scenes})
-    birds = split["birds"]["landbird"]["train"] + split["birds"]["waterbird"]["train"]
-    chosen = sorted([i for i, s in enumerate(stamps) if s.kind == "object"] + birds)
+    birds = sorted(split["birds"]["landbird"]["train"] + split["birds"]["waterbird"]["train"])
+    objects = [i for i, s in enumerate(stamps) if s.kind == "object"]
+    chosen = sorted(objects + birds)
     names, first = [], {}
     for i in chosen:
         first[i] = len(names)
         names += pretrain_captions(stamps[i], phrases)
 
     def draw(rng):
-        stamp = chosen[int(rng.integers(len(chosen)))]
+        pool_of_stamps = birds if rng.random() < sizes.p_pretrain_bird else objects
+        stamp = pool_of_stamps[int(rng.integers(len(pool_of_stamps)))]
         place = _place(stamps[stamp].place, sizes.p_pretrain_natural, rng)
         pool = split["scenes"][place]["train"]
         scene = pool[int(rng.integers(len(pool)))]
-        n_names = 2 if stamps[stamp].kind != "object" else 1
-        # half the captions name the scene (its own phrase), half do not; birds: half with the superclass
-        which = int(rng.integers(n_names))
+        n_names = 3 if stamps[stamp].kind != "object" else 1
+        # a bird's caption names its superclass (names 1 and 2, equally often) with p_pretrain_superclass
+        which = 0 if n_names == 1 or rng.random() >= sizes.p_pretrain_superclass else 1 + int(rng.integers(2))
         if rng.random() < 0.5:
             offset = n_names + which * len(phrases) + phrases.index(scenes[scene].phrase)
         else:

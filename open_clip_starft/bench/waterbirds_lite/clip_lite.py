@@ -74,13 +74,19 @@ def minilm_state_dict() -> dict[str, torch.Tensor]:
 
 
 def clip_lite_config(out_dir: str, image_size: int = 64, embed_dim: int = 256, vision_width: int = 192,
-                     vision_layers: int = 4, patch_size: int = 8, context_length: int = 16) -> dict:
-    """The OpenCLIP ``model_cfg`` of a CLIP-lite folder ``out_dir`` (made absolute)."""
+                     vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16) -> dict:
+    """The OpenCLIP ``model_cfg`` of a CLIP-lite folder ``out_dir`` (made absolute). ``vision_layers`` an int:
+    a ViT of that depth (``vision_width`` wide, ``patch_size`` patches); a tuple of four: OpenCLIP's
+    ``ModifiedResNet`` with those blocks per stage, ``vision_width`` channels in its first stage."""
     here = os.path.abspath(out_dir)
+    if isinstance(vision_layers, (list, tuple)):
+        vision = {"image_size": image_size, "layers": list(vision_layers), "width": vision_width}
+    else:
+        vision = {"image_size": image_size, "layers": vision_layers, "width": vision_width,
+                  "head_width": 64 if vision_width % 64 == 0 else vision_width, "patch_size": patch_size}
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": vision_layers, "width": vision_width,
-                       "head_width": 64 if vision_width % 64 == 0 else vision_width, "patch_size": patch_size},
+        "vision_cfg": vision,
         "text_cfg": {"hf_model_name": here, "hf_tokenizer_name": here, "hf_pooler_type": "mean_pooler",
                      "hf_proj_type": "linear", "context_length": context_length},
     }
@@ -125,7 +131,7 @@ def build_clip_lite(out_dir: str, seed: int = 0, **sizes):
 
 
 def write_clip_lite(out_dir: str, seed: int = 0, image_size: int = 64, embed_dim: int = 256, vision_width: int = 192,
-                    vision_layers: int = 4, patch_size: int = 8, context_length: int = 16) -> str:
+                    vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16) -> str:
     """Write a CLIP-lite model to ``out_dir`` in OpenCLIP's ``local-dir:`` format; returns the
     ``--model`` value ``"local-dir:" + out_dir`` (absolute). ``context_length``: tokens per caption,
     [CLS] and [SEP] included (longer captions are cut)."""

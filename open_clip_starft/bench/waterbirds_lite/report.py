@@ -12,7 +12,8 @@ import statistics
 from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
 from open_clip_starft.eval.frontier import fmt, matched_worst_group, mean_ci, plot_frontiers, unit_summary
 
-VARIANT_NAMES = {"shared": "shared species (the faithful analogue, headline)",
+VARIANT_NAMES = {"crops": "crops (species and background photographs in every part, new crops; the headline)",
+                 "shared": "shared species, background photographs split",
                  "identity": "identity (species held out, stricter)"}
 PROTOCOL_NAMES = {"P1": "P1 (the paper's protocol): fine-tuned on the multi-class source task, zero-shot on Waterbirds-lite",
                   "P2": "P2 (secondary): fine-tuned on the biased two-class Waterbirds-lite train split"}
