@@ -67,6 +67,11 @@ def test_identity_splits_group_stamps_by_species_and_shared_splits_keep_every_sp
         for place in build.PLACES:  # scene photographs never shared between parts
             p = shared["scenes"][place]
             assert not set(p["train"]) & set(p["test"]) and not set(p["val"]) & set(p["test"])
+        crops = build.make_split(stamps, scenes, "crops", seed, 0.6)  # every species and photograph in every part
+        assert crops["birds"] == shared["birds"]
+        for place in build.PLACES:
+            every = [i for i, s in enumerate(scenes) if s.place == place]
+            assert all(crops["scenes"][place][part] == every for part in ("train", "val", "test"))
         # P1's source task: the source objects and the train-part bird species, a species one class
         classes = build.source_classes(stamps, split)
         birds = [c for c in classes if c[2] != "object"]
@@ -199,3 +204,10 @@ def test_report_statistics_by_hand():
     assert matched == pytest.approx({"a": (0.4 - 0.45 + 0.2 - 0.45) / 2, "b": 0.5 - 0.4})
     assert s["FLYP − zero-shot: worst group"]["per_unit"] == pytest.approx({"a": -0.3, "b": -0.4})
     assert s["_clamped"] == 0
+    # the report's sentences follow the intervals: +15 ± 190.6 includes 0; -35 ± 63.5 ... includes 0 with 2 units
+    reading = report.reading_lines(recs, "P1")
+    assert "- shared, StarFT (selected) − FLYP: worst group: +15.0 ± 190.6 (2 units; W/T/L 1/1/0) points, " \
+           "not distinguishable from 0 (the interval includes 0)." in reading
+    assert report._verdict({"mean": 0.1, "ci95": 0.05, "units": 5}).startswith("above 0")
+    assert report._verdict({"mean": -0.1, "ci95": 0.05, "units": 5}).startswith("below 0")
+    assert report._verdict({"mean": -0.1, "ci95": 0.0, "units": 1}) == "one unit: no interval"

@@ -1,7 +1,7 @@
 """The Waterbirds-lite benchmark (v2): pre-train one CLIP-lite per unit, fine-tune it over a StarFT grid,
 choose on validation, evaluate, record.
 
-A *unit* is one pre-trained zero-shot model: a split (``shared-sN`` or ``identity-sN``) × a pre-training
+A *unit* is one pre-trained zero-shot model: a split (``crops-sN``, ``shared-sN`` or ``identity-sN``) × a pre-training
 seed (``unit_name``). Runs that share a unit are not independent; the report's intervals are over units.
 
 Protocols (each fine-tune is one ``python -m open_clip_starft.main`` run from the unit's zero-shot model,

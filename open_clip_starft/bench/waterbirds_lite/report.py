@@ -111,6 +111,29 @@ def headline_lines(records: list[dict], protocol: str) -> list[str]:
     return lines
 
 
+def _verdict(summary: dict) -> str:
+    lo, hi = summary["mean"] - summary["ci95"], summary["mean"] + summary["ci95"]
+    if summary["units"] < 2:
+        return "one unit: no interval"
+    return "above 0 (the interval excludes 0)" if lo > 0 else "below 0 (the interval excludes 0)" if hi < 0 else \
+        "not distinguishable from 0 (the interval includes 0)"
+
+
+READING = ("FLYP − zero-shot: worst group", "StarFT (selected) − FLYP: worst group", "StarFT (selected) − FLYP: in-dist",
+           "StarFT (selected) − WiSE-FT(FLYP) at its in-dist: worst group")
+
+
+def reading_lines(records: list[dict], protocol: str) -> list[str]:
+    """One sentence per headline comparison and variant, read off its interval (nothing else is claimed)."""
+    lines = []
+    for variant in [v for v in VARIANT_NAMES if _by(records, protocol=protocol, variant=v)]:
+        summary = headline(records, protocol, variant)
+        for name in READING:
+            if name in summary:
+                lines.append(f"- {variant}, {name}: {fmt(summary[name])} points, {_verdict(summary[name])}.")
+    return lines
+
+
 def grid_table(records: list[dict], protocol: str) -> list[str]:
     """Each setting's validation and test numbers (means over units) and how often validation chose it."""
     lines = ["| setting | runs | val worst group (%) | val in-dist (%) | test worst group (%) | test in-dist (%) | "
@@ -198,7 +221,8 @@ def markdown(records: list[dict], meta: dict) -> str:
                   "on Waterbirds-lite VALIDATION worst group (ties: validation in-distribution accuracy); in-dist is "
                   + ("source-test accuracy (the multi-class task fine-tuned on)." if protocol == "P1" else
                      "Waterbirds-lite test weighted by the biased train split's group shares."), "",
-                  *headline_lines(records, protocol), "", "The whole grid (means over runs):", "",
+                  *headline_lines(records, protocol), "", "Read off the intervals:", "", *reading_lines(records, protocol),
+                  "", "The whole grid (means over runs):", "",
                   *grid_table(records, protocol), "",
                   "The two-class property on test: the Star term of each model against its zero-shot teacher with and "
                   "without the same-class mask, and the class margin per group:", "",
