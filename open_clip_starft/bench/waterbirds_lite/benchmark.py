@@ -217,8 +217,11 @@ def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule
             chosen[u][str(s)] = {"source_val": acc, "chosen": best}
             log(f"  P1 {u} seed {s}: source-val " + ", ".join(f"{e} ep {100 * a:.1f} %" for e, a in acc.items())
                 + f" → {best} epochs")
+            # merged into the file as it is now: another call on other units may have added some meanwhile
+            on_disk = json.load(open(path)) if os.path.exists(path) else {}
+            on_disk.setdefault(u, {})[str(s)] = chosen[u][str(s)]
             with open(path, "w") as f:
-                json.dump(chosen, f, indent=1)
+                json.dump(on_disk, f, indent=1)
     return chosen
 
 

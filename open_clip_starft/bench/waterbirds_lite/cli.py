@@ -161,7 +161,8 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
                 export_checkpoint(job.checkpoint, init, os.path.join(folder, "zero-shot"))
                 checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), info),
                                 "pretrain_minutes": seconds / 60 or checks.get(unit, {}).get("pretrain_minutes")}
-                _write_json(path, checks)
+                # merged into the file as it is now: another call on other splits may have added units meanwhile
+                _write_json(path, {**_read_json(path, {}), unit: checks[unit]})
             c = checks[unit]
             log(f"  {unit}: zero-shot val avg {100 * c['val_avg']:.1f} %, worst group {100 * c['val_worst_group']:.1f} %, "
                 f"source-val {100 * c['source_val']:.1f} %" + ("" if c["val_avg"] >= scale["competent_val_avg"] else
