@@ -50,6 +50,16 @@ def test_endpoints_are_exact_and_the_middle_is_the_mean(ws):
         interpolate_state_dicts(zs, other, 0.5)
 
 
+def test_batchnorm_step_counters_come_from_the_nearer_end_and_other_integer_buffers_must_agree():
+    zs = {"bn.running_mean": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0), "ids": torch.arange(3)}
+    ft = {"bn.running_mean": torch.ones(3), "bn.num_batches_tracked": torch.tensor(70), "ids": torch.arange(3)}
+    low, high = interpolate_state_dicts(zs, ft, 0.2), interpolate_state_dicts(zs, ft, 0.6)
+    assert torch.allclose(low["bn.running_mean"], torch.full((3,), 0.2))  # running statistics are interpolated
+    assert int(low["bn.num_batches_tracked"]) == 0 and int(high["bn.num_batches_tracked"]) == 70
+    with pytest.raises(StarftError, match="non-float tensor 'ids' differs"):
+        interpolate_state_dicts(zs, {**ft, "ids": torch.arange(1, 4)}, 0.5)
+
+
 def test_wise_curve_outputs_and_saved_checkpoint_loads_in_openclip(ws, tmp_path):
     out = tmp_path / "wise"
     rc = wise.main(["--model", ws["model"], "--fine-tuned", ws["ft"], "--alphas", "0,0.5,1",

@@ -193,8 +193,10 @@ class ModelCache:
 
 # -- WiSE-FT ----------------------------------------------------------------------------------
 def interpolate_state_dicts(zero_shot: dict, fine_tuned: dict, alpha: float) -> dict:
-    """θ(α) = (1−α)·θ_zero-shot + α·θ_fine-tuned for every floating tensor; α = 0 and α = 1 return
-    the endpoints' tensors exactly; other tensors (integer buffers) must agree."""
+    """θ(α) = (1−α)·θ_zero-shot + α·θ_fine-tuned for every floating tensor (BatchNorm's running statistics
+    included, as WiSE-FT does); α = 0 and α = 1 return the endpoints' tensors exactly. Other tensors (integer
+    buffers) must agree, except BatchNorm's ``num_batches_tracked`` step counter, which only feeds the running
+    averages in training mode (momentum None) and is taken from the nearer endpoint."""
     if set(zero_shot) != set(fine_tuned):
         key = sorted(set(zero_shot) ^ set(fine_tuned))[0]
         raise StarftError(f"the zero-shot and fine-tuned weights differ in parameter {key!r}: interpolate checkpoints "
@@ -211,6 +213,8 @@ def interpolate_state_dicts(zero_shot: dict, fine_tuned: dict, alpha: float) -> 
             out[key] = b.clone()
         elif a.is_floating_point():
             out[key] = ((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype)
+        elif key.endswith("num_batches_tracked"):
+            out[key] = (a if alpha < 0.5 else b).clone()
         else:
             if not torch.equal(a, b):
                 raise StarftError(f"non-float tensor {key!r} differs between the checkpoints: cannot interpolate it")
