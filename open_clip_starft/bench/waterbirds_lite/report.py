@@ -209,7 +209,8 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines += ["", "## How it was run", "", "```", meta["command"], "```", "",
               "(the calls that made these results, in order; `all` runs the stages build, pretrain, run, report "
               "in one call, and a later call reuses every finished stage and fine-tune)", "",
-              f"Wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['machine']} "
+              f"Stage times on {meta['machine']}, summed over the calls (calls that ran at the same time, or beside "
+              f"other work, each count their own wall time): {meta['wall_seconds'] / 60:.1f} min "
               f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in meta['stage_seconds'].items())}).", "",
               "## The zero-shot models (one per unit)", "",
               "Competence is checked on validation (the issue's bar: val avg ≥ 75 %); margins are the zero-shot "
