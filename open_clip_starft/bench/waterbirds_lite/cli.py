@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
                    "headline; shared: photographs split; identity: species and photographs split)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
-    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 8 at full)")
+    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 4 at full)")
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
@@ -291,16 +291,18 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
         f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'])} "
         f"trained from scratch ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
         f"{schedule.pretrain_batch_size}) on the split's own {sizes['pretrain']} pre-training images: every object and "
-        f"the train-part birds ({100 * sizes['p_pretrain_bird']:.0f} % of the images show a bird) on the split's TRAIN "
-        f"scene photographs only ({100 * sizes['p_pretrain_natural']:.0f} % on their natural place); captions name the "
+        f"the train-part birds ({100 * sizes['p_pretrain_bird']:.0f} % of the images show a bird) on the split's train-part "
+        f"scene photographs (every photograph in `crops`; {100 * sizes['p_pretrain_natural']:.0f} % on their natural "
+        "place); captions name the "
         f"object, half of them the scene, and {100 * sizes['p_pretrain_superclass']:.0f} % of the birds' name the "
         "superclass, with the species or alone (\"a photo of a waterbird, a duck on the beach.\", \"a photo of a "
         "waterbird.\"), through `open_clip_starft.main --starft-lambda 0`. A unit whose zero-shot validation average "
         f"is below {100 * _scale(args)['competent_val_avg']:.0f} % is left out before any fine-tune"
         + (": " + ", ".join(f"{u} ({100 * c['val_avg']:.1f} %)" for u, c in sorted(failed.items())) + " were left out. "
-           if failed else " (none was). "),
-        "In `crops` splits pre-training saw other crops of the validation and test photographs (never the same "
-        "images); in `shared` and `identity` splits no validation or test photograph is in pre-training. Fine-tunes: batch {schedule.finetune_batch_size}, AdamW lr {schedule.finetune_lr:g}, "
+           if failed else " (none was). ")
+        + "In `crops` splits pre-training saw other crops of the validation and test photographs (never the same "
+        "images); in `shared` and `identity` splits no validation or test photograph is in pre-training. "
+        f"Fine-tunes: batch {schedule.finetune_batch_size}, AdamW lr {schedule.finetune_lr:g}, "
         f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32; P2 {schedule.finetune_epochs} epochs; P1 "
         f"{' or '.join(map(str, schedule.p1_epochs))} epochs, chosen per unit by FLYP's source-val accuracy "
         f"(chosen: {_p1_text(p1)}). Grid: FLYP and StarFT over {', '.join(sorted({g.name for g in grid if g.lam}))}; "
