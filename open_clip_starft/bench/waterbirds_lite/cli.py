@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
     p.add_argument("--scale", choices=SCALES, default="full", help="full (the reported benchmark) or mini (the tests')")
-    p.add_argument("--splits", default="crops:0,1,2,3,4",
+    p.add_argument("--splits", default="crops:0,1,2,3,4,5,6",
                    help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
                    "headline; shared: photographs split; identity: species and photographs split)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
-    p.add_argument("--schedules", default="linear,constant", help="λ schedules of the grid")
+    p.add_argument("--schedules", default="constant", help="λ schedules of the grid (e.g. linear,staircase,constant)")
     p.add_argument("--descriptors", default="background",
                    help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
     p.add_argument("--parallel", type=int, default=2, help="fine-tunes at a time, one compute thread each (default 2)")
