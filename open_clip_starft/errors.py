@@ -1,4 +1,10 @@
-"""The one error type for bad StarFT input, and how commands report it."""
+"""The error types for bad StarFT input, and how commands report them.
+
+``StarftError`` is the base every entry point turns into one line; its kinds let a caller catch one:
+``ConfigError`` (a setting or argument), ``DataError`` (a file or sample), ``NumericError`` (a
+non-finite loss or weight), ``StorageError`` (the disk: no space, not writable). Library layers name the
+value and the fix, never a command-line flag; a command adds its flag (``with_flag``).
+"""
 from __future__ import annotations
 
 import functools
@@ -17,6 +23,29 @@ class StarftError(ValueError):
 
     Entry points catch it and print ``open-clip-starft: error: <message>`` with no traceback.
     """
+
+
+class ConfigError(StarftError):
+    """A setting or argument that cannot work (an unknown name, a value out of range, settings that
+    disagree)."""
+
+
+class DataError(StarftError):
+    """A file or sample that cannot be used as given (missing, malformed, crafted, truncated)."""
+
+
+class NumericError(StarftError):
+    """A non-finite loss, gradient or weight."""
+
+
+class StorageError(StarftError):
+    """The disk refused a write (no space left, read-only, permission)."""
+
+
+def with_flag(error: StarftError, flag: str) -> StarftError:
+    """The same kind of error with ``flag: `` in front, for commands that report a library error
+    against the flag the value came from."""
+    return type(error)(f"{flag}: {error}")
 
 
 def one_line_errors(main, prog: str = "open-clip-starft"):

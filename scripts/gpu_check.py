@@ -4,7 +4,7 @@
     python scripts/gpu_check.py                 # on a CUDA machine: records in docs/bench/gpu-*.json
     python scripts/gpu_check.py --dry-run       # the same plan on the CPU, tiny model and sizes
 
-The plan, each part one subprocess through ``bench.stages.run_stage`` with its own time limit (what the
+The plan, each part one subprocess through ``tools.stages.run_stage`` with its own time limit (what the
 budget has left), each record written as soon as its part ends (a later failure loses nothing):
 
 1. ``step`` (``gpu-step.json``): ``open-clip-starft bench step`` for ViT-B-16 (random init) at
@@ -36,9 +36,9 @@ import time
 import torch
 
 from open_clip_starft.bench.common import today
-from open_clip_starft.bench.stages import run_stage
+from open_clip_starft.tools.stages import run_stage
 from open_clip_starft.demo import data as demo_data
-from open_clip_starft.demo.tiny_model import write_tiny_model
+from open_clip_starft.tools.tiny_model import write_tiny_model
 from open_clip_starft.errors import StarftError, one_line, one_line_errors
 
 PLANS = {

@@ -11,7 +11,7 @@ import sys
 import open_clip_train
 
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
-from open_clip_starft.demo.tiny_model import write_tiny_model
+from open_clip_starft.tools.tiny_model import write_tiny_model
 
 # Upstream's RandomResizedCrop with scale and ratio 1 on square images is the identity: the first
 # batch is then the same whatever the sample order, so runs can be compared loss for loss.

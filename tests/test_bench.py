@@ -33,7 +33,7 @@ def test_bench_data_compares_with_upstream(tmp_path):
 def test_stage_runner_logs_times_reports_progress_and_fails_in_one_message(tmp_path):
     import pytest
 
-    from open_clip_starft.bench.stages import run_stage, training_progress
+    from open_clip_starft.tools.stages import run_stage, training_progress
     from open_clip_starft.errors import StarftError
 
     (tmp_path / "fake_train.py").write_text(

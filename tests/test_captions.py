@@ -82,7 +82,8 @@ def one_line(fn, *args):
 def test_class_id_out_of_range():
     builder = CaptionBuilder(["cat", "dog"], suffix="none")
     msg = one_line(builder, 2, random.Random(0))
-    assert "class id 2" in msg and "0..1" in msg and "--starft-classnames" in msg
+    assert "class id 2" in msg and "0..1" in msg and "class-names file" in msg
+    assert "--starft" not in msg  # the library names the value and the fix; the command adds its flag
 
 
 def test_empty_and_missing_classnames_file(tmp_path):
@@ -98,7 +99,8 @@ def test_empty_and_missing_classnames_file(tmp_path):
 def test_bad_template_file_and_unknown_suffix(tmp_path):
     (tmp_path / "t.txt").write_text("a photo of a {}.\na picture.\n")
     assert "exactly one" in one_line(load_templates, str(tmp_path / "t.txt"))
-    assert "unknown --starft-suffix 'tokens'" in one_line(CaptionBuilder, ["cat"], ["a {}."], "tokens")
+    assert "unknown suffix mode 'tokens': use one of spurious, random, none" in one_line(
+        CaptionBuilder, ["cat"], ["a {}."], "tokens")
 
 
 def test_blank_line_inside_classnames_is_refused_with_file_and_line(tmp_path):

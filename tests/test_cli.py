@@ -52,7 +52,7 @@ def test_renamed_commands_keep_their_old_names(capsys):
 
 def test_bench_defaults_device_and_writes_nothing_without_out():
     from open_clip_starft.bench import data, eval_throughput, step
-    from open_clip_starft.bench.waterbirds_lite import cli as wbl
+    from open_clip_starft.studies.waterbirds_lite import cli as wbl
 
     assert step.build_parser().parse_args([]).device == DEVICE
     assert eval_throughput.build_parser().parse_args([]).device == DEVICE

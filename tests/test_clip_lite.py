@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from open_clip_starft.bench.waterbirds_lite.clip_lite import (
+from open_clip_starft.studies.waterbirds_lite.clip_lite import (
     ClipLiteError, check_clip_lite, minilm_state_dict, write_clip_lite)
 from runs import log_of, make_workspace, metric, run, train_args
 

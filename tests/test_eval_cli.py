@@ -15,7 +15,7 @@ from open_clip_starft.eval import cli as eval_cli
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, render_sample, write_shards
 from open_clip_starft.eval.sets import EvalSetSpec, batches, load_suite, prepare_set
 from open_clip_starft.host.hooks import zero_shot_accuracy
-from open_clip_starft.demo.tiny_model import build_tiny_model, write_tiny_model
+from open_clip_starft.tools.tiny_model import build_tiny_model, write_tiny_model
 
 NAMES6 = CLASSNAMES + ["star", "hexagon"]  # two distractor names, so that top-5 is defined
 

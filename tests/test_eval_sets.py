@@ -32,7 +32,7 @@ def test_a_registered_layout_is_detected_and_prepared_like_the_built_in_ones(tmp
         return registry.Listing(classnames or [f"tile {i}" for i in range(k)], class_source or "TILES",
                                 items=[Item(f"{spec.root}/{i}.png", 0) for i in range(n)], group_names=["all"])
 
-    monkeypatch.setitem(registry._LAYOUTS, "tiles", registry.Layout("tiles", list_tiles, detect, 5, False))
+    monkeypatch.setitem(registry.LAYOUTS._items, "tiles", registry.Layout("tiles", list_tiles, detect, 5, False))
     assert sets.detect_format(EvalSetSpec(name="t", root=str(root))) == "tiles"
     p = sets.prepare_set(EvalSetSpec(name="t", root=str(root), subset="1"))
     assert p.format == "tiles" and p.classnames == ["tile 1"] and p.class_map == [[1]]

@@ -5,7 +5,7 @@ import torch
 
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
 from open_clip_starft.eval.metrics import evaluate_zero_shot, group_metrics
-from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.tools.tiny_model import build_tiny_model
 
 
 def test_group_metrics_on_known_predictions():

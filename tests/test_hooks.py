@@ -9,7 +9,7 @@ import torch
 
 from open_clip_starft.demo.data import render_sample
 from open_clip_starft.host.hooks import StarftHooks, cpu_safe_ddp, zero_shot_accuracy
-from open_clip_starft.main import build_parser
+from open_clip_starft.host.params import build_parser
 from runs import log_of, make_workspace, run, train_args
 
 

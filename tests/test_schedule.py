@@ -1,7 +1,7 @@
 """λ schedules at the first, middle and last step."""
 import pytest
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, StarftError
 from open_clip_starft.method.schedule import star_lambda
 
 STEPS, EPOCHS = 10, 4  # 40 steps: first 0, middle 20, last 39
@@ -25,5 +25,15 @@ def test_linear_decreases_every_step_and_staircase_per_epoch():
 
 
 def test_unknown_schedule_is_a_one_line_error():
-    with pytest.raises(StarftError, match="unknown --starft-schedule 'cosine': use one of linear, staircase, constant"):
+    with pytest.raises(ConfigError, match="unknown λ schedule 'cosine': use one of linear, staircase, constant"):
         star_lambda("cosine", 0.5, 0, 1, 1)
+
+
+def test_registries_refuse_a_second_registration_of_a_name():
+    from open_clip_starft.method.captions import SUFFIX_MODES
+    from open_clip_starft.method.schedule import SCHEDULES
+    for registry, name in ((SCHEDULES, "linear"), (SUFFIX_MODES, "none")):
+        before = registry.get(name)
+        with pytest.raises(ConfigError, match=f"{name!r} is already registered"):
+            registry.add(name, lambda *a: 0.0)
+        assert registry.get(name) is before  # nothing was overwritten

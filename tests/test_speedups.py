@@ -11,7 +11,7 @@ from open_clip_starft.method.loss import StarLoss
 from open_clip_starft.host.batch import Batch
 from open_clip_starft.host.teacher import Teacher, TeacherImageCache, TeacherTextCache, make_teacher
 from open_clip_starft.host.text_prefix import encode_text_prefix, has_prefix_encoding, install_prefix_encoding, trim_tokens
-from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.tools.tiny_model import build_tiny_model
 from open_clip_starft.host.step import starft_losses
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32", context_length=32)

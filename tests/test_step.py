@@ -12,12 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from open_clip_starft.data.training import LabelStats
-from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.tools.tiny_model import build_tiny_model
 from open_clip_starft.errors import StarftError
 from open_clip_starft.host.batch import Batch
 from open_clip_starft.host.loop import optimizer_step
 from open_clip_starft.host.step import StarftStep
-from open_clip_starft.main import build_parser
+from open_clip_starft.host.params import build_parser
 from open_clip_starft.method.captions import CaptionBuilder
 from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.method.loss import StarLoss

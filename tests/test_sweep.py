@@ -4,7 +4,7 @@ import os
 import pytest
 
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
-from open_clip_starft.demo.tiny_model import write_tiny_model
+from open_clip_starft.tools.tiny_model import write_tiny_model
 from open_clip_starft.errors import StarftError
 from open_clip_starft.tools import sweep
 

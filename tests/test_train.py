@@ -170,7 +170,7 @@ def test_teacher_image_cache_approximation_trains(ws):
 
 def test_bare_resume_weights_are_the_start_and_the_teacher(ws):
     """upstream loads a model-only --resume file as the starting weights; the step loads it into the teacher too."""
-    from open_clip_starft.demo.tiny_model import build_tiny_model
+    from open_clip_starft.tools.tiny_model import build_tiny_model
     other, _ = build_tiny_model(seed=7)
     bare = os.path.join(ws["root"], "bare.pt")
     torch.save(other.state_dict(), bare)

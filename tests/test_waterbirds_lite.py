@@ -8,8 +8,8 @@ import webdataset as wds
 from PIL import Image
 
 from open_clip_starft.errors import StarftError
-from open_clip_starft.bench.waterbirds_lite import build, report
-from open_clip_starft.bench.waterbirds_lite.cli import main as wbl_main
+from open_clip_starft.studies.waterbirds_lite import build, report
+from open_clip_starft.studies.waterbirds_lite.cli import main as wbl_main
 
 
 def test_labels_cover_both_places_and_both_bird_kinds():
@@ -167,7 +167,7 @@ def test_pretraining_shows_birds_and_names_their_superclass_at_the_set_rates(tmp
 
 
 def test_units_whose_zero_shot_model_is_below_the_bar_are_left_out_with_a_line(tmp_path):
-    from open_clip_starft.bench.waterbirds_lite.cli import competent_units
+    from open_clip_starft.studies.waterbirds_lite.cli import competent_units
     (tmp_path / "zero_shot.json").write_text(json.dumps({"a-p0": {"val_avg": 0.8}, "b-p0": {"val_avg": 0.6}}))
     lines = []
     kept, failed = competent_units(str(tmp_path), ["a-p0", "b-p0"], 0.75, lines.append)

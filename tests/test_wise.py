@@ -12,7 +12,7 @@ from open_clip_starft.eval import cli as eval_cli, wise
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, render_sample, write_shards
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import interpolate_state_dicts, local_dir_weights, save_openclip
-from open_clip_starft.demo.tiny_model import TINY_MODEL_CFG, build_tiny_model, write_tiny_model
+from open_clip_starft.tools.tiny_model import TINY_MODEL_CFG, build_tiny_model, write_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "step": ("open_clip_starft.bench.step", "training step: FLYP vs StarFT vs naive port (s/step, images/s, FLOPs, peak memory)"),
     "data": ("open_clip_starft.bench.data", "data pipeline: ours vs upstream's get_wds_dataset (samples/s)"),
     "eval": ("open_clip_starft.bench.eval_throughput", "eval throughput (images/s) and zero-shot head cost, per model"),
-    "waterbirds-lite": ("open_clip_starft.bench.waterbirds_lite.cli",
+    "waterbirds-lite": ("open_clip_starft.studies.waterbirds_lite.cli",
                         "alias of 'open-clip-starft waterbirds-lite' (an accuracy study, not a speed benchmark)"),
 }
 

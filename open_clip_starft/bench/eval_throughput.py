@@ -30,7 +30,7 @@ from open_clip_starft.eval.metrics import HeadCache, evaluate_prepared
 
 def _model(name: str, device: str):
     if name == "tiny":
-        from open_clip_starft.demo.tiny_model import build_tiny_model
+        from open_clip_starft.tools.tiny_model import build_tiny_model
         model, _ = build_tiny_model(0)
         _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, force_image_size=32)
         tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)

@@ -36,7 +36,7 @@ from open_clip_train.precision import get_autocast
 from torch.utils.flop_counter import FlopCounterMode
 
 from open_clip_starft.bench.common import add_record, default_device, today
-from open_clip_starft.demo.tiny_model import build_tiny_model
+from open_clip_starft.tools.tiny_model import build_tiny_model
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.host.batch import Batch
 from open_clip_starft.host.step import starft_losses

@@ -1,7 +1,7 @@
-"""The built-in demo: procedurally drawn shapes on backgrounds (``data``), a tiny CLIP (``tiny_model``)
-the run that pre-trains, fine-tunes and evaluates it (``run``, a one-setting ``tools.sweep``), and the
-study that chose its StarFT setting on validation (``study``: ``docs/demo.json``, ``docs/demo.md``).
+"""The built-in demo: procedurally drawn shapes on backgrounds (``data``) and the run that pre-trains a
+tiny CLIP (``tools.tiny_model``), fine-tunes and evaluates it (``run``, a one-setting ``tools.sweep``). The
+study that chose its StarFT setting on validation is ``studies.demo_study``.
 
-May import ``data``, ``eval``, ``method``, ``tools``, ``bench.stages`` (the stage runner) and ``errors``;
+May import ``data``, ``eval``, ``method``, ``tools`` (the stage runner, the tiny model, sweep) and ``errors``;
 runs training in subprocesses, never through ``host``.
 """

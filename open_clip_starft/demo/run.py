@@ -17,7 +17,7 @@
 4. Evaluates each model zero-shot: accuracy and worst-group accuracy on validation and test,
    in-distribution accuracy on the in-distribution sets; prints where everything went.
 
-``--study`` runs the evidence behind ``DEFAULT`` (``docs/demo.json``, ``docs/demo.md``): for each
+``open-clip-starft demo-study`` (``studies.demo_study``) runs the evidence behind ``DEFAULT`` (``docs/demo.json``, ``docs/demo.md``): for each
 ``--seeds`` pre-training seed, the sweep over ``--lambdas`` × ``--schedules`` chosen on
 validation, WiSE-FT curves, and the frontier comparison over seeds (``eval.frontier``).
 """
@@ -29,9 +29,9 @@ import shutil
 import sys
 import time
 
-from open_clip_starft.bench import stages
+from open_clip_starft.tools import stages
 from open_clip_starft.demo import data as demo_data
-from open_clip_starft.demo.tiny_model import write_tiny_model
+from open_clip_starft.tools.tiny_model import write_tiny_model
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.tools import sweep
 
@@ -182,13 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="open-clip-starft demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="starft-demo", help="folder for data, models, logs and results (default ./starft-demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the runs (default 0)")
-    s = parser.add_argument_group("the study behind the demo's default (--study; tens of minutes)")
-    s.add_argument("--study", action="store_true", help="sweep --lambdas × --schedules for every --seeds seed, with "
-                   "WiSE-FT curves, and write the records and report into --docs")
-    s.add_argument("--seeds", default="0,1,2,3", help="pre-training seeds, one independent unit each (default 0,1,2,3)")
-    s.add_argument("--lambdas", default="0.5,1,2,4,8", help="λ grid (default 0.5,1,2,4,8)")
-    s.add_argument("--schedules", default="linear,staircase,constant", help="schedule grid (default all three)")
-    s.add_argument("--docs", default="docs", help="where demo.json, demo.md and demo.png go (default ./docs)")
     return parser
 
 
@@ -196,11 +189,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = os.path.abspath(args.out)
-    if not args.study:
-        return demo(out, args.seed)
-    from open_clip_starft.demo import study
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise StarftError(f"--seeds {args.seeds!r}: write a comma list of integers, e.g. 0,1,2,3") from None
-    return study.run(out, seeds, args.lambdas, args.schedules, os.path.abspath(args.docs))
+    return demo(out, args.seed)

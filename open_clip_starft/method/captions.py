@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SimpleTokenizer
 
 from open_clip_starft.method.descriptors import count_tokens, read_lines_or_json_list, validate_template
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, DataError
+from open_clip_starft.method.registry import Registry
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
@@ -41,7 +42,7 @@ def load_templates(spec: str) -> list[str]:
         return list(CAPTION_TEMPLATE_SETS[spec])
     located = read_lines_or_json_list(spec, "caption-template file", located=True)
     if not located:
-        raise StarftError(f"caption-template file {spec!r} has no templates: add one per line, e.g. 'a photo of a {{}}.'")
+        raise DataError(f"caption-template file {spec!r} has no templates: add one per line, e.g. 'a photo of a {{}}.'")
     return [validate_template(t, where, kind="caption") for t, where in located]
 
 
@@ -55,7 +56,7 @@ def load_classnames(spec: str) -> list[str]:
         return list(IMAGENET_CLASSNAMES)
     names = read_lines_or_json_list(spec, "class-names file", comments=False, blank_lines="refuse", id_mapping=True)
     if not names:
-        raise StarftError(f"class-names file {spec!r} is empty: write one class name per line, in class-id order")
+        raise DataError(f"class-names file {spec!r} is empty: write one class name per line, in class-id order")
     counts = collections.Counter(names)
     repeated = {name: n for name, n in counts.items() if n > 1}
     if repeated:
@@ -80,25 +81,19 @@ def vocabulary_words() -> tuple[str, ...]:
 
 
 SuffixFn = Callable[[str, random.Random], str]
-_SUFFIX_MODES: dict[str, Callable[..., SuffixFn]] = {}
-
-
-def register_suffix_mode(name: str):
-    """Register a factory ``(descriptors, random_words) -> fn(clean_caption, rng) -> spurious``."""
-    def deco(factory):
-        _SUFFIX_MODES[name] = factory
-        return factory
-    return deco
+SUFFIX_MODES: Registry[Callable[..., SuffixFn]] = Registry("suffix mode")
+register_suffix_mode = SUFFIX_MODES.register
+"""Register a factory ``(descriptors, random_words) -> fn(clean_caption, rng) -> spurious``."""
 
 
 def list_suffix_modes() -> list[str]:
-    return list(_SUFFIX_MODES)
+    return SUFFIX_MODES.names()
 
 
 @register_suffix_mode("spurious")
 def _spurious_suffix(descriptors: Sequence[str], random_words: int) -> SuffixFn:
     if not descriptors:
-        raise StarftError("suffix mode 'spurious' needs descriptors: pass --starft-concepts")
+        raise ConfigError("suffix mode 'spurious' needs descriptors: give a descriptor set (e.g. background)")
     templates = tuple(descriptors)
     return lambda clean, rng: rng.choice(templates).replace("{}", strip_period(clean))
 
@@ -115,9 +110,7 @@ def _no_suffix(descriptors: Sequence[str], random_words: int) -> SuffixFn:
 
 
 def create_suffix_fn(mode: str, descriptors: Sequence[str] = (), random_words: int = 3) -> SuffixFn:
-    if mode not in _SUFFIX_MODES:
-        raise StarftError(f"unknown --starft-suffix {mode!r}: use one of {', '.join(_SUFFIX_MODES)}")
-    return _SUFFIX_MODES[mode](descriptors, random_words)
+    return SUFFIX_MODES.get(mode)(descriptors, random_words)
 
 
 class CaptionBuilder:
@@ -134,7 +127,7 @@ class CaptionBuilder:
     def __init__(self, classnames: Sequence[str], templates: Sequence[str] = (SINGLE_TEMPLATE,),
                  suffix: str = "spurious", descriptors: Sequence[str] = (), random_words: int = 3):
         if not classnames:
-            raise StarftError("no class names: pass --starft-classnames imagenet or a class-names file")
+            raise ConfigError("no class names: give the ImageNet names (imagenet) or a class-names file")
         self.classnames = list(classnames)
         self.templates = list(templates)
         self.suffix = suffix
@@ -148,9 +141,9 @@ class CaptionBuilder:
     def check_class_id(self, class_id: int, source: str = "") -> int:
         if not 0 <= class_id < len(self.classnames):
             where = f" in {source}" if source else ""
-            raise StarftError(
+            raise DataError(
                 f"class id {class_id}{where} is outside the {len(self.classnames)} class names (0..{len(self.classnames) - 1}): "
-                "pass --starft-classnames with a file that names every class id")
+                "give a class-names file that names every class id")
         return class_id
 
     def clean(self, class_id: int, rng: random.Random) -> str:

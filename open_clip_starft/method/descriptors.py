@@ -10,7 +10,7 @@ import json
 import os
 from importlib import resources
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, DataError
 
 CONCEPTS = ("background", "texture", "resolution")
 """The released concept sets, in the release's order (``all`` is their union in this order)."""
@@ -26,7 +26,7 @@ _TEMPLATE_KINDS = {  # what the one "{}" stands for, and an example, per kind of
 
 def validate_template(template: str, where: str, *, kind: str = "descriptor") -> str:
     """Return ``template`` if it has exactly one ``{}`` and no other brace; otherwise raise a
-    one-line StarftError naming ``where`` (e.g. ``file.txt:3``). Templates are filled with
+    one-line DataError naming ``where`` (e.g. ``file.txt:3``). Templates are filled with
     ``str.replace``, not ``str.format``, so ``{{}}`` would render braces around the text: it is
     refused too. ``kind``: ``descriptor`` (``{}`` = the clean caption) or ``caption`` (the class name).
     The one template check: descriptors, caption templates and eval templates all use it."""
@@ -40,20 +40,20 @@ def validate_template(template: str, where: str, *, kind: str = "descriptor") ->
                    else "has a brace besides its '{}'")
     else:
         return template
-    raise StarftError(f"{kind} template {template!r} ({where}) {problem}: write exactly one '{{}}' "
+    raise DataError(f"{kind} template {template!r} ({where}) {problem}: write exactly one '{{}}' "
                       f"where {slot} goes, e.g. {example!r}")
 
 
 def _read_text(path: str, what: str) -> str:
     """The UTF-8 text of ``path`` (a leading byte-order mark dropped); one-line errors."""
     if not os.path.isfile(path):
-        raise StarftError(f"{what} {path!r} not found: check the path (or name a built-in set)")
+        raise DataError(f"{what} {path!r} not found: check the path (or name a built-in set)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise StarftError(
+        raise DataError(
             f"{what} {path!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): "
             "save it as UTF-8") from None
 
@@ -64,7 +64,7 @@ def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blan
     text file with one entry per line (UTF-8, a BOM dropped, CRLF fine).
 
     ``comments``: lines starting with ``#`` are skipped. ``blank_lines``: ``"skip"`` drops blank
-    lines (and empty JSON items); ``"refuse"`` raises a one-line StarftError naming ``file:line``
+    lines (and empty JSON items); ``"refuse"`` raises a one-line DataError naming ``file:line``
     for a blank line before the last entry, or the index of an empty JSON item, for lists whose
     positions matter (class names: a dropped line would shift every later id); trailing blank
     lines are always ignored. ``id_mapping``: a JSON object ``{"0": a, "1": b, ...}`` with keys
@@ -79,24 +79,24 @@ def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blan
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise StarftError(f"{what} {path!r} is not valid JSON ({e.msg} at line {e.lineno}): "
+            raise DataError(f"{what} {path!r} is not valid JSON ({e.msg} at line {e.lineno}): "
                               "write a JSON list of strings" + (" or an object id -> string" if id_mapping else "")) from None
         if id_mapping and isinstance(items, dict):
             try:
                 by_id = {int(k): v for k, v in items.items()}
             except ValueError:
-                raise StarftError(f"{what} {path!r}: JSON object keys must be class ids 0..K-1") from None
+                raise DataError(f"{what} {path!r}: JSON object keys must be class ids 0..K-1") from None
             if sorted(by_id) != list(range(len(by_id))):
-                raise StarftError(f"{what} {path!r}: JSON object keys must be exactly the ids 0..{len(by_id) - 1}")
+                raise DataError(f"{what} {path!r}: JSON object keys must be exactly the ids 0..{len(by_id) - 1}")
             items = [by_id[i] for i in range(len(by_id))]
         if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise StarftError(f"{what} {path!r} must hold a JSON list of strings"
+            raise DataError(f"{what} {path!r} must hold a JSON list of strings"
                               + (" or an object id -> string" if id_mapping else ""))
         for i, item in enumerate(items):
             if item.strip():
                 entries.append((item.strip(), f"{path}, item {i}"))
             elif blank_lines == "refuse":
-                raise StarftError(f"{what} {path!r} has an empty entry (item {i}): give every position a value "
+                raise DataError(f"{what} {path!r} has an empty entry (item {i}): give every position a value "
                                   "(an empty one would shift every later position)")
     else:
         blank = None  # the first blank line not yet followed by an entry
@@ -108,7 +108,7 @@ def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blan
                 blank = blank or lineno
                 continue
             if blank is not None and blank_lines == "refuse":
-                raise StarftError(f"{what} {path}:{blank} is a blank line before more entries: remove it or fill it "
+                raise DataError(f"{what} {path}:{blank} is a blank line before more entries: remove it or fill it "
                                   "(dropping it would shift every later position, e.g. class ids)")
             blank = None
             entries.append((line, f"{path}:{lineno}"))
@@ -120,7 +120,7 @@ def read_descriptor_file(path: str) -> list[str]:
     ``.json`` file (a list of strings), each checked by ``validate_template``."""
     located = read_lines_or_json_list(path, "descriptor file", located=True)
     if not located:
-        raise StarftError(f"descriptor file {path!r} has no templates: add one template per line, each with one '{{}}'")
+        raise DataError(f"descriptor file {path!r} has no templates: add one template per line, each with one '{{}}'")
     return [validate_template(t, where) for t, where in located]
 
 
@@ -155,7 +155,7 @@ def load_descriptors(spec: str) -> list[str]:
     """
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if not parts:
-        raise StarftError("--starft-concepts is empty: name a concept (background, texture, resolution, all) "
+        raise ConfigError("the descriptor set is empty: name a concept (background, texture, resolution, all) "
                           "or a descriptor file")
     templates: list[str] = []
     for part in parts:
@@ -167,7 +167,7 @@ def load_descriptors(spec: str) -> list[str]:
         elif _looks_like_path(part):
             templates.extend(read_descriptor_file(part))
         else:
-            raise StarftError(
+            raise ConfigError(
                 f"unknown descriptor concept {part!r}: use {', '.join(CONCEPTS)}, all, "
                 "a comma list of these, or a path to a .txt/.json descriptor file")
     return list(dict.fromkeys(templates))

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError
+from open_clip_starft.method.registry import Registry
 
 ScheduleFn = Callable[[float, int, int, int], float]
-_SCHEDULES: dict[str, ScheduleFn] = {}
-
-
-def register_schedule(name: str):
-    def deco(fn: ScheduleFn) -> ScheduleFn:
-        _SCHEDULES[name] = fn
-        return fn
-    return deco
+SCHEDULES: Registry[ScheduleFn] = Registry("λ schedule")
+register_schedule = SCHEDULES.register
 
 
 def list_schedules() -> list[str]:
-    return list(_SCHEDULES)
+    return SCHEDULES.names()
 
 
 @register_schedule("linear")
@@ -48,13 +43,11 @@ def constant(base: float, step: int, steps_per_epoch: int, epochs: int) -> float
 
 
 def get_schedule(name: str) -> ScheduleFn:
-    if name not in _SCHEDULES:
-        raise StarftError(f"unknown --starft-schedule {name!r}: use one of {', '.join(_SCHEDULES)}")
-    return _SCHEDULES[name]
+    return SCHEDULES.get(name)
 
 
 def star_lambda(name: str, base: float, step: int, steps_per_epoch: int, epochs: int) -> float:
     """λ at optimizer step ``step`` (0-based) of a run of ``epochs × steps_per_epoch`` steps."""
     if steps_per_epoch < 1 or epochs < 1:
-        raise StarftError(f"λ schedule needs at least one step and one epoch (got {steps_per_epoch} steps × {epochs} epochs)")
+        raise ConfigError(f"λ schedule needs at least one step and one epoch (got {steps_per_epoch} steps × {epochs} epochs)")
     return get_schedule(name)(base, step, steps_per_epoch, epochs)

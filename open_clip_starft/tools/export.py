@@ -26,6 +26,7 @@ from open_clip.push_to_hf_hub import generate_readme
 
 from open_clip_starft.errors import StarftError, one_line, one_line_errors
 from open_clip_starft.eval.models import save_local_dir
+from open_clip_starft.host.params import build_parser as training_parser
 from open_clip_starft.eval.report import layout, markdown_table, read_jsonl
 
 # params.txt entries the card shows under "Training", in this order (label, key)
@@ -103,8 +104,7 @@ def model_changes(params: dict) -> tuple[dict, dict]:
 
 def starft_flags() -> set[str]:
     """The ``starft_*`` names that are command-line flags of ``open_clip_starft.main``."""
-    from open_clip_starft.main import build_parser
-    return {k for k in vars(build_parser().parse_args([])) if k.startswith("starft_")}
+    return {k for k in vars(training_parser().parse_args([])) if k.startswith("starft_")}
 
 
 def results_of(records: list[dict], checkpoint: str, path: str) -> tuple[list[dict], str]:

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from open_clip_starft.bench.stages import run_stage
+from open_clip_starft.tools.stages import run_stage
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve, write_json
 from open_clip_starft.eval.metrics import HeadCache, classification_metrics, collect_logits

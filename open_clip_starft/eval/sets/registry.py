@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, StarftError
+from open_clip_starft.method.registry import Registry
 from open_clip_starft.eval.sets.spec import EvalSetSpec, Item, set_error
 
 
@@ -45,27 +46,27 @@ class Layout:
     pattern_root: bool   # the root may be a shard pattern (not a path that exists)
 
 
-_LAYOUTS: dict[str, Layout] = {}
+LAYOUTS: Registry[Layout] = Registry("eval-set format")
 
 
 def register_layout(name: str, *, detect: Callable[[EvalSetSpec], bool] | None = None, priority: int = 100,
                     pattern_root: bool = False):
     """Register ``list_fn`` as layout ``name`` (the ``format`` of a set)."""
     def deco(fn: ListFn) -> ListFn:
-        _LAYOUTS[name] = Layout(name, fn, detect, priority, pattern_root)
+        LAYOUTS.add(name, Layout(name, fn, detect, priority, pattern_root))
         return fn
     return deco
 
 
 def list_layouts() -> list[str]:
     """Layout names in registration order."""
-    return list(_LAYOUTS)
+    return LAYOUTS.names()
 
 
 def get_layout(name: str) -> Layout:
-    if name not in _LAYOUTS:
-        raise StarftError(f"unknown eval-set format {name!r}: use one of auto, {', '.join(_LAYOUTS)}")
-    return _LAYOUTS[name]
+    if name not in LAYOUTS:
+        raise ConfigError(f"unknown eval-set format {name!r}: use one of auto, {', '.join(LAYOUTS)}")
+    return LAYOUTS.get(name)
 
 
 def is_shard_pattern(root: str) -> bool:
@@ -81,7 +82,7 @@ def detect_format(spec: EvalSetSpec) -> str:
         return "wds"
     if not os.path.exists(root):
         raise set_error(spec, f"root {root!r} does not exist: give the folder, shard pattern or CSV of the set")
-    for layout in sorted(_LAYOUTS.values(), key=lambda layout: layout.priority):
+    for layout in sorted((layout for _, layout in LAYOUTS.items()), key=lambda layout: layout.priority):
         if layout.detect is not None and layout.detect(spec):
             return layout.name
     if os.path.isfile(root):

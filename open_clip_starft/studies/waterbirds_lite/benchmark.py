@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from open_clip_starft.bench.stages import OFFLINE_ENV, run_stage, training_progress
-from open_clip_starft.bench.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
+from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
+from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import interpolate_state_dicts, run_checkpoints
 from open_clip_starft.eval.progress import Progress

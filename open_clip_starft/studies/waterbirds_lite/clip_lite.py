@@ -146,7 +146,7 @@ def check_clip_lite(model: str) -> str:
     ``hf_model_name`` still exists; returns ``local-dir:DIR``. Raises ``ClipLiteError`` saying what
     is wrong (OpenCLIP's own error for a vanished ``hf_model_name`` is a Hub look-up failure)."""
     folder = os.path.abspath(model.removeprefix("local-dir:"))
-    rebuild = "rebuild it with open_clip_starft.bench.waterbirds_lite.clip_lite.write_clip_lite"
+    rebuild = "rebuild it with open_clip_starft.studies.waterbirds_lite.clip_lite.write_clip_lite"
     config_path = os.path.join(folder, MODEL_CONFIG)
     if not os.path.isfile(config_path) or not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
         raise ClipLiteError(f"{folder} is not a CLIP-lite folder (needs {MODEL_CONFIG} and {WEIGHTS[0]}): {rebuild}")

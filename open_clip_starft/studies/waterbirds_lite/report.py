@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from open_clip_starft.bench.waterbirds_lite.build import WB_GROUP_NAMES
+from open_clip_starft.studies.waterbirds_lite.build import WB_GROUP_NAMES
 from open_clip_starft.eval.frontier import fmt, matched_worst_group, mean_ci, plot_frontiers, unit_summary
 
 VARIANT_NAMES = {"crops": "crops (species and background photographs in every part, new crops; the headline)",

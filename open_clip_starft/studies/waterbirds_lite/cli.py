@@ -26,8 +26,8 @@ import platform
 import sys
 import time
 
-from open_clip_starft.bench.stages import export_checkpoint
-from open_clip_starft.bench.waterbirds_lite import benchmark, build, report
+from open_clip_starft.tools.stages import export_checkpoint
+from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
@@ -137,7 +137,7 @@ def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) ->
 
 def _zero_shot(out: str, unit: str) -> str:
     """Unit ``unit``'s pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
-    from open_clip_starft.bench.waterbirds_lite.clip_lite import check_clip_lite
+    from open_clip_starft.studies.waterbirds_lite.clip_lite import check_clip_lite
     folder = os.path.join(out, "models", unit, "zero-shot")
     if not os.path.isdir(folder):
         raise StarftError(f"{folder} does not exist: run the pretrain stage first (or 'all')")
@@ -147,7 +147,7 @@ def _zero_shot(out: str, unit: str) -> str:
 def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, log) -> dict:
     """Pre-train every unit (split × pre-training seed) not yet done, export it, and check it on VALIDATION
     (``OUT/zero_shot.json``: val accuracy and worst group, source-val accuracy, minutes)."""
-    from open_clip_starft.bench.waterbirds_lite.clip_lite import write_clip_lite
+    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
     path = os.path.join(out, "zero_shot.json")
     checks = _read_json(path, {})
     for split, info in manifest["splits"].items():
@@ -272,7 +272,7 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
         f"Real photographs from Debian packages ({', '.join(build.PACKAGES)}): {manifest['stamps']} photographic "
         f"cut-outs (birds labelled waterbird/landbird and by species, objects with their natural place) pasted on crops "
         f"of {manifest['scenes']} scene photographs labelled water/land "
-        f"(`open_clip_starft/bench/waterbirds_lite/labels.json`), {sizes['image_size']} px. `crops` splits (the "
+        f"(`open_clip_starft/studies/waterbirds_lite/labels.json`), {sizes['image_size']} px. `crops` splits (the "
         "headline) keep every bird species and every scene photograph in every part, each part drawing its own random "
         "crops and pastes: the backgrounds are in-distribution for the zero-shot model, as Waterbirds' Places "
         "backgrounds are for CLIP, and the test shifts only the bird–background pairing. `shared` splits split the "

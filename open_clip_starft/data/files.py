@@ -1,0 +1,132 @@
+"""Files written whole or not at all: the one atomic writer of the package, and the JSON helpers on it.
+
+Every file the package writes for a user (checkpoints, shards, manifests, records, model cards,
+``params.txt``) goes through ``atomic_path``: it is written under a temporary name beside the target,
+unique per process (``NAME.partial-PID``, so two processes writing the same name never share one), and
+renamed over the target only when complete. A crash leaves the target as it was; a failed write
+removes its temporary file; a full disk is reported in one line (``StorageError``) naming the device,
+the file and the space it needed, instead of a library's traceback.
+
+``merge_json`` is the one merge-on-write (read, update, write back under a lock), for records that
+several processes add to.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from typing import Callable, Iterator
+
+from open_clip_starft.errors import StorageError
+
+PARTIAL = ".partial"
+"""Suffix of the temporary files (``NAME.partial-PID``); readers skip names containing it."""
+
+# torch's zip writer reports a full disk as a RuntimeError with one of these phrases, not an OSError
+_DISK_FULL_PHRASES = ("file write failed", "unexpected pos", "No space left")
+
+
+def partial_name(path: str) -> str:
+    """The temporary name ``path`` is written under by this process."""
+    return f"{os.fspath(path)}{PARTIAL}-{os.getpid()}"
+
+
+def _device_of(path: str) -> str:
+    """The mount point holding ``path`` (for messages)."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and any(p in str(error) for p in _DISK_FULL_PHRASES)
+
+
+def _storage_error(error: BaseException, path: str, written: int) -> StorageError | None:
+    """A one-line StorageError for a write of ``path`` that failed with ``error``, or None when the
+    failure is not the disk's."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if _is_disk_full(error):
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        return StorageError(f"no space left on {_device_of(folder)} writing {path} (needed more than "
+                            f"{written / 2**20:.0f} MB, {free / 2**20:.0f} MB free): free space or write elsewhere; "
+                            "nothing earlier was changed")
+    if isinstance(error, PermissionError) or (isinstance(error, OSError) and error.errno == errno.EROFS):
+        return StorageError(f"cannot write {path}: {os.strerror(error.errno)} ({folder}): "
+                            "choose a folder you can write to")
+    return None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield the temporary path to write ``path``'s content to; on success it is renamed to ``path``.
+
+    On any failure the temporary file is removed and ``path`` is untouched; a full disk, a read-only
+    folder or a permission error become a one-line ``StorageError``."""
+    path = os.fspath(path)
+    partial = partial_name(path)
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException as e:
+        written = os.path.getsize(partial) if os.path.exists(partial) else 0
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        storage = _storage_error(e, path, written)
+        if storage is not None:
+            raise storage from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
+    """``open(path, mode)`` written atomically (see ``atomic_path``); ``mode`` "w" or "wb"."""
+    with atomic_path(path) as partial:
+        with open(partial, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` as the whole content of ``path``, atomically."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_json(path: str, obj, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """``obj`` as JSON at ``path``, atomically (UTF-8, non-ASCII kept)."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_json(path: str, default=None):
+    """The JSON at ``path``, or ``default`` when there is no such file."""
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge_json(path: str, update: Callable[[dict], dict] | dict, indent: int | None = 1,
+               sort_keys: bool = False) -> dict:
+    """Merge-on-write: read the JSON object at ``path`` (``{}`` when absent), apply ``update`` (a dict to
+    merge key by key, or a function old → new), write it back atomically, and return it. An exclusive
+    lock on ``path.lock`` makes concurrent callers (one per process or machine share) take turns, so
+    none drops another's keys."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = read_json(path, {})
+            new = update(dict(old)) if callable(update) else {**old, **update}
+            write_json(path, new, indent=indent, sort_keys=sort_keys)
+            return new
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

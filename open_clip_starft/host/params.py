@@ -1,0 +1,66 @@
+"""The StarFT training flags (``--starft-*``): the parser that ``open_clip_starft.main`` splits them off
+with, and their checks. Here, below ``main``, so that the tools that read a run's settings (``export``,
+``sweep``) parse them with the same parser without importing the entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from open_clip_starft.errors import ConfigError
+from open_clip_starft.method.captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
+from open_clip_starft.method.descriptors import CONCEPTS
+from open_clip_starft.method.schedule import list_schedules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="open_clip_starft.main", add_help=False, allow_abbrev=False,
+                                     description="StarFT fine-tuning; all other flags are open_clip_train's.")
+    g = parser.add_argument_group("StarFT")
+    g.add_argument("--starft-lambda", type=float, default=0.5,
+                   help="weight λ of the Star term at the start of the run (0: plain contrastive fine-tuning, FLYP). Default 0.5.")
+    g.add_argument("--starft-schedule", default="linear",
+                   help=f"λ decay: {', '.join(list_schedules())}. linear: per step to 0 over the run (default); "
+                        "staircase: the release, λ·(1−(epoch+1)/epochs) per epoch; constant: no decay.")
+    g.add_argument("--starft-concepts", default="background",
+                   help=f"descriptor sets: {', '.join(CONCEPTS)}, all, a comma list, or a .txt/.json file. Default background.")
+    g.add_argument("--starft-suffix", default="spurious",
+                   help=f"spurious caption: {', '.join(list_suffix_modes())}. spurious: a descriptor per sample (default); "
+                        "random: random vocabulary words (ablation); none: the clean caption (ablation).")
+    g.add_argument("--starft-random-words", type=int, default=3,
+                   help="words appended by --starft-suffix random. Default 3.")
+    g.add_argument("--starft-no-mask", action="store_true",
+                   help="keep same-class pairs in the Star softmax (ablation; the default masks them).")
+    g.add_argument("--starft-classnames", default="imagenet",
+                   help="class names by class id: imagenet (OpenCLIP's 1000) or a file (one per line, JSON list, or JSON id→name).")
+    g.add_argument("--starft-templates", default="single",
+                   help=f"caption templates: {', '.join(CAPTION_TEMPLATE_SETS)} ('a photo of a {{}}.'; OpenCLIP's 80), "
+                        "or a file with one '{}' template per line. Default single.")
+    g.add_argument("--starft-teacher-text-cache-mb", type=float, default=1024,
+                   help="memory for the teacher's features of spurious captions, each computed once (exact; "
+                        "58,000 captions × 512 dims ≈ 113 MB for ImageNet + background); 0 turns it off. Default 1024.")
+    g.add_argument("--starft-teacher-image-cache", action="store_true",
+                   help="APPROXIMATION, off by default: the teacher's image features computed once per image on the "
+                        "un-augmented image (eval transform) and reused every epoch, instead of on each step's "
+                        "augmented view. Saves the teacher's image forward after the first epoch; memory: images × "
+                        "embed dim × 2 bytes on the device.")
+    g.add_argument("--starft-csv-label-key", default="label",
+                   help="label column of a --dataset-type csv training file. Default label.")
+    g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
+                   help="stop when more than this share of training samples lack a usable label. Default 0.01.")
+    return parser
+
+
+def check(starft: argparse.Namespace) -> None:
+    """One-line errors for StarFT flag values that argparse alone would not catch."""
+    if not (math.isfinite(starft.starft_lambda) and starft.starft_lambda >= 0):
+        raise ConfigError(f"--starft-lambda {starft.starft_lambda:g} must be finite and ≥ 0: "
+                          "use 0.5 (the paper), or 0 for FLYP")
+    if starft.starft_schedule not in list_schedules():
+        raise ConfigError(f"unknown --starft-schedule {starft.starft_schedule!r}: use one of {', '.join(list_schedules())}")
+    if starft.starft_suffix not in list_suffix_modes():
+        raise ConfigError(f"unknown --starft-suffix {starft.starft_suffix!r}: use one of {', '.join(list_suffix_modes())}")
+    if starft.starft_random_words < 1:
+        raise ConfigError(f"--starft-random-words {starft.starft_random_words} must be ≥ 1")
+    if not 0 <= starft.starft_max_skipped_fraction <= 1:
+        raise ConfigError(f"--starft-max-skipped-fraction {starft.starft_max_skipped_fraction:g} must be within 0..1")
