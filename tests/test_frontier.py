@@ -39,7 +39,7 @@ def test_unit_summary_averages_within_a_unit_before_the_interval():
     assert s["per_unit"] == pytest.approx({"a": 0.20, "b": 0.05, "c": -0.02})
     assert s["units"] == 3 and s["mean"] == pytest.approx(0.23 / 3)
     sd = math.sqrt(sum((m - 0.23 / 3) ** 2 for m in (0.20, 0.05, -0.02)) / 2)
-    assert s["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))  # t(0.975, df 2) = 4.303
+    assert s["ci95"] == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-6)  # t(0.975, df 2) = 4.302653
     assert (s["wins"], s["ties"], s["losses"]) == (2, 0, 1)  # −2 points is a loss (ties: within ±1 point)
     assert fmt(s).startswith("+7.7 ± ")
 

@@ -1,11 +1,11 @@
 """What every benchmark command shares: the default device and the JSON record files."""
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timezone
 
 import torch
+
+from open_clip_starft.data.files import merge_json
 
 
 def default_device() -> str:
@@ -20,12 +20,6 @@ def today() -> str:
 
 def add_record(out: str, record: dict, key: tuple) -> None:
     """Add ``record`` to the JSON list in ``out``, replacing one with the same ``key`` fields."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    records = []
-    if os.path.exists(out):
-        with open(out) as f:
-            records = json.load(f)
-    records = [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
-    with open(out + ".partial", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(out + ".partial", out)
+    def replace(records: list) -> list:
+        return [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
+    merge_json(out, replace, empty=[])

@@ -25,7 +25,8 @@ from PIL import Image
 from open_clip_starft.bench.common import default_device
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
-from open_clip_starft.eval.metrics import HeadCache, evaluate_prepared
+from open_clip_starft.eval.evaluator import Evaluator
+from open_clip_starft.eval.metrics import HeadCache
 
 
 def _model(name: str, device: str):
@@ -62,11 +63,12 @@ def bench_model(name: str, images: int, batch_size: int, head_classes: int, temp
     with tempfile.TemporaryDirectory() as tmp:
         _write_images(tmp, images, size)
         spec = EvalSetSpec(name="bench", root=tmp, format="folder", classnames=[f"class {i}" for i in range(4)], templates="single")
-        prepared = [prepare_set(spec)]
-        evaluate_prepared(model, preprocess, tokenizer, prepared, device=device, batch_size=batch_size, workers=workers)  # warm-up
+        prepared = prepare_set(spec)
+        evaluator = Evaluator(model, tokenizer, preprocess, device=device, batch_size=batch_size, workers=workers)
+        evaluator.evaluate(prepared)  # warm-up; builds the head
         start = time.perf_counter()
-        record = evaluate_prepared(model, preprocess, tokenizer, prepared, device=device, batch_size=batch_size, workers=workers)[0]
-        eval_seconds = time.perf_counter() - start - record["settings"]["head_seconds"]
+        record = evaluator.evaluate(prepared)  # the head is kept: images only
+        eval_seconds = time.perf_counter() - start
     names = open_clip.IMAGENET_CLASSNAMES[:head_classes]
     temps, _ = resolve_templates(templates)
     head_set = PreparedSet(name="head", format="folder", root="", head_classnames=list(names), templates=temps,

@@ -18,7 +18,7 @@ import fcntl
 import json
 import os
 import shutil
-from typing import Callable, Iterator
+from typing import Iterator
 
 from open_clip_starft.errors import StorageError
 
@@ -113,10 +113,9 @@ def read_json(path: str, default=None):
         return json.load(f)
 
 
-def merge_json(path: str, update: Callable[[dict], dict] | dict, indent: int | None = 1,
-               sort_keys: bool = False) -> dict:
-    """Merge-on-write: read the JSON object at ``path`` (``{}`` when absent), apply ``update`` (a dict to
-    merge key by key, or a function old → new), write it back atomically, and return it. An exclusive
+def merge_json(path: str, update, indent: int | None = 1, sort_keys: bool = False, empty=None):
+    """Merge-on-write: read the JSON at ``path`` (``empty``, default ``{}``, when absent), apply ``update`` (a
+    dict to merge key by key into an object, or a function old → new), write it back atomically, and return it. An exclusive
     lock on ``path.lock`` makes concurrent callers (one per process or machine share) take turns, so
     none drops another's keys."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -124,8 +123,8 @@ def merge_json(path: str, update: Callable[[dict], dict] | dict, indent: int | N
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            old = read_json(path, {})
-            new = update(dict(old)) if callable(update) else {**old, **update}
+            old = read_json(path, {} if empty is None else empty)
+            new = update(old) if callable(update) else {**old, **update}
             write_json(path, new, indent=indent, sort_keys=sort_keys)
             return new
         finally:

@@ -12,28 +12,20 @@ is a Student-t 95 % interval over the unit means (``unit_summary``), with wins, 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from typing import Callable, Sequence
 
+from open_clip_starft.data import files
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import interpolate_state_dicts
 from open_clip_starft.eval.report import _pyplot
 
-# two-sided 95 % Student t quantiles by degrees of freedom (scipy is not a dependency)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
 def t975(df: int) -> float:
-    """The two-sided 95 % Student-t quantile for ``df ≥ 1`` degrees of freedom; between tabulated
-    values, the one of the next smaller df (slightly wider, never narrower); 1.96 beyond 120."""
-    if df > 120:
-        return 1.96
-    return _T975[max(k for k in _T975 if k <= df)]
+    """The two-sided 95 % Student-t quantile for ``df ≥ 1`` degrees of freedom (scipy's ``t.ppf``)."""
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -143,10 +135,7 @@ def plot_frontiers(units: dict[str, dict], path: str, x_label: str = "in-distrib
 
 
 def write_json(obj, path: str) -> str:
-    """``obj`` as indented JSON at ``path`` (written to ``.partial`` first, then renamed)."""
+    """``obj`` as indented JSON at ``path`` (atomically, ``data.files.write_json``); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".partial", "w") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(path + ".partial", path)
+    files.write_json(path, obj)
     return path

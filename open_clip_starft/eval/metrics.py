@@ -1,74 +1,124 @@
-"""Zero-shot evaluation with group metrics (average and worst-group accuracy).
+"""The metrics we report, computed once (``metrics_of_scores``), and the zero-shot heads.
 
-The zero-shot head is OpenCLIP's ``build_zero_shot_classifier`` over class names × caption
-templates; images come from prepared eval sets (``eval.sets``).
+- ``SampleScores``: per image, label, group, prediction, top-5 hit and confidence;
+  ``metrics_of_scores``: top-1, top-5, per-class, per-group, worst-group and average-group accuracy,
+  ECE, from integer counts and exact sums (the same numbers from one process or several);
+- ``HeadCache``: the zero-shot heads, the package's one call of OpenCLIP's ``build_zero_shot_classifier``
+  (class names × caption templates); ``collect_logits``: scaled logits of a set's batches.
+
+``eval.evaluator.Evaluator`` puts them together; every command evaluates through it.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Sequence
 
 import torch
 from open_clip import build_zero_shot_classifier
 
 
+@dataclasses.dataclass
+class SampleScores:
+    """What the metrics need of each scored image, ``[N]`` tensors on the CPU: the label, group and
+    predicted class, whether the label is in the top 5 (None with fewer than 5 classes) and the
+    confidence (maximum softmax probability, float64). Small enough to gather across processes."""
+    labels: torch.Tensor
+    groups: torch.Tensor
+    predictions: torch.Tensor
+    top5_hits: torch.Tensor | None
+    confidence: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> "SampleScores":
+        """Scores of scaled logits ``[N, K]`` (softmax gives the probabilities)."""
+        logits, labels = logits.float().cpu(), labels.long().cpu()
+        groups = torch.zeros_like(labels) if groups is None else groups.long().cpu()
+        confidence, predictions = torch.softmax(logits.double(), dim=1).max(dim=1)
+        top5 = None if logits.shape[1] < 5 else (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+        return cls(labels, groups, predictions, top5, confidence)
+
+    @classmethod
+    def cat(cls, parts: Sequence["SampleScores"]) -> "SampleScores":
+        """The scores of several parts (processes, batches) as one."""
+        top5 = None if any(p.top5_hits is None for p in parts) else torch.cat([p.top5_hits for p in parts])
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("labels", "groups", "predictions")),
+                   top5, torch.cat([p.confidence for p in parts]))
+
+
+def _share(hits: torch.Tensor) -> float:
+    """Share of true values, from an integer count (exact, the same in any order)."""
+    return int(hits.sum()) / hits.numel()
+
+
 def group_metrics(predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict:
     """``top1`` (share correct), ``groups`` {group id: accuracy}, ``worst_group`` (minimum over
     groups), ``avg_group`` (unweighted mean over groups) and ``n`` for ``[N]`` predictions."""
-    correct = (predictions == labels).double()
-    per_group = {int(g): float(correct[groups == g].mean()) for g in torch.unique(groups)}
+    correct = predictions == labels
+    per_group = {int(g): _share(correct[groups == g]) for g in torch.unique(groups)}
     return {
-        "top1": float(correct.mean()),
+        "top1": _share(correct),
         "worst_group": min(per_group.values()),
-        "avg_group": sum(per_group.values()) / len(per_group),
+        "avg_group": math.fsum(per_group.values()) / len(per_group),
         "groups": per_group,
         "n": int(labels.numel()),
     }
 
 
-@torch.no_grad()
-def evaluate_zero_shot(model, tokenizer, preprocess, shards: str, classnames: Sequence[str],
-                       templates: Sequence[str] = ("a photo of a {}.",), batch_size: int = 128,
-                       device: str = "cpu") -> dict:
-    """Zero-shot classification of the images in ``shards`` (a brace pattern) with ``model``:
-    the ``group_metrics`` of its predictions (samples without ``group`` form group 0). The same
-    path as ``evaluate_prepared`` (a ``wds`` eval set), with only the group metrics."""
-    from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
-    prepared = prepare_set(EvalSetSpec(name=shards, root=shards, format="wds", classnames=list(classnames),
-                                       templates=list(templates)))
-    model.eval()
-    heads = HeadCache(model, tokenizer, device)
-    heads.prepare([prepared])
-    logits, labels, groups, _ = collect_logits(model, heads[prepared], batches(prepared, preprocess, batch_size), device)
-    return group_metrics(logits.argmax(dim=1), labels, groups)
-
-
-# -- metrics on logits ------------------------------------------------------------------------
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float | None:
     """Share of rows whose label is among the ``k`` highest logits; None when there are fewer than
     ``k`` classes (top-5 of a 4-class set says nothing)."""
     if logits.shape[1] < k:
         return None
-    top = logits.topk(k, dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).double().mean())
+    return _share((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1))
+
+
+def ece_of_confidence(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (Guo et al., 2017): confidences in ``n_bins`` equal-width bins ``(i/B, (i+1)/B]``;
+    ``Σ_b |B_b|/n · |accuracy(B_b) − mean confidence(B_b)|``, each bin's sums exact (``math.fsum``),
+    so the value does not depend on the order of the samples (one process or several)."""
+    confidence = confidence.double()
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    n, terms = confidence.numel(), []
+    for b in torch.unique(bins):
+        in_bin = bins == b
+        size = int(in_bin.sum())
+        gap = int(correct[in_bin].sum()) / size - math.fsum(confidence[in_bin].tolist()) / size
+        terms.append(size / n * abs(gap))
+    return math.fsum(terms)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE (Guo et al., 2017): confidences (max probability) in ``n_bins`` equal-width bins
-    ``(i/B, (i+1)/B]``; ``Σ_b |B_b|/n · |accuracy(B_b) − mean confidence(B_b)|``."""
+    """ECE of probabilities ``[N, K]`` (``ece_of_confidence`` of their maxima)."""
     confidence, predictions = probs.double().max(dim=1)
-    correct = (predictions == labels).double()
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
-    ece = torch.zeros((), dtype=torch.float64)
-    for b in torch.unique(bins):
-        in_bin = bins == b
-        ece += in_bin.double().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
-    return float(ece)
+    return ece_of_confidence(confidence, predictions == labels, n_bins)
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> dict:
     """{class id: accuracy} over the classes that have samples."""
-    correct = (predictions == labels).double()
-    return {int(c): float(correct[labels == c].mean()) for c in torch.unique(labels)}
+    correct = predictions == labels
+    return {int(c): _share(correct[labels == c]) for c in torch.unique(labels)}
+
+
+def metrics_of_scores(scores: SampleScores, n_bins: int = 15) -> dict:
+    """Every metric we report, the one computation of them: ``top1``, ``top5`` (None with fewer than 5
+    classes), ``per_class`` {class: acc}, ``per_class_mean`` (balanced accuracy over the classes present),
+    the ``group_metrics`` (``groups``, ``worst_group``, ``avg_group``), ``ece`` and ``n``."""
+    metrics = group_metrics(scores.predictions, scores.labels, scores.groups)
+    per_class = per_class_accuracy(scores.predictions, scores.labels)
+    metrics.update({
+        "top5": None if scores.top5_hits is None else _share(scores.top5_hits),
+        "per_class": per_class,
+        "per_class_mean": math.fsum(per_class.values()) / len(per_class),
+        "ece": ece_of_confidence(scores.confidence, scores.predictions == scores.labels, n_bins),
+    })
+    return metrics
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
+                           n_bins: int = 15) -> dict:
+    """``metrics_of_scores`` of scaled logits ``[N, K]`` against labels (no groups: one group 0)."""
+    return metrics_of_scores(SampleScores.from_logits(logits, labels, groups), n_bins)
 
 
 def restrict_logits(logits: torch.Tensor, class_map) -> torch.Tensor:
@@ -82,26 +132,6 @@ def restrict_logits(logits: torch.Tensor, class_map) -> torch.Tensor:
     if all(len(ids) == 1 for ids in class_map):
         return logits[:, torch.tensor([ids[0] for ids in class_map], device=logits.device)]
     return torch.stack([logits[:, list(ids)].max(dim=1).values for ids in class_map], dim=1)
-
-
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
-                           n_bins: int = 15) -> dict:
-    """All metrics of scaled logits ``[N, K]`` (softmax gives the probabilities) against labels:
-    ``top1``, ``top5``, ``per_class`` {class: acc}, ``per_class_mean`` (balanced accuracy over the
-    classes present), the ``group_metrics`` (``groups``, ``worst_group``, ``avg_group``; no groups:
-    one group 0), ``ece`` and ``n``."""
-    logits, labels = logits.float().cpu(), labels.long().cpu()
-    groups = torch.zeros_like(labels) if groups is None else groups.long().cpu()
-    predictions = logits.argmax(dim=1)
-    metrics = group_metrics(predictions, labels, groups)
-    per_class = per_class_accuracy(predictions, labels)
-    metrics.update({
-        "top5": topk_accuracy(logits, labels, 5),
-        "per_class": per_class,
-        "per_class_mean": sum(per_class.values()) / len(per_class),
-        "ece": expected_calibration_error(torch.softmax(logits.double(), dim=1), labels, n_bins),
-    })
-    return metrics
 
 
 # -- evaluating checkpoints on prepared sets ----------------------------------------------------
@@ -171,55 +201,3 @@ def collect_logits(model, head: torch.Tensor, batch_iter, device="cpu", precisio
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), skipped
     return torch.cat(logits), torch.cat(labels), torch.cat(groups), skipped
-
-
-def counted(batch_iter, bar):
-    """The batches of ``batch_iter``, counting each batch's images (read or skipped) on ``bar``."""
-    for batch in batch_iter:
-        bar.update(len(batch[1]) + len(batch[4]))
-        yield batch
-
-
-def evaluate_prepared(model, preprocess, tokenizer, sets, *, label: str = "model", device="cpu", precision="fp32",
-                      batch_size: int = 128, workers: int = 0, ece_bins: int = 15, settings: dict | None = None,
-                      log=None, progress: bool = False) -> list[dict]:
-    """One record per prepared set for ``model`` (see ``eval.cli`` for the fields). ``progress``:
-    a bar per set on a terminal, a line every 30 s otherwise (``eval.progress``)."""
-    import time
-    from open_clip_starft.errors import StarftError
-    from open_clip_starft.eval.progress import Progress
-    from open_clip_starft.eval.sets import batches
-    model.eval()
-    heads = HeadCache(model, tokenizer, device, precision)
-    heads.prepare(sets)
-    scale = float(model.logit_scale.detach().exp()) if getattr(model, "logit_scale", None) is not None else 100.0
-    records = []
-    for s in sets:
-        start = time.perf_counter()
-        with Progress(s.num_samples, f"{label} × {s.name}", enabled=progress) as bar:
-            logits, labels, groups, skipped = collect_logits(
-                model, heads[s], counted(batches(s, preprocess, batch_size, workers), bar), device, precision,
-                s.class_map, scale)
-        if not len(labels):
-            raise StarftError(f"eval set {s.name!r}: no readable image ({len(skipped)} skipped, e.g. "
-                              f"{skipped[0] if skipped else 'none'}): check the data")
-        m = classification_metrics(logits, labels, groups, ece_bins)
-        record = {
-            "checkpoint": label, "dataset": s.name,
-            "top1": m["top1"], "top5": m["top5"], "worst_group": m["worst_group"], "avg_group": m["avg_group"],
-            "groups": {s.group_name(g): acc for g, acc in m["groups"].items()},
-            "per_class_mean": m["per_class_mean"],
-            "per_class": {s.classnames[c]: acc for c, acc in m["per_class"].items()},
-            "ece": m["ece"], "n": m["n"], "skipped": len(skipped),
-            "settings": {**(settings or {}), **s.settings, "logit_scale": scale, "precision": precision,
-                         "ece_bins": ece_bins, "head_seconds": round(heads.seconds, 3)},
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        if skipped:
-            record["skipped_examples"] = skipped[:5]
-        records.append(record)
-        if log:
-            top5 = "n/a" if m["top5"] is None else f"{100 * m['top5']:.2f}"
-            log(f"  {label} × {s.name}: top-1 {100 * m['top1']:.2f}  top-5 {top5}  worst-group "
-                f"{100 * m['worst_group']:.2f}  ECE {m['ece']:.4f}  n={m['n']}" + (f"  skipped {len(skipped)}" if skipped else ""))
-    return records

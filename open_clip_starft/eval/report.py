@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 
+from open_clip_starft.data.files import atomic_open, write_json, write_text
 from open_clip_starft.errors import StarftError
 
 
 def write_jsonl(records: list[dict], path: str) -> None:
+    """``records`` as JSON lines at ``path``, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".partial", "w") as f:
+    with atomic_open(path) as f:
         for r in records:
             f.write(json.dumps(r, sort_keys=False) + "\n")
-    os.replace(path + ".partial", path)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -91,10 +92,40 @@ def markdown_table(records: list[dict], id_set: str | None = None) -> str:
 def write_table(records: list[dict], path: str, id_set: str | None = None) -> str:
     """Write ``markdown_table`` of ``records`` to ``path`` (under a temporary name first); returns it."""
     table = markdown_table(records, id_set)
-    with open(path + ".partial", "w", encoding="utf-8") as f:
-        f.write(table)
-    os.replace(path + ".partial", path)
+    write_text(path, table)
     return table
+
+
+CLIP_BENCHMARK_TASK = "zeroshot_classification"
+
+
+def clip_benchmark_result(record: dict, model: str, pretrained: str) -> dict:
+    """One eval record as CLIP_benchmark's result JSON (what its ``clip_benchmark build`` aggregates):
+    ``dataset``, ``model``, ``pretrained``, ``task``, ``language`` and ``metrics`` with its ``acc1``, ``acc5``
+    (NaN with fewer than 5 classes, as CLIP_benchmark writes it) and ``mean_per_class_recall`` (balanced
+    accuracy over the classes present), plus our ``worst_group_acc``, ``avg_group_acc``, ``ece`` and ``n``."""
+    return {
+        "dataset": record["dataset"], "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASK,
+        "language": "en",
+        "metrics": {"acc1": record["top1"], "acc5": float("nan") if record["top5"] is None else record["top5"],
+                    "mean_per_class_recall": record["per_class_mean"], "worst_group_acc": record["worst_group"],
+                    "avg_group_acc": record["avg_group"], "ece": record["ece"], "n": record["n"]},
+    }
+
+
+def write_clip_benchmark(records: list[dict], out_dir: str) -> list[str]:
+    """One CLIP_benchmark result file per record (checkpoint × set) in ``out_dir``, named as CLIP_benchmark
+    names them (``{dataset}_{pretrained}_{model}_{language}_{task}.json``); ``model`` is the record's
+    architecture and ``pretrained`` its checkpoint label. Returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for r in records:
+        model = os.path.basename(str(r["settings"].get("model") or "model").rstrip("/"))
+        result = clip_benchmark_result(r, model, r["checkpoint"])
+        name = "_".join(_safe(result[k]) for k in ("dataset", "pretrained", "model", "language", "task"))
+        paths.append(os.path.join(out_dir, name + ".json"))
+        write_json(paths[-1], result, indent=None)
+    return paths
 
 
 def _pyplot():

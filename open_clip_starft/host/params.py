@@ -48,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
                    help="stop when more than this share of training samples lack a usable label. Default 0.01.")
+    v = parser.add_argument_group("StarFT evaluation during training")
+    v.add_argument("--starft-val", action="append", default=[], metavar="NAME=ROOT",
+                   help="an eval set scored during training (repeatable): ROOT in any layout `open-clip-starft eval "
+                        "--set` reads (shards with a 'group' key give worst-group accuracy). Logged as val/NAME/top1, "
+                        "val/NAME/worst_group, val/NAME/avg_group, val/NAME/ece, … to the log, tensorboard, wandb and "
+                        "checkpoints/results.jsonl; the zero-shot model is scored first (epoch 0).")
+    v.add_argument("--starft-val-frequency", type=int, default=1, metavar="N",
+                   help="score the --starft-val sets every N epochs (and after the last). Default 1.")
+    v.add_argument("--starft-val-steps", type=int, default=0, metavar="K",
+                   help="also score them every K optimizer steps within an epoch. Default 0 (off).")
+    v.add_argument("--starft-val-classnames", default=None, metavar="imagenet|FILE",
+                   help="class names of the --starft-val sets (default: --starft-classnames).")
+    v.add_argument("--starft-val-templates", default=None, metavar="single|openai|FILE",
+                   help="zero-shot head templates of the --starft-val sets (default: --starft-templates).")
+    v.add_argument("--starft-select", default=None, metavar="NAME:METRIC",
+                   help="keep checkpoints/best.pt: the epoch whose --starft-val set NAME scores best on METRIC "
+                        "(top1, top5, worst_group, avg_group, per_class_mean, ece; ties broken by top-1), e.g. "
+                        "val:worst_group. A choice on validation data: never name a test set here.")
     return parser
 
 

@@ -1,0 +1,200 @@
+"""Evaluation during training (``--starft-val``): the robustness metrics on named sets, logged as
+upstream logs its own, and the best epoch chosen (``--starft-select``).
+
+It is built by ``open_clip_starft.main`` and handed to the training step (``host`` and ``eval`` never
+import each other); the step calls ``start``, ``after_step`` and ``end_epoch`` and writes ``best.pt``
+with its one checkpoint writer when ``end_epoch`` reports a new best.
+
+``TrainingValidation(args, model)`` prepares every ``--starft-val NAME=ROOT`` set before the first step
+(a bad set stops the run there, in one line) and scores the student through the one evaluator
+(``eval.evaluator.Evaluator``, the eval transform of the model's own preprocessing config):
+
+- before the first step of a new run (``epoch 0``: the zero-shot model, so the log starts at the baseline);
+- after every ``--starft-val-frequency`` epochs (and the last), and every ``--starft-val-steps`` steps;
+- each evaluation: ``val/NAME/METRIC`` (top1, top5, worst_group, avg_group, per_class_mean, ece) to the
+  text log, tensorboard (``args.tensorboard_path``, x = the global step) and wandb, and one JSON line per
+  set to the run's ``checkpoints/results.jsonl`` (upstream's file) with ``epoch``, ``step`` and ``set``;
+- with ``--starft-select NAME:METRIC``, an epoch-end evaluation that beats the best so far (ties broken by
+  the set's top-1) is returned by ``end_epoch`` (the step saves ``checkpoints/best.pt`` with ``starft_best``
+  inside: the epoch, step, metric and value) and recorded in ``checkpoints/best.json``; a resumed run reads
+  the best so far back.
+
+Every process scores its share of each set and the scores are gathered (N processes give the numbers of
+one); only the master process writes. The training's random state (Python, NumPy, torch) is saved and
+restored around each evaluation, so a run with ``--starft-val`` trains exactly as one without it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+
+import numpy as np
+import open_clip
+import torch
+
+from open_clip_starft.data.files import read_json, write_json
+from open_clip_starft.errors import ConfigError
+from open_clip_starft.eval.evaluator import Evaluator
+from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
+
+try:
+    import wandb
+except ImportError:
+    wandb = None
+
+METRICS = ("top1", "top5", "worst_group", "avg_group", "per_class_mean", "ece")
+"""The metrics logged per set; all are higher-is-better but ``ece``."""
+BEST_FILE, BEST_RECORD = "best.pt", "best.json"
+"""Names in the run's checkpoints folder: the best epoch's weights (written by the step) and its record."""
+
+
+def parse_val_sets(items: list[str]) -> list[tuple[str, str]]:
+    """``NAME=ROOT`` items as ``(name, root)``; names unique."""
+    sets = []
+    for item in items:
+        name, sep, root = item.partition("=")
+        if not sep or not name or not root:
+            raise ConfigError(f"--starft-val {item!r}: write NAME=ROOT, e.g. val=/data/val-{{0..3}}.tar")
+        if name in dict(sets):
+            raise ConfigError(f"--starft-val names {name!r} twice: give each set its own name")
+        sets.append((name, root))
+    return sets
+
+
+def parse_select(select: str | None, names: list[str]) -> tuple[str, str] | None:
+    """``NAME:METRIC`` of ``--starft-select`` as ``(name, metric)``, checked against the sets."""
+    if select is None:
+        return None
+    name, sep, metric = select.rpartition(":")
+    if not sep or name not in names or metric not in METRICS:
+        raise ConfigError(f"--starft-select {select!r}: write NAME:METRIC with NAME one of the --starft-val sets "
+                          f"({', '.join(names) or 'none given'}) and METRIC one of {', '.join(METRICS)}")
+    return name, metric
+
+
+def eval_transform(model):
+    """The model's eval transform, from its own preprocessing config (what ``create_model_and_transforms``
+    gives as ``preprocess_val``)."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    return open_clip.image_transform(cfg["size"], is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
+                                     resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
+                                     fill_color=cfg.get("fill_color", 0))
+
+
+class _RandomState:
+    """Python's, NumPy's and torch's random state, saved on entry and restored on exit."""
+
+    def __enter__(self):
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def __exit__(self, *exc):
+        python, numpy_state, cpu, cuda = self.states
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def better(value: float, top1: float, best: dict | None, metric: str) -> bool:
+    """Whether ``(value, top1)`` beats the best record so far (lower is better for ``ece``; ties: top-1)."""
+    if best is None:
+        return True
+    sign = -1 if metric == "ece" else 1
+    return (sign * value, top1) > (sign * best["value"], best["top1"])
+
+
+class TrainingValidation:
+    """The ``--starft-val`` sets of one run (see the module docstring); built from ``(args, model)``."""
+
+    def __init__(self, args, model):
+        self.sets = parse_val_sets(args.starft_val)
+        self.select = parse_select(args.starft_select, [name for name, _ in self.sets])
+        if args.starft_val_frequency < 1 or args.starft_val_steps < 0:
+            raise ConfigError("--starft-val-frequency must be ≥ 1 and --starft-val-steps ≥ 0")
+        classnames = args.starft_val_classnames or args.starft_classnames
+        templates = args.starft_val_templates or args.starft_templates
+        self.prepared = [prepare_set(EvalSetSpec(name=name, root=root, classnames=classnames, templates=templates))
+                         for name, root in self.sets]
+        self.evaluator = Evaluator(model, open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir),
+                                   eval_transform(model), device=args.device, precision=args.precision,
+                                   batch_size=args.batch_size, workers=min(args.workers, 2))
+        self.model, self.frequency, self.every_steps = model, args.starft_val_frequency, args.starft_val_steps
+        self.folder = args.checkpoint_path if args.save_logs else None
+        self.best = read_json(os.path.join(self.folder, BEST_RECORD)) if self.folder else None
+        self._writer = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sets)
+
+    # -- when ---------------------------------------------------------------------------------------
+    def start(self, epoch: int, start_batch: int, args) -> None:
+        """Before the first step of a new run (not a resumed one): the zero-shot model, epoch 0."""
+        if self.active and epoch == 0 and start_batch == 0 and not args.resume:
+            self.evaluate(epoch=0, step=0, args=args)
+
+    def after_step(self, step: int, epoch: int, batches_done: int, num_batches: int, args) -> None:
+        """Every ``--starft-val-steps`` optimizer steps (``step``: steps done), not at an epoch's end."""
+        if self.active and self.every_steps and step % self.every_steps == 0 and batches_done < num_batches:
+            self.evaluate(epoch=round(epoch + batches_done / num_batches, 4), step=step, args=args)
+
+    def end_epoch(self, epoch: int, step: int, args) -> dict | None:
+        """After epoch ``epoch`` (0-based) every ``--starft-val-frequency`` epochs and the last: evaluate;
+        with ``--starft-select``, return the new best record (``epoch`` = epochs done, ``step``, ``set``,
+        ``metric``, ``value``, ``top1``) when this epoch beats the best so far, else None."""
+        done = epoch + 1
+        if not self.active or (done % self.frequency and done != args.epochs):
+            return None
+        records = self.evaluate(epoch=done, step=step, args=args)
+        return self._new_best(records, done, step, args) if self.select is not None else None
+
+    # -- what -----------------------------------------------------------------------------------------
+    def evaluate(self, *, epoch, step: int, args) -> dict:
+        """Score every set with the current weights; log and record; returns ``{name: record}``."""
+        self.evaluator.weights_changed()
+        with _RandomState():
+            records = {p.name: self.evaluator.evaluate(p, label=f"epoch {epoch}", distributed=args.distributed)
+                       for p in self.prepared}
+        if _is_master(args):
+            self._log(records, epoch, step, args)
+        return records
+
+    def _log(self, records: dict, epoch, step: int, args) -> None:
+        scalars = {f"val/{name}/{m}": r[m] for name, r in records.items() for m in METRICS if r[m] is not None}
+        logging.info(f"StarFT val epoch {epoch} step {step}: "
+                     + "  ".join(f"{k}: {v:.4f}" for k, v in scalars.items()))
+        if self.folder:
+            with open(os.path.join(self.folder, "results.jsonl"), "a", encoding="utf-8") as f:
+                for name, r in records.items():
+                    line = {"epoch": epoch, "step": step, "set": name, **{m: r[m] for m in METRICS},
+                            "groups": r["groups"], "n": r["n"], "skipped": r["skipped"]}
+                    f.write(json.dumps(line) + "\n")
+        if getattr(args, "tensorboard", False) and args.tensorboard_path:
+            if self._writer is None:
+                from torch.utils import tensorboard
+                self._writer = tensorboard.SummaryWriter(args.tensorboard_path, filename_suffix=".starft-val")
+            for k, v in scalars.items():
+                self._writer.add_scalar(k, v, step)
+            self._writer.flush()
+        if getattr(args, "wandb", False) and wandb is not None:
+            wandb.log({**scalars, "epoch": epoch}, step=step)
+
+    def _new_best(self, records: dict, epoch: int, step: int, args) -> dict | None:
+        name, metric = self.select
+        value, top1 = records[name][metric], records[name]["top1"]
+        if value is None or not math.isfinite(value) or not better(value, top1, self.best, metric):
+            return None
+        self.best = {"epoch": epoch, "step": step, "set": name, "metric": metric, "value": value, "top1": top1}
+        if _is_master(args) and self.folder:
+            write_json(os.path.join(self.folder, BEST_RECORD), self.best)
+            logging.info(f"StarFT: best {name} {metric} so far {value:.4f} at epoch {epoch} (step {step})")
+        return dict(self.best)
+
+
+def _is_master(args) -> bool:
+    return getattr(args, "rank", 0) == 0
