@@ -1,11 +1,14 @@
 """The ``open-clip-starft`` command and its subcommands.
 
-Each subcommand lives in its own module with a ``main(argv) -> int``; this file only dispatches.
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file only dispatches
+(``tools.commands.dispatch``, the one dispatch of every command with subcommands).
 """
 from __future__ import annotations
 
-import importlib
 import sys
+
+from open_clip_starft.errors import one_line_errors
+from open_clip_starft.tools.commands import dispatch
 
 COMMANDS = {
     "train": ("open_clip_starft.main", "StarFT fine-tuning through OpenCLIP's training code (all open_clip_train flags work)"),
@@ -23,27 +26,13 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return "usage: open-clip-starft {" + ",".join(COMMANDS) + "} [args...]\n\n" + "\n".join(lines)
-
-
+@one_line_errors
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    if not argv or argv[0] not in COMMANDS:
-        print(usage(), file=sys.stderr)
-        if argv:
-            print(f"open-clip-starft: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    if argv[0] == "demo" and "--study" in argv:  # the study moved out of the demo; old form kept one release
+    if argv[:1] == ["demo"] and "--study" in argv:  # the study moved out of the demo; old form kept one release
         print("open-clip-starft: warning: 'demo --study' is now 'demo-study'", file=sys.stderr)
         argv = ["demo-study", *(a for a in argv[1:] if a != "--study")]
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    return dispatch("open-clip-starft", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,12 @@ def test_renamed_commands_keep_their_old_names(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0 and "accuracy study" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+    assert main(["bench", "--help"]) == 0
     assert "not a speed benchmark" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # the study left the demo: the old form warns and runs demo-study
+        main(["demo", "--study", "--help"])
+    out = capsys.readouterr()
+    assert e.value.code == 0 and "open-clip-starft demo-study" in out.out and "is now 'demo-study'" in out.err
 
 
 def test_bench_defaults_device_and_writes_nothing_without_out():
@@ -58,7 +61,7 @@ def test_bench_defaults_device_and_writes_nothing_without_out():
     assert eval_throughput.build_parser().parse_args([]).device == DEVICE
     assert step.build_parser().parse_args([]).out is None
     assert data.build_parser().parse_args(["--shards", "x.tar"]).out is None
-    assert eval_throughput.build_parser().parse_args([]).json is None
+    assert eval_throughput.build_parser().parse_args([]).out is None
     assert wbl.build_parser().parse_args(["report"]).docs is None  # the report goes under --out
 
 

@@ -84,7 +84,7 @@ def server(monkeypatch):
 
 
 def generate(server, out, *extra):
-    return main(["generate", "--endpoint", server.base, "--model", "fake-llm", "--out", str(out),
+    return main(["generate", "--endpoint", server.base, "--llm-model", "fake-llm", "--out", str(out),
                  "--backoff", "0.01", *extra])
 
 
@@ -135,8 +135,8 @@ def test_generate_two_stages_from_answers_in_many_formats(server, tmp_path, caps
 def test_given_concepts_skip_stage_one_and_full_url_is_accepted(server, tmp_path):
     server.script = [answer("1. in the snow\n2. on a boat"), answer("1. grainy\n2. in the snow")]
     out = tmp_path / "given.txt"
-    assert main(["generate", "--endpoint", server.base + "/chat/completions/", "--model", "m", "--out", str(out),
-                 "--concept", "background", "--concept", "noise", "--backoff", "0.01"]) == 0
+    assert main(["generate", "--endpoint", server.base + "/chat/completions/", "--llm-model", "m", "--out", str(out),
+                 "--concepts", "background", "--concepts", "noise", "--backoff", "0.01"]) == 0
     assert len(server.requests) == 2 and '"noise"' in server.prompts()[1]
     # the duplicate across concepts is written once, in its first group
     assert load_descriptors(str(out)) == ["{} in the snow.", "{} on a boat.", "grainy {}."]
@@ -151,7 +151,7 @@ def test_given_concepts_skip_stage_one_and_full_url_is_accepted(server, tmp_path
 def test_malformed_answers_are_one_line_errors(server, tmp_path, capsys, reply, message):
     server.script = [reply]
     out = tmp_path / "bad.txt"
-    assert generate(server, out, "--concept", "background") == 2
+    assert generate(server, out, "--concepts", "background") == 2
     line = one_line_error(capsys.readouterr().err)
     assert message in line and server.base in line
     assert not out.exists() and len(server.requests) == 1
@@ -160,27 +160,27 @@ def test_malformed_answers_are_one_line_errors(server, tmp_path, capsys, reply, 
 def test_429_with_retry_after_then_success(server, tmp_path):
     server.script = [{"status": 429, "body": "slow down", "headers": {"Retry-After": "0"}}, answer("in the fog")]
     out = tmp_path / "retry.txt"
-    assert generate(server, out, "--concept", "weather") == 0
+    assert generate(server, out, "--concepts", "weather") == 0
     assert len(server.requests) == 2 and load_descriptors(str(out)) == ["{} in the fog."]
 
 
 def test_5xx_then_success_backs_off(server, tmp_path):
     server.script = [{"status": 503, "body": "busy"}, {"status": 500, "body": "oops"}, answer("- at night")]
     out = tmp_path / "retry.txt"
-    assert generate(server, out, "--concept", "time") == 0
+    assert generate(server, out, "--concepts", "time") == 0
     assert len(server.requests) == 3 and load_descriptors(str(out)) == ["{} at night."]
 
 
 def test_time_out_then_success(server, tmp_path):
     server.script = [{**answer("in the rain"), "delay": 1.0}, answer("in the rain")]
     out = tmp_path / "slow.txt"
-    assert generate(server, out, "--concept", "weather", "--timeout", "0.5") == 0
+    assert generate(server, out, "--concepts", "weather", "--timeout", "0.5") == 0
     assert len(server.requests) == 2 and load_descriptors(str(out)) == ["{} in the rain."]
 
 
 def test_time_out_every_time_is_a_one_line_error(server, tmp_path, capsys):
     server.script = [{**answer("in the rain"), "delay": 1.0}]
-    assert generate(server, tmp_path / "x.txt", "--concept", "weather", "--timeout", "0.5", "--retries", "1") == 2
+    assert generate(server, tmp_path / "x.txt", "--concepts", "weather", "--timeout", "0.5", "--retries", "1") == 2
     line = one_line_error(capsys.readouterr().err)
     assert "after 2 attempts" in line and "timed out after 0.5 s" in line and server.base in line
     assert len(server.requests) == 2
@@ -188,7 +188,7 @@ def test_time_out_every_time_is_a_one_line_error(server, tmp_path, capsys):
 
 def test_retries_exhausted_on_429(server, tmp_path, capsys):
     server.script = [{"status": 429, "body": "slow down", "headers": {"Retry-After": "0"}}]
-    assert generate(server, tmp_path / "x.txt", "--concept", "c", "--retries", "2") == 2
+    assert generate(server, tmp_path / "x.txt", "--concepts", "c", "--retries", "2") == 2
     assert "after 3 attempts (last: HTTP 429" in one_line_error(capsys.readouterr().err)
     assert len(server.requests) == 3
 
@@ -200,7 +200,7 @@ def test_retries_exhausted_on_429(server, tmp_path, capsys):
 ])
 def test_empty_or_unusable_answer_is_a_one_line_error(server, tmp_path, capsys, content, message):
     server.script = [answer(content)]
-    assert generate(server, tmp_path / "x.txt", "--concept", "background") == 2
+    assert generate(server, tmp_path / "x.txt", "--concepts", "background") == 2
     assert message in one_line_error(capsys.readouterr().err)
 
 
@@ -217,8 +217,8 @@ def test_unreachable_endpoint_names_the_url(tmp_path, capsys, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    assert main(["generate", "--endpoint", url, "--model", "m", "--out", str(tmp_path / "x.txt"),
-                 "--concept", "c", "--backoff", "0.01"]) == 2
+    assert main(["generate", "--endpoint", url, "--llm-model", "m", "--out", str(tmp_path / "x.txt"),
+                 "--concepts", "c", "--backoff", "0.01"]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert f"cannot reach {url}/chat/completions" in line and "check that the server is running" in line
 
@@ -226,7 +226,7 @@ def test_unreachable_endpoint_names_the_url(tmp_path, capsys, monkeypatch):
 def test_client_errors_are_not_retried_and_mask_the_key(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MY_KEY", SECRET)
     server.script = [{"status": 401, "body": json.dumps({"error": f"Incorrect API key provided: {SECRET}"})}]
-    assert generate(server, tmp_path / "x.txt", "--concept", "c", "--api-key-env", "MY_KEY") == 2
+    assert generate(server, tmp_path / "x.txt", "--concepts", "c", "--api-key-env", "MY_KEY") == 2
     captured = capsys.readouterr()
     line = one_line_error(captured.err)
     assert "HTTP 401" in line and SECRET not in line and "***" in line and SECRET not in captured.out
@@ -241,7 +241,7 @@ def test_api_key_is_sent_but_never_printed_or_written(server, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env.update(OPENAI_API_KEY=SECRET, PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "open_clip_starft.cli", "descriptors", "generate", "--endpoint", server.base,
-               "--model", "fake-llm", "--num-concepts", "2", "--out", str(out), "--backoff", "0.01"]
+               "--llm-model", "fake-llm", "--num-concepts", "2", "--out", str(out), "--backoff", "0.01"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [r["headers"]["Authorization"] for r in server.requests] == [f"Bearer {SECRET}"] * 4
@@ -256,11 +256,11 @@ def test_api_key_is_sent_but_never_printed_or_written(server, tmp_path):
 
 
 def test_dry_run_prints_prompts_and_sends_nothing(server, tmp_path, capsys):
-    assert main(["generate", "--endpoint", server.base, "--model", "m", "--dry-run", "--num", "7"]) == 0
+    assert main(["generate", "--endpoint", server.base, "--llm-model", "m", "--dry-run", "--num", "7"]) == 0
     out = capsys.readouterr().out
     assert "List possible spurious correlations while classifying natural images. Answer in a word." in out
     assert "list 7 short descriptors" in out and f"{server.base}/chat/completions" in out
-    assert main(["generate", "--endpoint", server.base, "--model", "m", "--dry-run", "--concept", "texture"]) == 0
+    assert main(["generate", "--endpoint", server.base, "--llm-model", "m", "--dry-run", "--concepts", "texture"]) == 0
     assert '"texture"' in capsys.readouterr().out
     assert server.requests == [] and not list(tmp_path.iterdir())
 
@@ -268,7 +268,7 @@ def test_dry_run_prints_prompts_and_sends_nothing(server, tmp_path, capsys):
 def test_generated_file_trains(server, tmp_path):
     server.script = [answer("1. in the water\n2. on the grass\n3. on the sand\n4. in the snow")]
     out = tmp_path / "generated.txt"
-    assert generate(server, out, "--concept", "background") == 0
+    assert generate(server, out, "--concepts", "background") == 0
     ws = make_workspace(tmp_path, n=64, shards=2)
     result = run(train_args(ws, "generated", "--starft-concepts", str(out), epochs=1))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -354,7 +354,7 @@ def test_chat_url(endpoint, url):
 
 
 def test_bad_endpoint_is_an_error(capsys):
-    assert main(["generate", "--endpoint", "localhost:8000", "--model", "m", "--dry-run"]) == 2
+    assert main(["generate", "--endpoint", "localhost:8000", "--llm-model", "m", "--dry-run"]) == 2
     assert "not an http(s) URL" in one_line_error(capsys.readouterr().err)
 
 
@@ -368,20 +368,20 @@ def test_retry_after_is_capped():
 # --- show, validate, stats ------------------------------------------------------------------
 
 def test_show_renders_templates(capsys):
-    assert main(["show", "background", "--classname", "cat"]) == 0
+    assert main(["show", "--concepts", "background", "--classname", "cat"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 58 and "a photo of a cat in the mountains." in lines
-    assert main(["show", "resolution", "--template", "a sketch of the {}."]) == 0
+    assert main(["show", "--concepts", "resolution", "--template", "a sketch of the {}."]) == 0
     assert "blurred a sketch of the dog." in capsys.readouterr().out
 
 
 def test_validate(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("# header\n{} ok.\nno placeholder\n")
-    assert main(["validate", "background", "texture,resolution"]) == 0
+    assert main(["validate", "--concepts", "background", "--concepts", "texture,resolution"]) == 0
     assert capsys.readouterr().out.splitlines() == ["OK background: 58 descriptor templates",
                                                     "OK texture,resolution: 74 descriptor templates"]
-    assert main(["validate", str(bad)]) == 2
+    assert main(["validate", "--concepts", str(bad)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert f"{bad}:3" in line and "no '{}'" in line
 
@@ -392,7 +392,7 @@ def test_stats_counts_duplicates_and_warns_on_truncation(tmp_path, capsys):
                     "the old quiet forest near the sea.\n")
     classes = tmp_path / "classes.txt"
     classes.write_text("dog\ngreat white shark\n")
-    assert main(["stats", str(spec), "--classnames", str(classes), "--context-length", "16"]) == 0
+    assert main(["stats", "--concepts", str(spec), "--classnames", str(classes), "--context-length", "16"]) == 0
     captured = capsys.readouterr()
     assert f"{spec}: 3 descriptor templates" in captured.out
     assert "near-duplicates: 1 group(s)" in captured.out and "'{} In the  Mountains.'" in captured.out
@@ -401,12 +401,22 @@ def test_stats_counts_duplicates_and_warns_on_truncation(tmp_path, capsys):
     assert "longest spurious caption: 25 tokens (with start/end) of a context of 16" in captured.out
     assert "1 of 3 spurious captions" in captured.err and "truncated" in captured.err
 
-    assert main(["stats", "all"]) == 0
+    assert main(["stats", "--concepts", "all"]) == 0
     captured = capsys.readouterr()
     assert "all: 132 descriptor templates" in captured.out and "near-duplicates: none" in captured.out
     assert "of a context of 77 (ViT-B-32)" in captured.out and captured.err == ""
 
 
 def test_stats_unknown_model_is_an_error(capsys):
-    assert main(["stats", "background", "--model", "no-such-model"]) == 2
+    assert main(["stats", "--concepts", "background", "--model", "no-such-model"]) == 2
     assert "unknown --model 'no-such-model'" in one_line_error(capsys.readouterr().err)
+
+
+def test_old_flag_names_still_work_and_warn(capsys):
+    # one vocabulary: --concepts for the descriptor set, --llm-model for a language model; old names kept one release
+    assert main(["show", "background", "--classname", "cat"]) == 0
+    out = capsys.readouterr()
+    assert "a photo of a cat" in out.out and "positional SPEC is now --concepts" in out.err
+    assert main(["generate", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--concept", "texture", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "--model is now --llm-model" in err and "--concept is now --concepts" in err

@@ -274,7 +274,7 @@ def test_unreadable_images_are_counted_not_fatal(ws, tmp_path):
 
 
 def test_objectnet_release_maps_to_imagenet_classes(ws, tmp_path):
-    from open_clip_starft.eval.metrics import evaluate_prepared
+    from open_clip_starft.eval.evaluator import Evaluator
     root = tmp_path / "objectnet-1.0"
     os.makedirs(root / "mappings")
     (root / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps({"fa": "Alpha", "fb": "Beta", "fc": "Gamma"}))
@@ -292,7 +292,7 @@ def test_objectnet_release_maps_to_imagenet_classes(ws, tmp_path):
 
     model, _, preprocess = open_clip.create_model_and_transforms(ws["model"])
     tok = open_clip.get_tokenizer(ws["model"])
-    (r,) = evaluate_prepared(model, preprocess, tok, [p])
+    r = Evaluator(model, tok, preprocess).evaluate(p)
     with torch.no_grad():
         text = model.encode_text(tok([f"a photo of a {n}." for n in ("tench", "goldfish", "great white shark")]), normalize=True)
         imgs = torch.stack([preprocess(Image.open(it.ref).convert("RGB").crop((2, 2, 34, 34))) for it in p.items])

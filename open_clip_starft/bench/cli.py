@@ -5,15 +5,15 @@
 - ``eval``: eval throughput and zero-shot head cost per model (also ``open-clip-starft eval-bench``).
 
 ``bench waterbirds-lite`` is kept as an alias of ``open-clip-starft waterbirds-lite``, the accuracy study.
-Every subcommand has its own ``--help``; none writes a file unless given ``--out`` (``--json`` for eval).
+Every subcommand has its own ``--help``; none writes a file unless given ``--out``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from open_clip_starft.errors import one_line_errors
+from open_clip_starft.tools.commands import dispatch
 
 SUBCOMMANDS = {
     "step": ("open_clip_starft.bench.step", "training step: FLYP vs StarFT vs naive port (s/step, images/s, FLOPs, peak memory)"),
@@ -25,8 +25,8 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="open-clip-starft bench", description=__doc__.split("\n")[0],
-                                     epilog="'open-clip-starft bench SUBCOMMAND --help' shows a subcommand's flags.")
+    """The subcommand table as a parser (``--help`` and the test of the command conventions)."""
+    parser = argparse.ArgumentParser(prog="open-clip-starft bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (_, text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -35,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @one_line_errors
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:  # each subcommand parses its own flags
-        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
-    build_parser().parse_args(argv)  # --help, or a usage error naming the subcommands
-    return 2
+    return dispatch("open-clip-starft bench", SUBCOMMANDS, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

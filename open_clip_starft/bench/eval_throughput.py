@@ -11,7 +11,6 @@ Models are random-init (speed does not depend on the weights). The head cost is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,10 +22,12 @@ import torch
 from PIL import Image
 
 from open_clip_starft.bench.common import default_device
+from open_clip_starft.data.files import write_json
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.metrics import HeadCache
+from open_clip_starft.tools.commands import add_alias
 
 
 def _model(name: str, device: str):
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-classes", type=int, default=50, help="classes of the measured head (default 50)")
     parser.add_argument("--templates", default="openai", help="templates of the head (default openai: 80)")
     parser.add_argument("--device", default=default_device(), help="cuda (default when available) or cpu")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (default: only print the table)")
+    parser.add_argument("--out", metavar="FILE", help="also write the rows as JSON (default: only print the table)")
+    add_alias(parser, "--json", "--out", dest="out")
     return parser
 
 
@@ -118,9 +120,8 @@ def main(argv=None) -> int:
         print(f"  {name}: {rows[-1]['images_per_s']:.1f} images/s, head {rows[-1]['head_seconds']:.2f} s", file=sys.stderr)
     print(f"eval throughput on {args.device} ({torch.get_num_threads()} threads)\n")
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    if args.out:
+        write_json(args.out, rows)
     return 0
 
 

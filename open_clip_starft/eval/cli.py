@@ -26,7 +26,7 @@ from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.models import ModelCache, checkpoints_from_args
 from open_clip_starft.eval.report import plot_groups, write_jsonl, write_table
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
-from open_clip_starft.eval.metrics import evaluate_prepared
+from open_clip_starft.eval.evaluator import Evaluator
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -138,11 +138,11 @@ def run(args) -> int:
     cache, records, start = ModelCache(args.device), [], time.time()
     for ckpt in checkpoints:
         model, preprocess, tokenizer = cache.load(ckpt)
-        records += evaluate_prepared(
-            model, preprocess, tokenizer, prepared, label=ckpt.label, device=args.device, precision=args.precision,
-            batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins,
-            settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size}, log=print,
-            progress=not args.no_progress)
+        evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
+                              batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
+        records += evaluator.evaluate_sets(
+            prepared, label=ckpt.label, log=print, progress=not args.no_progress,
+            settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size})
         write_jsonl(records, args.out)  # after every checkpoint, so a long run leaves its results
     print("\n" + write_table(records, table_path, id_set))
     plots = [] if args.no_plots else plot_groups(records, plots_dir)

@@ -26,7 +26,7 @@ from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, local_dir_weights, save_openclip
 from open_clip_starft.eval.report import layout, plot_wise, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
-from open_clip_starft.eval.metrics import evaluate_prepared
+from open_clip_starft.eval.evaluator import Evaluator
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -130,13 +130,14 @@ def run(args) -> int:
     print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
     records, start = [], time.time()
     settings = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
+    evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
+                          batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
     with Progress(len(alphas), "WiSE-FT", unit="α", enabled=not args.no_progress, interval_s=0) as bar:
         for a in alphas:
             model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
-            records += evaluate_prepared(model, preprocess, tokenizer, prepared, label=f"alpha={a:g}", device=args.device,
-                                         precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                                         ece_bins=args.ece_bins, settings={**settings, "alpha": a}, log=bar.write,
-                                         progress=not args.no_progress)
+            evaluator.weights_changed()
+            records += evaluator.evaluate_sets(prepared, label=f"alpha={a:g}", settings={**settings, "alpha": a},
+                                               log=bar.write, progress=not args.no_progress)
             write_jsonl(records, os.path.join(args.out, "results.jsonl"))  # after every α, so a long run leaves its results
             bar.update(1)
     points, x_label, y_label = curve(records, alphas, id_set)

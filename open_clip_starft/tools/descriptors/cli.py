@@ -16,10 +16,12 @@ import datetime
 import os
 import sys
 
+from open_clip_starft.data.files import write_text
 from open_clip_starft.errors import StarftError, one_line, one_line_errors
 from open_clip_starft.method.captions import load_classnames, strip_period
 from open_clip_starft.method.descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
 from open_clip_starft.tools.descriptors.client import ChatClient
+from open_clip_starft.tools.commands import add_alias, dispatch
 from open_clip_starft.tools.descriptors.parse import concepts_from_answer, templates_from_answer
 
 CONCEPTS_PROMPT = ("List possible spurious correlations while classifying natural images. Answer in a word. "
@@ -85,18 +87,17 @@ def write_descriptor_file(path: str, header: list[str], groups: dict[str, list[s
         raise StarftError("no descriptors left to write after removing duplicates")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(header + body) + "\n")
+    write_text(path, "\n".join(header + body) + "\n")
     return len(seen)
 
 
 def _dry_run(client: ChatClient, args) -> int:
     print(f"would POST to {client.url} (model {client.model!r}, temperature {client.temperature:g}); nothing sent")
-    if not args.concept:
+    if not args.concepts:
         print("\nstage 1 prompt (concepts):")
         print(f"  {CONCEPTS_PROMPT.format(n=args.num_concepts)}")
-    concepts = args.concept or ["{concept}"]
-    print("\nstage 2 prompt, once per concept" + ("" if args.concept else " named in the stage 1 answer") + ":")
+    concepts = args.concepts or ["{concept}"]
+    print("\nstage 2 prompt, once per concept" + ("" if args.concepts else " named in the stage 1 answer") + ":")
     for concept in concepts:
         print(f"  {DESCRIPTORS_PROMPT.format(concept=concept, n=args.num)}")
     return 0
@@ -108,19 +109,22 @@ def cmd_generate(args) -> int:
         raise StarftError("--num and --num-concepts must be ≥ 1")
     if args.retries < 0 or args.backoff < 0 or args.timeout <= 0:
         raise StarftError("--retries and --backoff must be ≥ 0 and --timeout > 0")
-    client = ChatClient(args.endpoint, args.model, os.environ.get(args.api_key_env), args.temperature,
+    if not args.llm_model:
+        raise StarftError("descriptors generate needs --llm-model NAME: the language model the endpoint serves")
+    args.concepts = list(dict.fromkeys(c.strip() for item in args.concepts for c in item.split(",") if c.strip()))
+    client = ChatClient(args.endpoint, args.llm_model, os.environ.get(args.api_key_env), args.temperature,
                         args.timeout, args.retries, args.backoff)
     if args.dry_run:
         return _dry_run(client, args)
     if not args.out or args.out.endswith(".json"):
         raise StarftError("descriptors generate needs --out FILE.txt (a text descriptor file), "
                           "or --dry-run to only print the prompts")
-    concepts = list(dict.fromkeys(c.strip() for c in args.concept if c.strip())) or ask_concepts(client, args.num_concepts)
+    concepts = args.concepts or ask_concepts(client, args.num_concepts)
     groups = {}
     for concept in concepts:
         groups[concept] = ask_descriptors(client, concept, args.num)
         print(f"  {concept}: {len(groups[concept])} descriptors")
-    count = write_descriptor_file(args.out, _header(client, concepts, None if args.concept else args.num_concepts, args.num), groups)
+    count = write_descriptor_file(args.out, _header(client, concepts, None if args.concepts else args.num_concepts, args.num), groups)
     read_descriptor_file(args.out)  # the file must load as written
     print(f"wrote {count} descriptor templates for {len(concepts)} concepts to {args.out}")
     return 0
@@ -138,7 +142,7 @@ def render(descriptor: str, classname: str, template: str) -> str:
 def cmd_show(args) -> int:
     """``descriptors show``."""
     template = validate_template(args.template, "--template", kind="caption")
-    for descriptor in load_descriptors(args.spec):
+    for descriptor in load_descriptors(_concepts(args)):
         print(render(descriptor, args.classname, template))
     return 0
 
@@ -146,7 +150,7 @@ def cmd_show(args) -> int:
 def cmd_validate(args) -> int:
     """``descriptors validate``: every spec, one line each; exit 2 if any fails."""
     status = 0
-    for spec in args.specs:
+    for spec in _concepts(args, many=True):
         try:
             print(f"OK {spec}: {len(load_descriptors(spec))} descriptor templates")
         except StarftError as e:
@@ -196,9 +200,10 @@ def count_tokens(tokenizer, text: str) -> int:
 def cmd_stats(args) -> int:
     """``descriptors stats``."""
     template = validate_template(args.template, "--template", kind="caption")
-    descriptors = load_descriptors(args.spec)
-    raw = _raw_templates(args.spec)
-    print(f"{args.spec}: {len(descriptors)} descriptor templates")
+    spec = _concepts(args)
+    descriptors = load_descriptors(spec)
+    raw = _raw_templates(spec)
+    print(f"{spec}: {len(descriptors)} descriptor templates")
     duplicates = near_duplicates(raw)
     if duplicates:
         print(f"near-duplicates: {len(duplicates)} group(s)")
@@ -228,19 +233,19 @@ def cmd_stats(args) -> int:
 # The command line
 # ---------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="open-clip-starft descriptors", description="Make and inspect spurious descriptor sets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,show,validate,stats}")
-
-    gen = sub.add_parser("generate", help="ask a language model for concepts and descriptors; write a descriptor file")
+def _generate_parser() -> argparse.ArgumentParser:
+    gen = argparse.ArgumentParser(prog="open-clip-starft descriptors generate",
+                                  description="ask a language model for concepts and descriptors; write a descriptor file")
     gen.add_argument("--endpoint", required=True, metavar="URL", help="OpenAI-compatible API base URL, e.g. http://127.0.0.1:8000/v1")
-    gen.add_argument("--model", required=True, metavar="NAME", help="model name sent to the endpoint")
+    gen.add_argument("--llm-model", metavar="NAME", help="the language model's name sent to the endpoint (required)")
+    add_alias(gen, "--model", "--llm-model", dest="llm_model")
     gen.add_argument("--out", metavar="FILE", help="descriptor file to write (.txt)")
     gen.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
                      help="environment variable holding the API key, sent as a bearer token if set (default OPENAI_API_KEY)")
-    gen.add_argument("--concept", action="append", default=[], metavar="NAME",
-                     help="a spurious concept (repeatable); skips asking the model for concepts")
-    gen.add_argument("--num-concepts", type=int, default=3, metavar="N", help="concepts to ask for when no --concept (default 3)")
+    gen.add_argument("--concepts", action="append", default=[], metavar="NAME[,NAME]",
+                     help="spurious concepts to write descriptors for (repeatable, comma lists); skips asking the model for concepts")
+    add_alias(gen, "--concept", "--concepts", dest="concepts", append=True)
+    gen.add_argument("--num-concepts", type=int, default=3, metavar="N", help="concepts to ask for when no --concepts (default 3)")
     gen.add_argument("--num", type=int, default=20, metavar="N", help="descriptors to ask for per concept (default 20)")
     gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
@@ -248,32 +253,82 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backoff", type=float, default=1.0,
                      help="first retry delay in seconds, doubled each retry; Retry-After wins when sent (default 1)")
     gen.add_argument("--dry-run", action="store_true", help="print the prompts and exit without sending anything")
-    gen.set_defaults(handler=cmd_generate)
+    return gen
 
-    show = sub.add_parser("show", help="print each template rendered for a class name")
-    show.add_argument("spec", metavar="SPEC", help="descriptor spec: a concept, a comma list, all, or a file")
+
+CONCEPTS_HELP = "descriptor set: a concept (background, texture, resolution), all, a comma list, or a .txt/.json file"
+
+
+def _add_concepts(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """``--concepts`` (the descriptor set, as ``train --starft-concepts`` and ``sweep --concepts`` name it); the
+    old positional SPEC is still read, with a warning."""
+    parser.add_argument("--concepts", action="append" if many else "store", default=[] if many else None,
+                        metavar="SPEC", help=CONCEPTS_HELP + (" (repeatable)" if many else ""))
+    parser.add_argument("old_spec", nargs="*" if many else "?", help=argparse.SUPPRESS)
+
+
+def _concepts(args, many: bool = False):
+    """The ``--concepts`` value(s), or the old positional SPEC with a warning."""
+    given = args.concepts
+    if args.old_spec:
+        print("open-clip-starft descriptors: warning: a positional SPEC is now --concepts SPEC", file=sys.stderr)
+        given = (given or []) + list(args.old_spec) if many else (given or args.old_spec)
+    if not given:
+        raise StarftError("name the descriptor set: --concepts SPEC (a concept, all, a comma list or a file)")
+    return given
+
+
+def _show_parser() -> argparse.ArgumentParser:
+    show = argparse.ArgumentParser(prog="open-clip-starft descriptors show",
+                                   description="print each template rendered for a class name")
+    _add_concepts(show)
     show.add_argument("--classname", default="dog", metavar="NAME", help="class name to render (default dog)")
     show.add_argument("--template", default="a photo of a {}.", metavar="TEMPLATE", help="clean caption template (default 'a photo of a {}.')")
-    show.set_defaults(handler=cmd_show)
+    return show
 
-    val = sub.add_parser("validate", help="check that descriptor specs load")
-    val.add_argument("specs", nargs="+", metavar="SPEC", help="descriptor specs: concepts, comma lists, files")
-    val.set_defaults(handler=cmd_validate)
 
-    stats = sub.add_parser("stats", help="counts, near-duplicates and the longest spurious caption in tokens")
-    stats.add_argument("spec", metavar="SPEC", help="descriptor spec: a concept, a comma list, all, or a file")
+def _validate_parser() -> argparse.ArgumentParser:
+    val = argparse.ArgumentParser(prog="open-clip-starft descriptors validate", description="check that descriptor sets load")
+    _add_concepts(val, many=True)
+    return val
+
+
+def _stats_parser() -> argparse.ArgumentParser:
+    stats = argparse.ArgumentParser(prog="open-clip-starft descriptors stats",
+                                    description="counts, near-duplicates and the longest spurious caption in tokens")
+    _add_concepts(stats)
     stats.add_argument("--model", default="ViT-B-32", metavar="MODEL", help="OpenCLIP model whose tokenizer counts tokens (default ViT-B-32)")
     stats.add_argument("--context-length", type=int, metavar="N", help="context length (default: the tokenizer's)")
     stats.add_argument("--classnames", default="imagenet", metavar="imagenet|FILE", help="imagenet or a class-names file; its longest name is used")
     stats.add_argument("--template", default="a photo of a {}.", metavar="TEMPLATE", help="clean caption template (default 'a photo of a {}.')")
-    stats.set_defaults(handler=cmd_stats)
+    return stats
+
+
+def _subcommand(parser_fn, handler):
+    """``main(argv)`` of one subcommand: its own parser, then its handler."""
+    return lambda argv: handler(parser_fn().parse_args(argv))
+
+
+SUBCOMMANDS = {
+    "generate": (_subcommand(_generate_parser, cmd_generate), "ask a language model for concepts and descriptors; write a descriptor file"),
+    "show": (_subcommand(_show_parser, cmd_show), "print each template rendered for a class name"),
+    "validate": (_subcommand(_validate_parser, cmd_validate), "check that descriptor sets load"),
+    "stats": (_subcommand(_stats_parser, cmd_stats), "counts, near-duplicates and the longest spurious caption in tokens"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The subcommand table as a parser (``--help``; each subcommand parses its own flags)."""
+    parser = argparse.ArgumentParser(prog="open-clip-starft descriptors", description="Make and inspect spurious descriptor sets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (_, text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
 @one_line_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    return dispatch("open-clip-starft descriptors", SUBCOMMANDS, argv, description="Make and inspect spurious descriptor sets.")
 
 
 if __name__ == "__main__":
