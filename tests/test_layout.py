@@ -6,7 +6,12 @@
 - only ``host/`` imports ``open_clip_train``'s private (``_underscore``) names, and no subpackage
   imports another's private names;
 - tar shards are written by one module; λ is picked per step in one module;
-- ``host/`` has no module-level ``NAME = None`` slot carrying a run's state.
+- ``host/`` has no module-level ``NAME = None`` slot carrying a run's state;
+- layers, for every subpackage: a module imports only its own subpackage or a lower layer (errors < method
+  < data < eval, host < tools < bench, demo, studies < main, cli); eval and host never import each other;
+  the top-layer subpackages never import each other in a circle, and no file reaches itself through imports;
+- one atomic writer (``os.replace`` only in ``data.files``), one zero-shot head builder
+  (``build_zero_shot_classifier`` called only in ``eval.metrics``).
 """
 import ast
 import os
@@ -56,7 +61,7 @@ ALL = list(modules())
 
 
 def test_the_subpackages_exist_and_say_what_they_hold():
-    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo"):
+    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo", "studies"):
         init = os.path.join(PKG_DIR, sub, "__init__.py")
         assert os.path.exists(init), sub
         with open(init, encoding="utf-8") as f:
@@ -105,3 +110,56 @@ def test_every_subpackage_is_installed():
         listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
     found = {name for name, path, _ in ALL if path.endswith("__init__.py")}
     assert found - listed == set()
+
+
+LAYER = {"errors": 0, "method": 1, "data": 2, "eval": 3, "host": 3, "tools": 4, "main": 6, "cli": 7}
+TOP = 5  # bench, demo, studies
+
+
+def package_edges():
+    """``{module: set of package modules it imports}`` (imports of a package name resolved to the module)."""
+    names = {n for n, _, _ in ALL}
+    edges = {}
+    for name, path, source in ALL:
+        targets = set()
+        for module, imported in imports(name, path, source):
+            for candidate in (f"{module}.{imported}" if imported else None, module):
+                if candidate in names:
+                    targets.add(candidate)
+                    break
+        edges[name] = targets - {name}
+    return edges
+
+
+@pytest.mark.parametrize("name,path,source", ALL, ids=[m[0] for m in ALL])
+def test_every_subpackage_imports_only_its_own_or_lower_layers(name, path, source):
+    here = subpackage(name)
+    for module, imported in imports(name, path, source):
+        there = subpackage(f"{module}.{imported}" if module == "open_clip_starft" and imported else module)
+        if here is None or there is None or there == here:
+            continue
+        low, high = LAYER.get(there, TOP), LAYER.get(here, TOP)
+        assert low < high or (low == high == TOP), f"{name} (layer {high}) imports {module} (layer {low})"
+        assert {here, there} != {"eval", "host"}, f"{name} imports {module}: eval and host never import each other"
+
+
+def test_no_import_circles_between_files_or_top_layer_subpackages():
+    edges = package_edges()
+    for start in edges:  # a file reaching itself through other files' imports
+        seen, todo = set(), list(edges[start])
+        while todo:
+            node = todo.pop()
+            assert node != start, f"{start} imports itself through other modules"
+            if node not in seen:
+                seen.add(node)
+                todo += edges.get(node, ())
+    subs = {(subpackage(a), subpackage(b)) for a, bs in edges.items() for b in bs
+            if subpackage(a) != subpackage(b) and LAYER.get(subpackage(a), TOP) == LAYER.get(subpackage(b), TOP) == TOP}
+    assert not {(a, b) for a, b in subs if (b, a) in subs}, subs
+
+
+def test_one_atomic_writer_and_one_head_builder():
+    renames = [n for n, _, s in ALL if re.search(r"\bos\.replace\(", s)]
+    assert renames == ["open_clip_starft.data.files"]
+    builders = [n for n, _, s in ALL if re.search(r"\bbuild_zero_shot_classifier\(", s)]
+    assert builders == ["open_clip_starft.eval.metrics"]

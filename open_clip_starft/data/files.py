@@ -116,16 +116,16 @@ def read_json(path: str, default=None):
 def merge_json(path: str, update, indent: int | None = 1, sort_keys: bool = False, empty=None):
     """Merge-on-write: read the JSON at ``path`` (``empty``, default ``{}``, when absent), apply ``update`` (a
     dict to merge key by key into an object, or a function old → new), write it back atomically, and return it. An exclusive
-    lock on ``path.lock`` makes concurrent callers (one per process or machine share) take turns, so
-    none drops another's keys."""
+    lock on the folder (no lock file is left behind) makes concurrent callers (one per process or machine share)
+    take turns, so none drops another's keys."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path + ".lock", "a") as lock:
+    lock = os.open(folder, os.O_RDONLY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            old = read_json(path, {} if empty is None else empty)
-            new = update(old) if callable(update) else {**old, **update}
-            write_json(path, new, indent=indent, sort_keys=sort_keys)
-            return new
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        old = read_json(path, {} if empty is None else empty)
+        new = update(old) if callable(update) else {**old, **update}
+        write_json(path, new, indent=indent, sort_keys=sort_keys)
+        return new
+    finally:
+        os.close(lock)  # closing releases the lock
