@@ -148,8 +148,18 @@ def test_make_shards_writes_a_16_bit_png_as_its_grey_not_white(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / "tree" / cls).mkdir(parents=True)
         Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "tree" / cls / "x.png")
-    manifest = make_shards(str(tmp_path / "tree"), str(tmp_path / "out"), progress=False, log=lambda *_: None)
+    manifest = make_shards(str(tmp_path / "tree"), str(tmp_path / "out"), progress=False)
     assert manifest["samples"] == 2
     for sample in iter_shard(str(tmp_path / "out" / "shard-000000.tar")):
         pixels = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"))
         assert abs(float(pixels.mean()) - 156) <= 2
+
+
+def test_update_sizes_is_the_one_merge_rule(tmp_path):
+    from open_clip_starft.data.samples import update_sizes
+
+    (tmp_path / "sizes.json").write_text(json.dumps({"a-000000.tar": 5, "a-000001.tar": 5, "a-b-000000.tar": 2, "x": 1}))
+    merged = update_sizes(str(tmp_path), "a", {"a-000000.tar": 4})
+    # the stale a-000001 goes; another prefix that starts with "a-" and a foreign key stay
+    assert merged == json.loads((tmp_path / "sizes.json").read_text()) == {"a-000000.tar": 4, "a-b-000000.tar": 2, "x": 1}
+    assert not [n for n in os.listdir(tmp_path) if ".partial" in n]

@@ -4,8 +4,9 @@ A sample is a webdataset record: ``__key__``, one image under one of ``IMAGE_KEY
 bytes), an integer class id under ``cls`` and optionally a ``group`` id and other fields.
 Here: the image keys, label parsing, image decoding to 8-bit RGB that is correct for 16- and
 32-bit images (``to_rgb``, ``open_rgb``), the one tar shard writer (``write_shard``,
-``write_shards``, ``brace_pattern``) and a shard reader that checks the archive reaches its end
-(``iter_shard``, ``BrokenShard``: Python's tarfile stops quietly at a cut inside a header).
+``write_shards``, ``brace_pattern``), the one ``sizes.json`` merge (``update_sizes``) and a shard
+reader that checks the archive reaches its end (``iter_shard``, ``BrokenShard``: Python's tarfile
+stops quietly at a cut inside a header).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import re
 
 import numpy as np
 from PIL import Image
+
+from open_clip_starft.data import files
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -108,41 +111,33 @@ def write_shard(path: str, samples) -> int:
     """Write ``samples`` (dicts ``{"__key__": str, "jpg"|"png"|...: bytes, "cls": int, ...}``, see
     ``_field_bytes``) as one webdataset tar shard at ``path``; returns the number written.
 
-    Written with webdataset's ``TarWriter`` under ``path + ".partial"`` and renamed when complete,
-    so ``path`` is either absent or a whole shard (a crash never leaves a truncated one). Tar
-    headers use a fixed mtime, so the same samples give identical bytes."""
+    Written with webdataset's ``TarWriter`` through ``data.files.atomic_path`` (a temporary
+    ``NAME.partial-PID`` renamed when complete), so ``path`` is either absent or a whole shard (a
+    crash never leaves a truncated one). Tar headers use a fixed mtime, so the same samples give
+    identical bytes."""
     import webdataset as wds
 
-    partial = path + ".partial"
     count = 0
-    try:
+    with files.atomic_path(path) as partial:
         with wds.TarWriter(partial, encoder=False, mtime=0.0) as sink:
             for sample in samples:
                 if "__key__" not in sample:
                     raise ValueError(f"a sample for {path} has no '__key__': {sorted(sample)}")
                 sink.write({k: (v if k == "__key__" else _field_bytes(k, v)) for k, v in sample.items()})
                 count += 1
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    os.replace(partial, path)
     return count
 
 
-def _update_sizes(out_dir: str, prefix: str, sizes: dict) -> None:
-    """Write ``out_dir/sizes.json`` (shard basename → sample count, as OpenCLIP's
-    ``get_dataset_size`` reads it): entries of other prefixes already there are kept, stale
-    entries of ``prefix`` are replaced by ``sizes``."""
-    sizes_path = os.path.join(out_dir, "sizes.json")
-    if os.path.exists(sizes_path):
-        with open(sizes_path) as f:
-            old = json.load(f)
-        sizes = {**{k: v for k, v in old.items() if not _SHARD_NAME.fullmatch(k) or
-                    _SHARD_NAME.fullmatch(k)[1] != prefix}, **sizes}
-    with open(sizes_path + ".partial", "w") as f:
-        json.dump(sizes, f, indent=1, sort_keys=True)
-    os.replace(sizes_path + ".partial", sizes_path)
+def update_sizes(out_dir: str, prefix: str, sizes: dict) -> dict:
+    """Merge ``sizes`` (shard basename → sample count) into ``out_dir/sizes.json``, as OpenCLIP's
+    ``get_dataset_size`` reads it: entries of other prefixes already there are kept, stale entries
+    of ``prefix`` (shards ``{prefix}-NNNNNN.tar`` not in ``sizes``) are dropped. Read, merged and
+    written back under ``data.files.merge_json``'s lock, atomically; returns the merged mapping.
+    The one ``sizes.json`` rule of the package (``write_shards`` and make-shards use it)."""
+    def merge(old: dict) -> dict:
+        kept = {k: v for k, v in old.items() if not (_SHARD_NAME.fullmatch(k) and _SHARD_NAME.fullmatch(k)[1] == prefix)}
+        return {**kept, **sizes}
+    return files.merge_json(os.path.join(out_dir, "sizes.json"), merge, sort_keys=True)
 
 
 _SHARD_NAME = re.compile(r"(.*)-(\d+)\.tar")
@@ -164,7 +159,7 @@ def write_shards(out_dir: str, samples, *, prefix: str = "shard", samples_per_sh
         path = os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar")
         sizes[os.path.basename(path)] = write_shard(path, chunk)
         paths.append(path)
-    _update_sizes(out_dir, prefix, sizes)
+    update_sizes(out_dir, prefix, sizes)
     return sorted(paths)
 
 

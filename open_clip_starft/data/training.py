@@ -22,6 +22,7 @@ a class id is outside the class names.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import logging
@@ -91,37 +92,49 @@ class _ShardSamples:
                 logging.warning(f"training shard {url} holds no samples (an empty tar)")
 
 
-class _Place:
-    """Where this copy of the pipeline is (one per worker process): the worker it reads for, the
-    passes it began over the current epoch (``passes``) and the current one (``pass_index``). After ``start_from(epoch, k)`` the DataLoader's
-    worker ``w`` reads for worker ``(w + k) % workers`` of the uninterrupted epoch: the DataLoader
-    takes batches round-robin starting at its worker 0, so its first batch then comes from the
-    worker that made batch ``k``."""
+@dataclasses.dataclass
+class WorkerPass:
+    """Where one copy of the pipeline (one per data-loader worker process) is: the state its stages
+    share. Made once in ``get_wds_train_data`` and given to the constructor of every stage that reads
+    it (``_SplitByWorker``, ``_Shuffle``, ``_LabelledSamples``, ``_WorkerSeed``) and of
+    ``_EpochPipeline``, the only one that writes it (``begin_epoch`` in each worker, ``pass_index`` at
+    each pass); stages only read.
 
-    def __init__(self):
-        self.worker, self.workers, self.passes, self.pass_index = 0, 1, 0, 0
+    ``worker`` of ``workers``: the worker of the uninterrupted epoch this copy reads for. After
+    ``start_from(epoch, k)`` the DataLoader's worker ``w`` reads for worker ``(w + k) % workers``: the
+    DataLoader takes batches round-robin starting at its worker 0, so its first batch then comes from
+    the worker that made batch ``k``. ``pass_index``: the pass over the worker's shards within the
+    epoch (0 first; an epoch needs more passes when samples are skipped)."""
+
+    worker: int = 0
+    workers: int = 1
+    pass_index: int = 0
+
+    def begin_epoch(self, worker: int, workers: int) -> None:
+        self.worker, self.workers, self.pass_index = worker, workers, 0
 
 
 class _SplitByWorker:
-    """Pipeline stage: this worker's share of the shard list (``wds.split_by_worker`` by ``_Place``)."""
+    """Pipeline stage: this worker's share of the shard list (``wds.split_by_worker`` by ``WorkerPass``)."""
 
-    def __init__(self, place: _Place):
-        self.place = place
+    def __init__(self, position: WorkerPass):
+        self.position = position
 
     def __call__(self, sources):
-        yield from itertools.islice(sources, self.place.worker, None, self.place.workers)
+        yield from itertools.islice(sources, self.position.worker, None, self.position.workers)
 
 
 class _Shuffle:
     """Pipeline stage: upstream's sample shuffle buffer, with an RNG seeded by (seed, epoch, rank,
-    worker, pass) instead of the time, so the sample order repeats exactly run to run."""
+    worker, pass) instead of the time, so the sample order repeats exactly run to run. Called once at
+    the start of each pass (webdataset builds a pass's stages eagerly), after ``pass_index`` is set."""
 
-    def __init__(self, seed: int, rank: int, epoch: SharedEpoch, place: _Place):
-        self.seed, self.rank, self.epoch, self.place = seed, rank, epoch, place
+    def __init__(self, seed: int, rank: int, epoch: SharedEpoch, position: WorkerPass):
+        self.seed, self.rank, self.epoch, self.position = seed, rank, epoch, position
 
     def __call__(self, samples):
-        rng = random.Random(f"shuffle/{self.seed}/{self.epoch.get_value()}/{self.rank}/{self.place.worker}/{self.place.passes}")
-        self.place.passes += 1
+        position = self.position
+        rng = random.Random(f"shuffle/{self.seed}/{self.epoch.get_value()}/{self.rank}/{position.worker}/{position.pass_index}")
         return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL, rng=rng)(samples)
 
 
@@ -132,11 +145,11 @@ class _LabelledSamples:
     needs more than one pass when some are skipped, and the repeats would count the same skipped
     sample twice (1 bad in 128 would read as 2 in 133)."""
 
-    def __init__(self, stats: LabelStats, num_classes: int, place: _Place):
-        self.stats, self.num_classes, self.place = stats, num_classes, place
+    def __init__(self, stats: LabelStats, num_classes: int, position: WorkerPass):
+        self.stats, self.num_classes, self.position = stats, num_classes, position
 
     def __call__(self, samples):
-        count = self.place.pass_index == 0
+        count = self.position.pass_index == 0
         add = self.stats.add if count else (lambda counter, amount=1: None)
         for sample in samples:
             add(self.stats.seen)
@@ -288,22 +301,22 @@ class _EpochPipeline(wds.DataPipeline):
     webdataset's ``with_epoch`` would spin forever."""
 
     def __init__(self, *stages, batches: int, batch_size: int, epoch: SharedEpoch, resume: _ResumePoint,
-                 decoder: _DecodeImages, place: _Place):
+                 decoder: _DecodeImages, position: WorkerPass):
         super().__init__(*stages)
         self.batches, self.batch_size, self.epoch, self.resume = batches, batch_size, epoch, resume
-        self.decoder, self.place = decoder, place
+        self.decoder, self.position = decoder, position
 
     def __iter__(self):
         worker, workers = _worker()
         virtual, done = self.resume.place(self.epoch.get_value(), worker, workers)
         done = min(self.batches, done)
-        self.place.worker, self.place.workers, self.place.passes = virtual, workers, 0
+        self.position.begin_epoch(virtual, workers)
         self.decoder.start(done, self.batch_size)
         return itertools.islice(self.passes(), self.batches - done)
 
     def passes(self):
         for index in itertools.count():
-            self.place.pass_index = index
+            self.position.pass_index = index
             empty = True
             for item in self.iterator1():
                 empty = False
@@ -312,9 +325,19 @@ class _EpochPipeline(wds.DataPipeline):
                 return
 
 
+@dataclasses.dataclass
 class _WdsTrainData(DataInfo):
-    """The webdataset training data: upstream's ``DataInfo`` plus ``label_stats``, the per-epoch
-    bound the label check uses, and ``start_from`` (step-exact resume)."""
+    """The webdataset training data: upstream's ``DataInfo`` plus ``label_stats`` (the counts the
+    pipeline keeps), ``resume`` (where a resumed epoch starts, see ``start_from``) and
+    ``labelled_budget`` (at most this many labelled samples per epoch and process: the bound the
+    label check uses)."""
+
+    label_stats: LabelStats = None
+    resume: _ResumePoint = None
+    labelled_budget: int = 0
+
+    def __post_init__(self):
+        self.label_stats.start_epoch(self.labelled_budget)
 
     def set_epoch(self, epoch):
         super().set_epoch(epoch)
@@ -330,19 +353,17 @@ class _WorkerSeed:
     """``ResampledShards2``'s worker seed from the run's seed, rank and worker (not the torch RNG
     state at the first iteration, which a resumed run does not reproduce)."""
 
-    def __init__(self, seed: int, rank: int, place: _Place):
-        self.seed, self.rank, self.place = seed, rank, place
+    def __init__(self, seed: int, rank: int, position: WorkerPass):
+        self.seed, self.rank, self.position = seed, rank, position
 
     def __call__(self) -> int:
-        return random.Random(f"resample/{self.seed}/{self.rank}/{self.place.worker}").getrandbits(48)
+        return random.Random(f"resample/{self.seed}/{self.rank}/{self.position.worker}").getrandbits(48)
 
 
-def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
-                       preprocess_plain=None) -> DataInfo:
-    """Upstream's training shard pipeline with StarFT's labelled tail (see the module docstring).
-    With ``preprocess_plain`` each sample also carries its un-augmented image and an id."""
-    pattern = args.train_data
-    urls = check_shards_exist(pattern)
+def _epoch_samples(args, pattern: str, urls: list[str], readers: int) -> int:
+    """The samples of one epoch (``--train-num-samples``, else ``sizes.json``), after checking that the
+    settings can read the shards: upsampling factors need resampling, and without it every reader
+    (``readers`` per process) needs a shard."""
     resampled = getattr(args, "dataset_resampled", False)
     if args.train_num_samples is not None:
         num_samples, num_shards = args.train_num_samples, None
@@ -353,64 +374,81 @@ def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
                               "pass --train-num-samples N")
     if args.train_data_upsampling_factors is not None and not resampled:
         raise StarftError("--train-data-upsampling-factors needs --dataset-resampled")
-    readers = max(1, args.workers)  # a process with --workers 0 reads in its main process: one reader
     if not resampled:
         num_shards = num_shards or len(urls)
         if num_shards < readers * args.world_size:
             raise StarftError(f"--train-data has {num_shards} shard(s) for {readers} reader(s) × {args.world_size} "
                               f"process(es) (--workers {args.workers}; 0 reads in the main process): use fewer "
                               "--workers or processes, or more shards (each reader needs one)")
+    return num_samples
+
+
+def _shard_stages(args, pattern: str, shared_epoch: SharedEpoch, position: WorkerPass) -> list:
+    """Upstream's shard list stages: resampled with replacement (``--dataset-resampled``), else the
+    list shuffled per epoch and split by node and worker."""
+    if getattr(args, "dataset_resampled", False):
+        return [ResampledShards2(pattern, weights=args.train_data_upsampling_factors, deterministic=True,
+                                 worker_seed=_WorkerSeed(args.seed, args.rank, position), epoch=shared_epoch)]
+    return [
+        wds.SimpleShardList(pattern),
+        detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch),
+        wds.split_by_node,
+        _SplitByWorker(position),
+    ]
+
+
+def _sample_stages(args, builder: CaptionBuilder, stats: LabelStats, shared_epoch: SharedEpoch, position: WorkerPass,
+                   decoder: _DecodeImages, preprocess_img, preprocess_plain, tokenizer) -> list:
+    """StarFT's tail, shard URLs → batches: checked reading, seeded shuffle, label check, decoding,
+    captions, (plain images,) augmentation, batching."""
+    plain = ("plain", "__sample_id__") if preprocess_plain else ()
+    return [
+        _ShardSamples(stats),
+        _Shuffle(args.seed, args.rank, shared_epoch, position),
+        _LabelledSamples(stats, builder.num_classes, position),
+        decoder,
+        _AddCaptions(builder, args.seed, shared_epoch),
+        *([_AddPlainImage(preprocess_plain)] if preprocess_plain else []),
+        wds.map_dict(image=preprocess_img, handler=_counting_handler(stats)),
+        wds.to_tuple("image", "text", "spurious", "__label__", *plain),
+        wds.batched(args.batch_size, collation_fn=Collate(tokenizer), partial=False),
+    ]
+
+
+def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
+                       preprocess_plain=None) -> DataInfo:
+    """Upstream's training shard pipeline with StarFT's labelled tail (see the module docstring).
+    With ``preprocess_plain`` each sample also carries its un-augmented image and an id."""
+    pattern = args.train_data
+    urls = check_shards_exist(pattern)
+    readers = max(1, args.workers)  # a process with --workers 0 reads in its main process: one reader
+    num_samples = _epoch_samples(args, pattern, urls, readers)
     # callers outside the CLI (benchmarks) may set no threshold: the pre-scan then only warns
     prescan_shards(urls, builder.num_classes, getattr(args, "starft_max_skipped_fraction", 1.0), repr(pattern),
                    warn=args.rank == 0)
     if tokenizer is not None and args.rank == 0:
         warn_long_captions(builder, tokenizer, "training captions")
 
-    shared_epoch = SharedEpoch(epoch=epoch)
-    place = _Place()
-    stats = LabelStats()
-    handler = _counting_handler(stats)
-    if resampled:
-        pipeline = [ResampledShards2(pattern, weights=args.train_data_upsampling_factors, deterministic=True,
-                                     worker_seed=_WorkerSeed(args.seed, args.rank, place), epoch=shared_epoch)]
-    else:
-        pipeline = [
-            wds.SimpleShardList(pattern),
-            detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=args.seed, epoch=shared_epoch),
-            wds.split_by_node,
-            _SplitByWorker(place),
-        ]
+    shared_epoch, position, stats = SharedEpoch(epoch=epoch), WorkerPass(), LabelStats()
     decoder = _DecodeImages(stats)
-    pipeline.extend([
-        _ShardSamples(stats),
-        _Shuffle(args.seed, args.rank, shared_epoch, place),
-        _LabelledSamples(stats, builder.num_classes, place),
-        decoder,
-        _AddCaptions(builder, args.seed, shared_epoch),
-        *([_AddPlainImage(preprocess_plain)] if preprocess_plain else []),
-        wds.map_dict(image=preprocess_img, handler=handler),
-        wds.to_tuple("image", "text", "spurious", "__label__", *(("plain", "__sample_id__") if preprocess_plain else ())),
-        wds.batched(args.batch_size, collation_fn=Collate(tokenizer), partial=False),
-    ])
-
     # As upstream: every worker yields the same number of full batches, so all ranks step together.
     global_batch_size = args.batch_size * args.world_size
     num_worker_batches = math.ceil(math.ceil(num_samples / global_batch_size) / readers)
-    num_batches = num_worker_batches * readers
     resume = _ResumePoint()
-    dataset = _EpochPipeline(*pipeline, batches=num_worker_batches, batch_size=args.batch_size,
-                             epoch=shared_epoch, resume=resume, decoder=decoder, place=place)
+    dataset = _EpochPipeline(*_shard_stages(args, pattern, shared_epoch, position),
+                             *_sample_stages(args, builder, stats, shared_epoch, position, decoder, preprocess_img,
+                                             preprocess_plain, tokenizer),
+                             batches=num_worker_batches, batch_size=args.batch_size, epoch=shared_epoch, resume=resume,
+                             decoder=decoder, position=position)
     dataloader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
                                persistent_workers=args.workers > 0)
-    dataloader.num_batches = num_batches
-    dataloader.num_samples = num_batches * global_batch_size
-    info = _WdsTrainData(dataloader=dataloader, shared_epoch=shared_epoch)
-    info.label_stats, info.resume = stats, resume
+    dataloader.num_batches = num_worker_batches * readers
+    dataloader.num_samples = dataloader.num_batches * global_batch_size
     # At most this many labelled samples per epoch and process: each reader's batches, plus a partial
     # batch dropped at the end of each pass (a pass gives at least one batch, or the epoch stops).
-    info.labelled_budget = readers * (num_worker_batches * args.batch_size + (num_worker_batches + 1) * (args.batch_size - 1))
-    stats.start_epoch(info.labelled_budget)
-    return info
+    budget = readers * (num_worker_batches * args.batch_size + (num_worker_batches + 1) * (args.batch_size - 1))
+    return _WdsTrainData(dataloader=dataloader, shared_epoch=shared_epoch, label_stats=stats, resume=resume,
+                         labelled_budget=budget)
 
 
 class LabelledCsvDataset(Dataset):
@@ -472,7 +510,13 @@ class _CsvOrder(DistributedSampler):
         return max(0, self.num_samples - self._skip())
 
 
+@dataclasses.dataclass
 class _CsvDataInfo(DataInfo):
+    """The CSV training data: upstream's ``DataInfo`` (``sampler``: the rows' order, ``_CsvOrder``)
+    plus ``label_stats`` (the rows skipped for their label) and ``start_from``."""
+
+    label_stats: LabelStats = None
+
     def set_epoch(self, epoch):
         super().set_epoch(epoch)
         self.dataloader.dataset.epoch = epoch
@@ -499,9 +543,7 @@ def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
                           f"of {args.batch_size}: lower --batch-size")
     dataloader.num_samples = len(dataset)
     dataloader.num_batches = len(dataloader)
-    info = _CsvDataInfo(dataloader, sampler)
-    info.label_stats = stats
-    return info
+    return _CsvDataInfo(dataloader, sampler, label_stats=stats)
 
 
 def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
