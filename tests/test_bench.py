@@ -1,6 +1,8 @@
 """The benchmarks keep working: one short run of each writes the records the README quotes."""
 import json
 
+import pytest
+
 from open_clip_starft.bench.cli import main
 from open_clip_starft.cli import main as cli_main
 from open_clip_starft.demo.data import brace_pattern, write_shards
@@ -27,7 +29,10 @@ def test_bench_data_compares_with_upstream(tmp_path):
     assert main(["data", "--shards", shards, "--workers", "1", "--batch-size", "32", "--image-size", "32",
                  "--epochs", "1", "--out", str(out)]) == 0
     record, = json.loads(out.read_text())
-    assert record["starft_samples_per_s"] > 0 and record["upstream_samples_per_s"] > 0
+    # both pipelines read every sample once per epoch (same work timed), and the ratio is of the medians
+    assert record["samples_per_epoch"] == {"starft": [256], "upstream": [256]}
+    assert record["starft_over_upstream"] == record["starft_samples_per_s"] / record["upstream_samples_per_s"]
+    assert record["per_epoch"]["starft"] == [record["starft_samples_per_s"]]
 
 
 def test_stage_runner_logs_times_reports_progress_and_fails_in_one_message(tmp_path):
@@ -54,3 +59,20 @@ def test_stage_runner_logs_times_reports_progress_and_fails_in_one_message(tmp_p
     with pytest.raises(StarftError, match="the slow run ran past its 1 s limit and was stopped"):
         run_stage("fake_train", [], str(console), what="the slow run", env={**env, "SLEEP": "30"}, timeout=1, poll_s=0.2)
     assert training_progress(str(tmp_path / "missing.txt")) is None
+
+
+def test_bench_eval_reports_the_validation_overhead(tmp_path, capsys):
+    from open_clip_starft.bench.eval_throughput import validation_overhead
+    row = {"images_per_s": 100.0, "head_seconds": 2.0, "head_classes": 50}
+    cost = validation_overhead(row, train_ips=50.0, val_images=500, train_images=1000, val_classes=10)
+    # 500 images at 100/s + a 10-class head (2 s per 50 classes) against 1000 training images at 50/s
+    assert cost["val_seconds_per_epoch"] == 5.4 and cost["train_seconds_per_epoch"] == 20.0
+    assert cost["val_overhead"] == 5.4 / 20.0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--models", "tiny", "--images", "8", "--head-classes", "4", "--templates", "single",
+                 "--train-steps", "1", "--train-batch-size", "4", "--val-images", "100", "--train-images", "1000",
+                 "--out", str(out)]) == 0
+    record, = json.loads(out.read_text())
+    assert record["images"] == 8 and record["val_overhead"] == pytest.approx(
+        (100 / record["images_per_s"] + record["head_seconds"] * 10 / 4) / (1000 / record["train_images_per_s"]))
+    assert "% overhead" in capsys.readouterr().out

@@ -40,20 +40,22 @@ def bench_data(args) -> dict:
         "upstream": get_wds_dataset(host_args, preprocess, is_train=True, tokenizer=tokenizer),
     }
     rates = {name: [] for name in pipelines}
+    counts = {name: [] for name in pipelines}  # samples each epoch gave, first batch included
     for epoch in range(args.epochs):
         for name, info in pipelines.items():
             info.set_epoch(epoch)
-            samples, start = 0, None
+            samples, first, start = 0, 0, None
             for batch in info.dataloader:
                 if start is None:  # the first batch carries worker start-up; time the rest
-                    start = time.perf_counter()
+                    start, first = time.perf_counter(), len(batch[0])
                     continue
                 samples += len(batch[0])
             rates[name].append(samples / (time.perf_counter() - start))
+            counts[name].append(first + samples)
     ours, theirs = statistics.median(rates["starft"]), statistics.median(rates["upstream"])
     return {"shards": args.shards, "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
             "epochs": args.epochs, "starft_samples_per_s": ours, "upstream_samples_per_s": theirs,
-            "starft_over_upstream": ours / theirs, "per_epoch": rates,
+            "starft_over_upstream": ours / theirs, "per_epoch": rates, "samples_per_epoch": counts,
             "date": today()}
 
 

@@ -58,6 +58,24 @@ def _write_images(root: str, n: int, size: int, classes: int = 4) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
+def training_images_per_s(name: str, batch_size: int, steps: int, device: str) -> float:
+    """Images/s of our StarFT training step (``bench.step.StepBench``, λ 0.5, fp32) on ``name``."""
+    from open_clip_starft.bench.step import StepBench
+    bench = StepBench(name, batch_size, "fp32", device)
+    return batch_size / bench.time_steps(["starft"], steps)["starft"]
+
+
+def validation_overhead(row: dict, train_ips: float, val_images: int, train_images: int, val_classes: int) -> dict:
+    """The cost of ``--starft-val`` per epoch beside the epoch's training: one set of ``val_images`` images
+    and a head of ``val_classes`` classes × the row's templates (rebuilt each evaluation: the weights changed),
+    against ``train_images`` training images at ``train_ips``."""
+    val_s = val_images / row["images_per_s"] + row["head_seconds"] * val_classes / row["head_classes"]
+    train_s = train_images / train_ips
+    return {"train_images_per_s": train_ips, "val_images": val_images, "val_classes": val_classes,
+            "train_images": train_images, "val_seconds_per_epoch": val_s, "train_seconds_per_epoch": train_s,
+            "val_overhead": val_s / train_s}
+
+
 def bench_model(name: str, images: int, batch_size: int, head_classes: int, templates: str, device: str, workers: int) -> dict:
     model, preprocess, tokenizer = _model(name, device)
     size = _image_size(model)
@@ -104,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-classes", type=int, default=50, help="classes of the measured head (default 50)")
     parser.add_argument("--templates", default="openai", help="templates of the head (default openai: 80)")
     parser.add_argument("--device", default=default_device(), help="cuda (default when available) or cpu")
+    t = parser.add_argument_group("the cost of --starft-val beside training (--train-steps > 0)")
+    t.add_argument("--train-steps", type=int, default=0, metavar="N",
+                   help="also time N StarFT training steps in the same run and report the per-epoch overhead of "
+                        "--starft-val (default 0: off)")
+    t.add_argument("--train-batch-size", type=int, default=32, help="training batch of those steps (default 32)")
+    t.add_argument("--val-images", type=int, default=1000, help="images of the validation set (default 1000)")
+    t.add_argument("--val-classes", type=int, default=10, help="classes of its zero-shot head (default 10)")
+    t.add_argument("--train-images", type=int, default=10000, help="training images per epoch (default 10000)")
     parser.add_argument("--out", metavar="FILE", help="also write the rows as JSON (default: only print the table)")
     add_alias(parser, "--json", "--out", dest="out")
     return parser
@@ -117,9 +143,19 @@ def main(argv=None) -> int:
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows.append(bench_model(name, args.images, args.batch_size, args.head_classes, args.templates, args.device, args.workers))
+        if args.train_steps > 0:
+            train_ips = training_images_per_s(name, args.train_batch_size, args.train_steps, args.device)
+            rows[-1].update(validation_overhead(rows[-1], train_ips, args.val_images, args.train_images,
+                                                args.val_classes))
         print(f"  {name}: {rows[-1]['images_per_s']:.1f} images/s, head {rows[-1]['head_seconds']:.2f} s", file=sys.stderr)
     print(f"eval throughput on {args.device} ({torch.get_num_threads()} threads)\n")
     print(table(rows))
+    for r in rows:
+        if "val_overhead" in r:
+            print(f"\n{r['model']}: --starft-val on {r['val_images']} images ({r['val_classes']} classes × "
+                  f"{r['templates']} templates) costs {r['val_seconds_per_epoch']:.1f} s per epoch of "
+                  f"{r['train_images']} training images ({r['train_seconds_per_epoch']:.1f} s at "
+                  f"{r['train_images_per_s']:.1f} images/s): {100 * r['val_overhead']:.1f} % overhead")
     if args.out:
         write_json(args.out, rows)
     return 0
