@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from open_clip_starft.errors import one_line_errors
-from open_clip_starft.tools.commands import dispatch
+from open_clip_starft.tools.commands import dispatch, table_parser
 
 SUBCOMMANDS = {
     "step": ("open_clip_starft.bench.step", "training step: FLYP vs StarFT vs naive port (s/step, images/s, FLOPs, peak memory)"),
@@ -25,12 +25,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The subcommand table as a parser (``--help`` and the test of the command conventions)."""
-    parser = argparse.ArgumentParser(prog="open-clip-starft bench", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, (_, text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=text, add_help=False)
-    return parser
+    return table_parser("open-clip-starft bench", SUBCOMMANDS, __doc__.split("\n")[0])
 
 
 @one_line_errors

@@ -40,6 +40,16 @@ def dispatch(prog: str, table: Mapping[str, tuple[Target, str]], argv=None, desc
     return main(argv[1:])
 
 
+def table_parser(prog: str, table: Mapping[str, tuple[Target, str]], description: str = "") -> argparse.ArgumentParser:
+    """The subcommand table as an argparse parser (each subcommand parses its own flags; this one is for
+    ``--help`` and for tools that read a command's structure)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(table) + "}")
+    for name, (_, text) in table.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
 class DeprecatedAlias(argparse.Action):
     """An old flag name kept for one release: stores into the new flag's ``dest`` (appending when the new
     flag appends) and warns once on stderr that the name changed."""

@@ -21,7 +21,7 @@ from open_clip_starft.errors import StarftError, one_line, one_line_errors
 from open_clip_starft.method.captions import load_classnames, strip_period
 from open_clip_starft.method.descriptors import CONCEPTS, load_descriptors, read_descriptor_file, validate_template
 from open_clip_starft.tools.descriptors.client import ChatClient
-from open_clip_starft.tools.commands import add_alias, dispatch
+from open_clip_starft.tools.commands import add_alias, dispatch, table_parser
 from open_clip_starft.tools.descriptors.parse import concepts_from_answer, templates_from_answer
 
 CONCEPTS_PROMPT = ("List possible spurious correlations while classifying natural images. Answer in a word. "
@@ -318,12 +318,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The subcommand table as a parser (``--help``; each subcommand parses its own flags)."""
-    parser = argparse.ArgumentParser(prog="open-clip-starft descriptors", description="Make and inspect spurious descriptor sets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, (_, text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=text, add_help=False)
-    return parser
+    return table_parser("open-clip-starft descriptors", SUBCOMMANDS, "Make and inspect spurious descriptor sets.")
 
 
 @one_line_errors
