@@ -9,6 +9,7 @@ The StarFT flags (``--starft-*``) are split off here; everything else goes to
 """
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
@@ -18,6 +19,10 @@ from open_clip_starft.errors import StarftError
 from open_clip_starft.host.hooks import StarftHooks
 from open_clip_starft.host.params import build_parser, check
 from open_clip_starft.host.preemption import FLAG, Preempted
+
+
+# an OSError from upstream's own writes that is about the disk or folder, not a bug: reported in one line
+STORAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def quiet_torch_loggers() -> None:
@@ -43,6 +48,12 @@ def main(argv=None) -> int:
             status = host.main(rest)
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the folder refused a write upstream made (e.g. a read-only --logs)
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"open-clip-starft: error: cannot write {e.filename or 'a file'}: {e.strerror}: choose a --logs "
+              "folder you can write to, with free space", file=sys.stderr)
         return 2
     except Preempted as stop:
         print(f"open-clip-starft: stopped by a signal; saved {stop}; continue with --resume latest", file=sys.stderr)
