@@ -174,7 +174,7 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp
 
 READ_ONLY = """
 import errno, os, sys
-logs = sys.argv[1]
+logs = sys.argv[1].rstrip("/")  # writes under this path fail as on a read-only mount
 real_makedirs, real_open = os.makedirs, os.open
 def refuse(path):
     if os.path.abspath(path).startswith(logs):
@@ -186,12 +186,17 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_a_read_only_logs_folder_is_one_line(tmp_path):
+@pytest.mark.parametrize("refused,message", [
+    ("", "cannot write to the run folder {run}: Read-only file system"),  # the run folder itself (our lock)
+    ("checkpoints", "cannot write {run}/checkpoints: Read-only file system: choose a --logs folder"),  # upstream's
+])
+def test_a_read_only_logs_folder_is_one_line(tmp_path, refused, message):
     import sys
     ws = make_workspace(tmp_path / "ws", n=32, shards=1)
-    logs = os.path.join(ws["root"], "logs")
-    result = run([logs, *train_args(ws, "ro", epochs=1)], launcher=(sys.executable, "-c", READ_ONLY))
-    one_line_error(result, f"cannot write to the run folder {os.path.join(logs, 'ro')}", "Read-only file system")
+    run_folder = os.path.join(ws["root"], "logs", "ro")
+    result = run([os.path.join(run_folder, refused), *train_args(ws, "ro", epochs=1)],
+                 launcher=(sys.executable, "-c", READ_ONLY))
+    one_line_error(result, message.format(run=run_folder))
 
 
 # -- settings compared on resume ---------------------------------------------------------------------
