@@ -9,15 +9,21 @@ The StarFT flags (``--starft-*``) are split off here; everything else goes to
 """
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 
 import open_clip_train.main as host
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, StarftError
+from open_clip_starft.eval.training_validation import TrainingValidation, parse_select, parse_val_sets
 from open_clip_starft.host.hooks import StarftHooks
 from open_clip_starft.host.params import build_parser, check
 from open_clip_starft.host.preemption import FLAG, Preempted
+
+
+# an OSError from upstream's own writes that is about the disk or folder, not a bug: reported in one line
+STORAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def quiet_torch_loggers() -> None:
@@ -38,11 +44,24 @@ def main(argv=None) -> int:
     starft, rest = parser.parse_known_args(argv)
     try:
         check(starft)
+        validation = None
+        if starft.starft_val:  # the sets are checked when the model exists, before the first step
+            names = [name for name, _ in parse_val_sets(starft.starft_val)]
+            parse_select(starft.starft_select, names)
+            validation = TrainingValidation
+        elif starft.starft_select:
+            raise ConfigError(f"--starft-select {starft.starft_select} needs --starft-val NAME=ROOT: the set it names")
         FLAG.install()
-        with StarftHooks(starft):
+        with StarftHooks(starft, validation=validation):
             status = host.main(rest)
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the folder refused a write upstream made (e.g. a read-only --logs)
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"open-clip-starft: error: cannot write {e.filename or 'a file'}: {e.strerror}: choose a --logs "
+              "folder you can write to, with free space", file=sys.stderr)
         return 2
     except Preempted as stop:
         print(f"open-clip-starft: stopped by a signal; saved {stop}; continue with --resume latest", file=sys.stderr)

@@ -14,14 +14,18 @@ from runs import log_of, make_workspace, run, train_args
 
 
 def test_hooks_rebind_and_restore_every_name():
-    names = ["parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "pt_load", "torch"]
+    names = ["parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "pt_load", "torch",
+             "get_latest_checkpoint"]
     before = {n: getattr(host, n) for n in names}
     accuracy_before = host_zero_shot.accuracy
-    with StarftHooks(build_parser().parse_args([])):
+    assert "open" not in vars(host)  # upstream's main uses the builtin
+    with StarftHooks(build_parser().parse_args([])) as hooks:
         assert all(getattr(host, n) is not before[n] for n in names)
         assert host_zero_shot.accuracy is zero_shot_accuracy
         assert host.torch.optim is torch.optim  # everything else is upstream's torch
+        assert vars(host)["open"] == hooks.open  # params.txt written atomically
     assert all(getattr(host, n) is before[n] for n in names) and host_zero_shot.accuracy is accuracy_before
+    assert "open" not in vars(host)
 
 
 def test_zero_shot_accuracy_counts_topk_hits():

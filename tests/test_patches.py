@@ -10,7 +10,8 @@ from runs import INSTALLED, PATCHES, make_workspace, patched_copy, run_python
 
 
 def test_there_are_patches():
-    assert len(PATCHES) >= 2
+    assert [os.path.basename(p) for p in PATCHES] == ["0001-ddp-on-cpu.patch", "0002-zero-shot-accuracy-numpy-2.4.patch",
+                                                      "0003-plugin-hook-losses-and-train-steps.patch"]
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=os.path.basename)
@@ -122,3 +123,42 @@ def test_two_processes_give_the_same_losses_at_every_step_with_and_without_the_p
         assert len(runtime) == len(plugin) == 4, key
         assert plugin == pytest.approx(runtime, rel=2e-4, abs=1e-6), key  # logged with 5-6 significant digits
     assert max(metric(logs["plugin2"], "Star term")) > 1e-4  # the Star term is exercised after step 0
+
+
+def patch_functions(patch_path):
+    """{name: source} of every top-level function patches add (the ``+def`` blocks, ``+`` removed)."""
+    found, current = {}, None
+    for line in open(patch_path, encoding="utf-8").read().split("\n"):
+        if line.startswith("+def "):
+            current = line[5:].split("(")[0]
+            found[current] = []
+        elif current and not line.startswith("+"):
+            current = None
+        if current:
+            found[current].append(line[1:])
+    return {name: "\n".join(lines).rstrip() + "\n" for name, lines in found.items()}
+
+
+def test_the_loop_patches_0003_adds_is_host_loop_character_for_character():
+    """One source for the two loops: patches/0003's train.py functions equal host/loop.py's."""
+    import inspect
+    from open_clip_starft.host import loop
+    patch = next(p for p in PATCHES if "plugin-hook" in p)
+    added = patch_functions(patch)
+    for name in loop.PATCHED_FUNCTIONS:
+        ours = "\n".join(line.rstrip() for line in inspect.getsource(getattr(loop, name)).split("\n")).rstrip() + "\n"
+        theirs = "\n".join(line.rstrip() for line in added[name].split("\n"))
+        assert theirs == ours, (f"patches/0003's {name} differs from host/loop.py's: rewrite its '+' lines in the patch "
+                                "from inspect.getsource(open_clip_starft.host.loop.%s)" % name)
+
+
+def test_a_changed_host_loop_is_caught(tmp_path):
+    """The comparison above fails on a one-character change to the patch's copy."""
+    patch = next(p for p in PATCHES if "plugin-hook" in p)
+    text = open(patch, encoding="utf-8").read()
+    changed = tmp_path / "changed.patch"
+    changed.write_text(text.replace("+        batch_count = i + 1\n", "+        batch_count = i + 2\n", 1))
+    from open_clip_starft.host import loop
+    import inspect
+    assert patch_functions(str(changed))["train_one_epoch_with_step"] != inspect.getsource(loop.train_one_epoch_with_step)
+    assert patch_functions(patch)["train_one_epoch_with_step"] == inspect.getsource(loop.train_one_epoch_with_step)

@@ -49,6 +49,9 @@ def test_signal_mid_epoch_saves_exits_zero_and_resume_finishes(ws, sig, host, tm
     assert len(saved) == 1 and re.fullmatch(r"epoch_0_step_\d+\.pt", saved[0]), saved
     done = int(re.search(r"step_(\d+)", saved[0]).group(1))
     assert 3 <= done < STEPS_PER_EPOCH  # mid-epoch: after the step the signal arrived in
+    first = log_of(ws, name)
+    assert metric(first, "Step")[-1] == done - 1  # the interrupted step's loss line is logged before the save
+    assert first.index(f"Step: {done - 1} ") < first.index(f"saved {os.path.join(ws['root'], 'logs', name)}")
 
     resumed = subprocess.run([sys.executable, "-m", "open_clip_starft.main", *args, "--resume", "latest"],
                              capture_output=True, text=True, env=env, timeout=300)
@@ -128,3 +131,29 @@ def test_a_preempted_and_resumed_run_trains_on_exactly_the_batches_of_an_uninter
     expected, got = batch_keys(tmp_path / "whole.jsonl"), batch_keys(tmp_path / "cut.jsonl")
     assert sorted(expected) == list(range(EPOCHS * STEPS_PER_EPOCH))
     assert got == expected
+
+
+def test_save_most_recent_resumes_from_the_preemption_checkpoint(ws):
+    """--save-most-recent: upstream's --resume latest looks only at epoch_latest.pt (epoch 1 here) and
+    would retrain the steps done before the signal; the preemption checkpoint holds more."""
+    name = "most-recent"
+    args = train_args(ws, name, "--save-most-recent", "--save-frequency", "0", batch_size=8, epochs=EPOCHS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "open_clip_starft.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_step(ws, name, proc, STEPS_PER_EPOCH + 2)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by a signal" in stderr, stderr[-3000:]
+    saved = checkpoints(ws, name)
+    step_file = [c for c in saved if re.fullmatch(r"epoch_1_step_\d+\.pt", c)]
+    assert "epoch_latest.pt" in saved and len(step_file) == 1, saved
+    done = int(re.search(r"step_(\d+)", step_file[0]).group(1))
+    resumed = subprocess.run([sys.executable, "-m", "open_clip_starft.main", *args, "--resume", "latest"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = log_of(ws, name)
+    assert f"Found latest resume checkpoint at {os.path.join(ws['root'], 'logs', name, 'checkpoints', step_file[0])}" in log
+    assert f"resuming epoch 1 after batch {done}" in log
+    steps = metric(log, "Step")
+    assert steps == list(range(EPOCHS * STEPS_PER_EPOCH))  # each step once: none retrained, none skipped

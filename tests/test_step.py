@@ -17,7 +17,8 @@ from open_clip_starft.errors import StarftError
 from open_clip_starft.host.batch import Batch
 from open_clip_starft.host.loop import optimizer_step
 from open_clip_starft.host.step import StarftStep
-from open_clip_starft.host.params import build_parser
+from open_clip_starft.host.params import build_parser, starft_settings
+from open_clip_starft.host.state import Resumed, RunState
 from open_clip_starft.method.captions import CaptionBuilder
 from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.method.loss import StarLoss
@@ -42,7 +43,7 @@ def step_args(tmp_path, rank=0, world_size=1, **flags):
     args = build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     os.makedirs(tmp_path / "checkpoints", exist_ok=True)
     vars(args).update(
-        device="cpu", precision="fp32", train_data="shards/x-{0..3}.tar", epochs=1, starft_num_classes=len(CLASSES),
+        device="cpu", precision="fp32", train_data="shards/x-{0..3}.tar", epochs=1, batch_size=8,
         logs=str(tmp_path), checkpoint_path=str(tmp_path / "checkpoints"), save_logs=rank == 0, name="unit",
         distributed=world_size > 1, rank=rank, world_size=world_size, horovod=False, grad_clip_norm=None)
     return args
@@ -61,10 +62,12 @@ def make_batch(seed, n=8):
 class Run:
     """A StarftStep with its model, optimizer and data, driven as the epoch loop drives it."""
 
-    def __init__(self, args, loss=None):
+    def __init__(self, args, loss=None, resumed=None):
         self.args = args
         self.model, _ = build_tiny_model(seed=0)
-        self.step = StarftStep(args, self.model)
+        self.state = RunState(settings=starft_settings(args), num_classes=len(CLASSES), resumed=resumed)
+        self.state.start(args)
+        self.step = StarftStep(args, self.model, self.state)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.loss = loss or StarLoss()
         self.data = {"train": FakeTrainData()}
@@ -127,7 +130,9 @@ def test_a_data_error_after_a_step_saves_a_checkpoint_first(tmp_path):
     assert "--resume latest" in str(error.value)
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["epoch"] == 0 and ckpt["starft"]["batches_done"] == 1 and ckpt["starft"]["starft_lambda"] == 0.5
-    assert "starft_num_classes" not in ckpt["starft"]  # run state is not a setting
+    assert set(ckpt["starft"]) == set(starft_settings(run.args)) | {"history", "batches_done"}  # no run state
+    assert ckpt["starft"]["history"] == [{"epoch": 0, "batches_done": 0, "step": 0, "batch_size": 8, "world_size": 1,
+                                          "epochs": 1, "settings": run.state.history[0]["settings"]}]
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
@@ -174,15 +179,11 @@ def test_a_non_finite_loss_stops_before_backward_naming_the_step_and_the_terms(t
 
 
 def test_resuming_mid_epoch_continues_the_data_and_bare_weights_become_the_teacher(tmp_path):
-    args = step_args(tmp_path)
-    args.starft_resume = {"path": "x.pt", "epoch": 0, "batches_done": 3}
-    run = Run(args)
+    run = Run(step_args(tmp_path), resumed=Resumed("x.pt", epoch=0, batches_done=3))
     assert run.start() == 3 and run.data["train"].started_from == (0, 3)
     other, _ = build_tiny_model(seed=1)
     torch.save({f"module.{k}": v for k, v in other.state_dict().items()}, tmp_path / "bare.pt")
-    args = step_args(tmp_path)
-    args.starft_resume = {"path": str(tmp_path / "bare.pt"), "bare": True}
-    run = Run(args)
+    run = Run(step_args(tmp_path), resumed=Resumed(str(tmp_path / "bare.pt"), bare=True))
     assert run.start() == 0 and run.data["train"].started_from is None
     assert torch.equal(run.step.teacher.model.visual.conv1.weight, other.visual.conv1.weight)
 

@@ -109,9 +109,10 @@ def better(value: float, top1: float, best: dict | None, metric: str) -> bool:
 
 
 class TrainingValidation:
-    """The ``--starft-val`` sets of one run (see the module docstring); built from ``(args, model)``."""
+    """The ``--starft-val`` sets of one run (see the module docstring); built from ``(args, model,
+    preprocess_val)`` (the model as created; DDP and compile share its parameters)."""
 
-    def __init__(self, args, model):
+    def __init__(self, args, model, preprocess=None):
         self.sets = parse_val_sets(args.starft_val)
         self.select = parse_select(args.starft_select, [name for name, _ in self.sets])
         if args.starft_val_frequency < 1 or args.starft_val_steps < 0:
@@ -121,7 +122,7 @@ class TrainingValidation:
         self.prepared = [prepare_set(EvalSetSpec(name=name, root=root, classnames=classnames, templates=templates))
                          for name, root in self.sets]
         self.evaluator = Evaluator(model, open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir),
-                                   eval_transform(model), device=args.device, precision=args.precision,
+                                   preprocess or eval_transform(model), device=args.device, precision=args.precision,
                                    batch_size=args.batch_size, workers=min(args.workers, 2))
         self.model, self.frequency, self.every_steps = model, args.starft_val_frequency, args.starft_val_steps
         self.folder = args.checkpoint_path if args.save_logs else None

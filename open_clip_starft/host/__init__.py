@@ -3,10 +3,14 @@
 - ``hooks``: the names rebound on ``open_clip_train.main`` for one run (``StarftHooks``)
 - ``step``: ``StarftStep``, everything StarFT adds per run (teacher, caches, λ, label checks,
   non-finite-loss stop, preemption, per-epoch checks); the one ``star_lambda`` call
-- ``loop``: the generic epoch loop around a step, for OpenCLIP without patches/0003
+- ``state``: ``RunState``, what the hooks learn about a run (class count, what ``--resume`` loaded,
+  the settings history), handed to the step and the checkpoint writer by construction
+- ``loop``: the generic epoch loop around a step: the one source of the loop patches/0003 adds
 - ``teacher``: the frozen zero-shot model (``Teacher.features(batch)``) and its caches
 - ``batch``: ``Batch``, one training batch as a named structure
-- ``checkpoint``: the one checkpoint writer (``"starft"`` entry, atomic write, ``epoch_E_step_K.pt``)
+- ``checkpoint``: the one checkpoint writer (``"starft"`` entry, atomic write, ``epoch_E_step_K.pt``),
+  ``--resume latest``'s choice and the ``--resume`` reader
+- ``runlock``: one training process per run folder
 - ``preemption``: SIGUSR1/SIGTERM → a flag the step reads; ``Preempted``
 - ``text_prefix``: text towers that stop at a batch's longest caption (exact)
 - ``plugin``: the loss entry point and the test for patches/0003

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
                    help="stop when more than this share of training samples lack a usable label. Default 0.01.")
+    g.add_argument("--starft-allow-changed-settings", action="store_true",
+                   help="with --resume: continue a checkpoint with other StarFT settings, batch size (mid-epoch) or "
+                        "--epochs than it was trained with (refused by default, naming each difference); the change "
+                        "is recorded in the checkpoint's settings history.")
     v = parser.add_argument_group("StarFT evaluation during training")
     v.add_argument("--starft-val", action="append", default=[], metavar="NAME=ROOT",
                    help="an eval set scored during training (repeatable): ROOT in any layout `open-clip-starft eval "
@@ -67,6 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "(top1, top5, worst_group, avg_group, per_class_mean, ece; ties broken by top-1), e.g. "
                         "val:worst_group. A choice on validation data: never name a test set here.")
     return parser
+
+
+# flags that say how to start, not how the run trains: never recorded as a run's settings
+NOT_SETTINGS = ("starft_allow_changed_settings",)
+
+
+def starft_settings(namespace: argparse.Namespace) -> dict:
+    """The ``--starft-*`` settings of ``namespace`` (what each checkpoint records under ``"starft"``)."""
+    return {k: v for k, v in vars(namespace).items() if k.startswith("starft_") and k not in NOT_SETTINGS}
+
+
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """One-line errors for OpenCLIP flags (on upstream's parsed ``args``) that StarFT cannot honour."""
+    if args.accum_freq > 1:
+        raise ConfigError(f"--accum-freq {args.accum_freq} is not supported by StarFT: "
+                          "use --accum-freq 1 with a larger --batch-size or more processes")
+    if args.distill_model is not None:
+        raise ConfigError("--distill-model cannot be combined with StarFT: the frozen zero-shot model is "
+                          "StarFT's teacher already; drop --distill-model/--distill-pretrained")
+    if args.siglip or "coca" in args.model.lower():
+        raise ConfigError("StarFT fine-tunes CLIP-style models with the contrastive loss: "
+                          "drop --siglip or pick a non-CoCa --model")
+    if args.model.startswith("local-dir:") and args.pretrained:
+        raise ConfigError(
+            f"--pretrained {args.pretrained} is ignored by OpenCLIP for --model {args.model} (the run would "
+            "fine-tune the folder's weights and take them as the teacher): export the checkpoint as a local-dir "
+            "model with `open-clip-starft export --checkpoint CKPT --model NAME --out DIR` and pass "
+            "--model local-dir:DIR, or pass --model NAME --pretrained CKPT")
+    if args.train_data is None and args.dataset_type == "synthetic":
+        raise ConfigError("--dataset-type synthetic has no class labels: pass --train-data shards with 'cls'")
 
 
 def check(starft: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ these through the entry points this package declares (``pyproject.toml``)::
 
 and ``open_clip_starft.main`` passes ``--loss starft --train-step starft`` instead of rebinding
 ``create_loss`` and ``train_one_epoch`` (``hooks.py`` still adds the StarFT flags, the labelled
-data and the checkpoint extras). Without the patch the hooks rebind ``create_loss`` to ``create_loss``
+data and the checkpoint extras, and builds the step it names with the run's ``RunState``). Without the patch the hooks rebind ``create_loss`` to ``create_loss``
 below and ``train_one_epoch`` to ``host/loop.py``'s loop around the same ``StarftStep``.
 """
 from __future__ import annotations

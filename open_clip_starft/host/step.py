@@ -13,9 +13,9 @@ or ``host/loop.py``, the same protocol) calls it::
 
 It owns the frozen teacher and its caches (``Teacher``), the λ schedule (the one call of
 ``star_lambda``), the label checks, the non-finite-loss stop, preemption and the per-epoch
-checks and logs. What it needs from the hooks comes through ``args``: the flags
-(``args.starft_*``, added by the hooks' ``parse_args``), ``args.starft_num_classes`` and
-``args.starft_resume`` (what ``--resume`` loaded; set by the hooks' ``pt_load``).
+checks and logs. What it needs from the hooks comes by construction, in the hooks' ``RunState``
+(``state.py``: the class count, what ``--resume`` loaded, the settings history it saves with each
+checkpoint); ``args`` carries the flags (``args.starft_*``, added by the hooks' ``parse_args``).
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from open_clip_train.distributed import is_master
 from open_clip_train.file_utils import pt_load
 from open_clip_train.precision import get_autocast
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import ConfigError, NumericError, StarftError
 from open_clip_starft.host.batch import Batch
-from open_clip_starft.host.checkpoint import save_mid_epoch, weights_are_finite
+from open_clip_starft.host.checkpoint import save_best, save_mid_epoch, weights_are_finite
 from open_clip_starft.host.preemption import FLAG, Preempted
+from open_clip_starft.host.state import RunState
 from open_clip_starft.host.teacher import Teacher, fingerprint
 from open_clip_starft.host.text_prefix import has_prefix_encoding, trim_tokens
 from open_clip_starft.method.schedule import star_lambda
@@ -85,13 +86,15 @@ def _gather_rows(values: torch.Tensor) -> list[list[float]]:
 
 
 class StarftStep:
-    """StarFT's train step (see the module docstring); one per run, built from ``(args, model)``."""
+    """StarFT's train step (see the module docstring); one per run, built from ``(args, model, state)``
+    (``state``: the hooks' ``RunState``; the entry point OpenCLIP loads is built by the hooks with it)."""
 
-    def __init__(self, args, model):
-        if not hasattr(args, "starft_lambda"):
-            raise StarftError("--train-step starft needs StarFT's flags, labelled data and teacher: "
+    def __init__(self, args, model, state: RunState | None = None):
+        if state is None or not hasattr(args, "starft_lambda"):
+            raise ConfigError("--train-step starft needs StarFT's flags, labelled data and teacher: "
                               "run `python -m open_clip_starft.main` (or `open-clip-starft train`), "
                               "not open_clip_train.main")
+        self.state = state
         self.model = model  # the student as created (DDP wraps this module; its parameters are the same)
         self.teacher = None
         if args.starft_lambda > 0:
@@ -110,6 +113,7 @@ class StarftStep:
         self.loop_model = model    # the model the loop trains (DDP/compiled), for checkpoints
         self.optimizer = self.scaler = None  # the run's, seen by after_step: a late stop saves with them
         self.preempt = False       # agreed in __call__, acted on in after_step
+        self.last_terms = ""       # this process's loss terms of the last step, for the preemption log line
         self.teacher_resumed = False
 
     # -- the protocol ---------------------------------------------------------------------------
@@ -117,19 +121,22 @@ class StarftStep:
         """Batches of ``epoch`` already done (a resumed preemption checkpoint), else 0."""
         self.train = data["train"]
         self.num_batches = self.train.dataloader.num_batches
-        resume = getattr(args, "starft_resume", None) or {}
-        if resume.get("bare") and self.teacher is not None and not self.teacher_resumed:
+        self.state.note_step(epoch, self.num_batches)
+        resumed = self.state.resumed
+        if resumed is not None and resumed.bare and self.teacher is not None and not self.teacher_resumed:
             # upstream loads a bare (model-only) --resume file as the starting weights: the teacher too
-            self.teacher.load_weights(pt_load(resume["path"], map_location="cpu"))
-            logging.info(f"StarFT teacher: loaded the bare --resume weights {resume['path']} as the zero-shot model "
+            self.teacher.load_weights(pt_load(resumed.path, map_location="cpu"))
+            logging.info(f"StarFT teacher: loaded the bare --resume weights {resumed.path} as the zero-shot model "
                          f"(fingerprint Σ|θ| = {self.teacher.fingerprint():.10g})")
         self.teacher_resumed = True
         if self.teacher is not None and is_master(args):
             logging.info(f"StarFT teacher fingerprint at epoch {epoch}: {self.teacher.fingerprint():.10g}")
-        self.start_batch = resume.get("batches_done", 0) if resume.get("epoch") == epoch else 0
+        self.start_batch = resumed.batches_done if resumed is not None and resumed.epoch == epoch else 0
         if self.start_batch:
             logging.info(f"StarFT: resuming epoch {epoch} after batch {self.start_batch} (preemption checkpoint)")
             self.train.start_from(epoch, self.start_batch)  # the data continues the same sample order
+        if self.state.validation is not None:  # a new run: the zero-shot model's scores first (epoch 0)
+            self.state.validation.start(epoch, self.start_batch, args)
         return self.start_batch
 
     def __call__(self, model, batch, loss, args, *, step: int, epoch: int, num_batches_per_epoch: int):
@@ -150,35 +157,47 @@ class StarftStep:
         # all processes stop, or save and stop, at the same step (none is left waiting in a collective).
         flags = torch.tensor([data_error is not None, FLAG.pending], dtype=torch.float32, device=self.device)
         rows = _gather_rows(torch.cat([flags, torch.stack([v.detach().float() for v in terms.values()])]))
-        batches_done = step - epoch * num_batches_per_epoch
+        own = rows[dist.get_rank() if _distributed() else 0][2:]
+        self.last_terms = ", ".join(f"{name}={value:.6g}" for name, value in zip(terms, own))
+        self._check_rows(rows, list(terms), data_error, step=step, epoch=epoch,
+                         batches_done=step - epoch * num_batches_per_epoch, lam=lam, args=args)
+        self.preempt = any(row[1] for row in rows)
+        log = {"star_lambda": lam, "step": step}
+        if star_term is not None:
+            log["star_term"] = own[list(terms).index("star_term")]
+        return losses, logit_scale, log
+
+    def _check_rows(self, rows, names, data_error, *, step, epoch, batches_done, lam, args) -> None:
+        """Stop every process at this step when any found a data error (``_stop_late``) or a non-finite loss
+        term; ``rows``: every process's [data error, signal, loss terms ``names``...] (one all-gather)."""
         if any(row[0] for row in rows):
             self._stop_late(data_error, epoch, batches_done, args)
         bad = [(rank, row) for rank, row in enumerate(rows) if not all(math.isfinite(v) for v in row[2:])]
         if bad:
             rank, row = bad[0]
-            values = ", ".join(f"{name}={value:.6g}" for name, value in zip(terms, row[2:]))
+            values = ", ".join(f"{name}={value:.6g}" for name, value in zip(names, row[2:]))
             where = f" on rank {rank}" if len(rows) > 1 else ""
-            raise StarftError(
+            raise NumericError(
                 f"non-finite loss at step {step} (epoch {epoch}, batch {batches_done}){where}: {values} (λ={lam:g}); "
                 "the step was not taken and nothing was saved from it: lower --lr, check the data, or use "
                 "--precision amp_bf16 or fp32 instead of amp, then continue with --resume latest")
-        self.preempt = any(row[1] for row in rows)
-        log = {"star_lambda": lam, "step": step}
-        if star_term is not None:
-            log["star_term"] = rows[dist.get_rank() if _distributed() else 0][2 + list(terms).index("star_term")]
-        return losses, logit_scale, log
 
     def after_step(self, model, optimizer, scaler, epoch: int, batches_done: int, args) -> None:
-        """On SIGUSR1/SIGTERM (any process, agreed in ``__call__``): save a mid-epoch checkpoint and stop."""
+        """On SIGUSR1/SIGTERM (any process, agreed in ``__call__``): save a mid-epoch checkpoint and stop.
+        Else, with ``--starft-val-steps``, the validation sets are scored when their step comes."""
         self.optimizer, self.scaler = optimizer, scaler
         if self.preempt:
-            raise Preempted(save_mid_epoch(model, optimizer, scaler, epoch, batches_done, args))
+            logging.info(f"StarFT: a stop signal came; epoch {epoch}, batch {batches_done}'s losses: {self.last_terms}")
+            raise Preempted(save_mid_epoch(model, optimizer, scaler, epoch, batches_done, args, self.state))
+        if self.state.validation is not None:
+            self.state.validation.after_step(epoch * self.num_batches + batches_done, epoch, batches_done,
+                                             self.num_batches, args)
 
     def end_epoch(self, epoch: int, batches_done: int, args) -> None:
         """End-of-epoch checks (too many skipped samples; no batch at all) and summaries."""
         error = None
         try:
-            self.train.label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, self.source,
+            self.train.label_stats.check(args.starft_max_skipped_fraction, self.state.num_classes, self.source,
                                          final=True)
             if batches_done == self.start_batch < self.num_batches:
                 raise StarftError(
@@ -195,12 +214,16 @@ class StarftStep:
             if self.teacher is not None and self.teacher.text_cache is not None:
                 logging.info(f"StarFT teacher text cache, epoch {epoch}: {self.teacher.text_cache.summary()}")
         logging.info(f"StarFT rank {args.rank}: model fingerprint after epoch {epoch}: {fingerprint(self.model):.10g}")
+        if self.state.validation is not None:
+            best = self.state.validation.end_epoch(epoch, (epoch + 1) * self.num_batches, args)
+            if best is not None:
+                save_best(self.loop_model, best, args, self.state)
 
     # -- stopping -----------------------------------------------------------------------------
     def _label_error(self, args) -> StarftError | None:
         """The label check's error so far in this process's data (too many skipped, id out of range)."""
         try:
-            self.train.label_stats.check(args.starft_max_skipped_fraction, args.starft_num_classes, self.source)
+            self.train.label_stats.check(args.starft_max_skipped_fraction, self.state.num_classes, self.source)
         except StarftError as e:
             return e
         return None
@@ -213,6 +236,7 @@ class StarftStep:
             if not weights_are_finite(self.loop_model):
                 message += " (nothing saved: the weights are not finite)"
             elif args.logs and str(args.logs).lower() != "none":
-                path = save_mid_epoch(self.loop_model, self.optimizer, self.scaler, epoch, batches_done, args)
+                path = save_mid_epoch(self.loop_model, self.optimizer, self.scaler, epoch, batches_done, args,
+                                      self.state)
                 message += f" (saved {path} first: fix the data, then continue with --resume latest)"
         raise StarftError(message)

@@ -1,0 +1,55 @@
+"""One training process per run folder: a lock held while a run trains.
+
+Two runs started with the same ``--logs``/``--name`` (two ``--resume latest`` of one preempted job,
+a requeue racing the job it replaces) would append to one ``out.log``, rewrite one ``params.txt`` and
+write the same ``epoch_N.pt`` names, each overwriting the other's. The master process of a run takes
+an exclusive lock on ``RUN/train.lock`` before upstream writes anything there; a second run refuses in
+one line naming the folder and the process holding it. The kernel drops the lock when its holder
+exits, however it ends (a killed run never leaves a stale lock).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from open_clip_starft.errors import ConfigError, StorageError
+
+NAME = "train.lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on ``folder/train.lock`` (``acquire`` / ``release``)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, creating ``folder``; a ``ConfigError`` when another process holds it, a
+        ``StorageError`` when the folder cannot be written."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot write to the run folder {self.folder}: {e.strerror}: choose a logs folder "
+                               "you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConfigError(f"the run folder {self.folder} is in use by another training process (pid {holder}): "
+                              "wait for it to end, or pass another --name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
