@@ -125,9 +125,14 @@ class TrainingValidation:
                                    preprocess or eval_transform(model), device=args.device, precision=args.precision,
                                    batch_size=args.batch_size, workers=min(args.workers, 2))
         self.model, self.frequency, self.every_steps = model, args.starft_val_frequency, args.starft_val_steps
-        self.folder = args.checkpoint_path if args.save_logs else None
-        self.best = read_json(os.path.join(self.folder, BEST_RECORD)) if self.folder else None
+        self.args = args  # upstream's: its log folders are set after the model is created
+        self.best: dict | None = None
         self._writer = None
+
+    @property
+    def folder(self) -> str | None:
+        """The run's checkpoints folder where this process writes (the master's), else None."""
+        return self.args.checkpoint_path if getattr(self.args, "save_logs", False) else None
 
     @property
     def active(self) -> bool:
@@ -136,6 +141,8 @@ class TrainingValidation:
     # -- when ---------------------------------------------------------------------------------------
     def start(self, epoch: int, start_batch: int, args) -> None:
         """Before the first step of a new run (not a resumed one): the zero-shot model, epoch 0."""
+        if self.best is None and self.folder:  # a resumed run continues from the best so far
+            self.best = read_json(os.path.join(self.folder, BEST_RECORD))
         if self.active and epoch == 0 and start_batch == 0 and not args.resume:
             self.evaluate(epoch=0, step=0, args=args)
 
