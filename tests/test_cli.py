@@ -79,3 +79,43 @@ def test_waterbirds_lite_stage_out_of_order_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run the build stage first" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wbl"]  # nothing written outside --out
+
+
+def _options(parser):
+    """Every visible option string of ``parser`` and its subparsers' (argparse's own structure)."""
+    import argparse
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+        elif action.help != argparse.SUPPRESS:
+            found |= set(action.option_strings)
+    return found
+
+
+def _all_parsers():
+    from open_clip_starft.tools.descriptors import cli as descriptors
+    parsers = {name: importlib.import_module(module).build_parser() for name, (module, _) in COMMANDS.items()
+               if name not in ("train", "eval-bench")}
+    parsers.update({f"bench {name}": importlib.import_module(module).build_parser()
+                    for name, (module, _) in bench_cli.SUBCOMMANDS.items() if name != "waterbirds-lite"})
+    parsers.update({f"descriptors {name}": fn() for name, fn in (
+        ("generate", descriptors._generate_parser), ("show", descriptors._show_parser),
+        ("validate", descriptors._validate_parser), ("stats", descriptors._stats_parser))})
+    return parsers
+
+
+def test_one_vocabulary_across_subcommands():
+    """The same flag for the same thing: the descriptor set is --concepts (--starft-concepts in training's
+    own group), output paths --out, a language model --llm-model; the old names are hidden aliases."""
+    from open_clip_starft.host.params import build_parser as training_parser
+    assert "--starft-concepts" in _options(training_parser())
+    with_concepts = set()
+    for name, parser in _all_parsers().items():
+        options = _options(parser)
+        assert not options & {"--descriptors", "--concept", "--json", "--output", "--out-dir", "--output-dir"}, name
+        if "--concepts" in options:
+            with_concepts.add(name)
+    assert {"sweep", "descriptors generate", "descriptors show", "descriptors stats"} <= with_concepts
+    assert "--llm-model" in _options(_all_parsers()["descriptors generate"])
