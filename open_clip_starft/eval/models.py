@@ -488,7 +488,6 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
     with ``text_cfg``'s context length), then ``open_clip_config.json`` (``model_cfg`` and
     ``preprocess_cfg`` as ``save_config_for_hf`` writes them) last, each under a temporary name
     first: a folder with a config always has its weights. Returns ``"local-dir:OUT_DIR"``."""
-    from open_clip.push_to_hf_hub import save_config_for_hf
     from safetensors.torch import save_file
     if isinstance(model_cfg_or_name, dict):
         source, config = "the given model_cfg", {"model_cfg": copy.deepcopy(model_cfg_or_name), "preprocess_cfg": {}}
@@ -522,13 +521,20 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     _copy_tokenizer(source if isinstance(model_cfg_or_name, str) else "", config, out_dir)
-    with tempfile.TemporaryDirectory() as tmp:  # OpenCLIP's config writer, then our preprocessing on top
+    _write_config(model, config, out_dir)
+    return f"local-dir:{out_dir}"
+
+
+def _write_config(model: torch.nn.Module, config: dict, out_dir: str) -> None:
+    """``open_clip_config.json`` as OpenCLIP's ``save_config_for_hf`` writes it, with ``config``'s
+    preprocessing settings added, written atomically."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    with tempfile.TemporaryDirectory() as tmp:  # OpenCLIP's writer opens the path itself: a scratch copy first
         save_config_for_hf(model, Path(tmp) / CONFIG_FILE, model_config=config["model_cfg"])
         with open(os.path.join(tmp, CONFIG_FILE), encoding="utf-8") as f:
             written = json.load(f)
     written["preprocess_cfg"] = {**config["preprocess_cfg"], **written["preprocess_cfg"]}
     files.write_json(os.path.join(out_dir, CONFIG_FILE), written, indent=2)
-    return f"local-dir:{out_dir}"
 
 
 def save_openclip(state_dict: dict, model: str, path: str) -> str:

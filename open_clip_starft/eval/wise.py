@@ -57,8 +57,8 @@ def _alpha_range(text: str) -> list[float]:
     n = round((stop - start) / step)
     if abs(start + n * step - stop) > 1e-9:
         raise ConfigError(f"--alphas {text!r}: the step {step:g} does not divide {start:g}..{stop:g} (the last α would "
-                          f"be {start + int((stop - start) / step + 1e-9) * step:g}, not {stop:g}): pick a step such as "
-                          f"{(stop - start) / max(n, 1):g}")
+                          f"be {start + int((stop - start) / step + 1e-9) * step:g}, not {stop:g}): pick a step that divides it, "
+                          f"e.g. {(stop - start) / max(n, 1):g} ({max(n, 1)} steps)")
     return sorted({round(start + i * step, 10) for i in range(n + 1)})
 
 

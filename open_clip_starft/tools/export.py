@@ -12,6 +12,13 @@ JSON lines), its robustness table (top-1, worst group, per set). Plain OpenCLIP 
 ``open_clip.create_model_and_transforms("local-dir:FOLDER")``; ``huggingface-cli upload ORG/NAME
 FOLDER`` shares it unchanged (nothing here reaches the network). The folder is checked before the
 command ends: OpenCLIP loads it back and every weight equals the checkpoint's.
+
+FOLDER is new or empty; a non-empty one is replaced only with ``--overwrite`` (written beside it and
+swapped in whole), never when it is or holds the source model, the checkpoint or the results. The card
+names the base model and the data by name (``--base-model``, ``--card-data-name``; default: their
+folders' names), never by a path of this machine, and its front matter carries ``base_model``,
+``datasets`` and the Hub's ``model-index`` of the ``--results``. The checkpoint is read weights-only:
+one holding other objects is refused unless ``--trust-checkpoint`` (for your own files only).
 """
 from __future__ import annotations
 
