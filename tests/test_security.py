@@ -200,3 +200,22 @@ def test_cifar_batches_are_read_by_a_restricted_unpickler(tmp_path):
     odd = _cifar_root(tmp_path / "odd", {b"data": data[:, :100], b"labels": [0] * 5})
     with pytest.raises(DataError, match=r"no uint8 'data' \[N, 3072\]"):
         read_cifar_batch(str(odd / "cifar-10-batches-py" / "test_batch"))
+
+
+def test_a_local_dir_models_own_weights_go_through_the_same_reader(ws, tmp_path, capsys):
+    folder = tmp_path / "crafted-model"
+    folder.mkdir()
+    config = os.path.join(ws["model"].removeprefix("local-dir:"), "open_clip_config.json")
+    (folder / "open_clip_config.json").write_bytes(open(config, "rb").read())
+    torch.save({"state_dict": ws["tuned"], "notes": Payload(ws["marker"])}, folder / "open_clip_pytorch_model.bin")
+    argv = ["--model", f"local-dir:{folder}", *eval_set_args(ws, tmp_path / "r.jsonl")]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "open_clip_pytorch_model.bin was refused" in err[0] and "--trust-checkpoint" in err[0]
+    assert not ws["marker"].exists()
+    assert wise.main(["--model", f"local-dir:{folder}", "--fine-tuned", ws["clean"], "--alphas", "0,1",
+                      *eval_set_args(ws, tmp_path / "w")]) == 2
+    assert "open_clip_pytorch_model.bin was refused" in capsys.readouterr().err and not ws["marker"].exists()
+    assert eval_cli.main([*argv, "--trust-checkpoint"]) == 0  # the user's own folder, explicitly trusted
+    assert ws["marker"].exists()
+    ws["marker"].unlink()

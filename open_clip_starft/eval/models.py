@@ -42,15 +42,12 @@ class Checkpoint:
 
 
 def local_dir_weights(model: str) -> str | None:
-    """The weights file OpenCLIP loads for a ``local-dir:`` model (its preferred names first, then any
-    ``.safetensors``, ``.bin`` or ``.pth``); None when the folder has none (OpenCLIP then builds
+    """The weights file OpenCLIP loads for a ``local-dir:`` model (its own choice: preferred names, then
+    ``.safetensors`` before ``.bin``/``.pth``); None when the folder has none (OpenCLIP then builds
     random weights, with only a warning)."""
+    from open_clip.factory import _find_checkpoint_in_dir
     folder = model.removeprefix("local-dir:")
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".pth"))) if os.path.isdir(folder) else []
-    for name in (WEIGHTS_FILE, *_OTHER_WEIGHTS, *sorted(names, key=lambda n: not n.endswith(".safetensors"))):
-        if name in names and os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
+    return _find_checkpoint_in_dir(Path(folder)) if os.path.isdir(folder) else None
 
 
 def read_params(path: str) -> dict:
@@ -168,10 +165,15 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
     return out
 
 
-def create_model(model: str, device="cpu", pretrained_tag: str | None = None):
-    """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError."""
+def create_model(model: str, device="cpu", pretrained_tag: str | None = None, trust: bool = False, own_weights: bool = True):
+    """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError.
+
+    A ``local-dir:`` folder's own weights file is read by ``read_checkpoint`` (``trust``: see there), not by
+    OpenCLIP's loader; ``own_weights=False`` leaves them out (the caller loads other weights)."""
+    weights = local_dir_weights(model) if model.startswith("local-dir:") else None
+    skip = {"load_weights": False, "pretrained_text": False} if weights else {}
     try:
-        created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained_tag, device=device)
+        created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained_tag, device=device, **skip)
         tokenizer = open_clip.get_tokenizer(model)
     except StarftError:
         raise
@@ -182,10 +184,12 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None):
             raise StarftError(f"unknown --model {model!r}: use an OpenCLIP model name (open_clip.list_models()) "
                               "or local-dir:DIR") from None
         raise StarftError(f"cannot create --model {model!r} with weights {pretrained_tag!r}: {one_line(e)}") from None
-    except pickle.UnpicklingError as e:  # OpenCLIP reads a local-dir's or a tag's weights with weights_only=True
-        raise _refusal(local_dir_weights(model) or f"of --model {model}", e) from None
+    except pickle.UnpicklingError as e:  # OpenCLIP reads a tag's downloaded weights with weights_only=True
+        raise _refusal(f"{pretrained_tag} of --model {model}", e) from None
     except (ValueError, OSError) as e:
         raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
+    if weights and own_weights:
+        load_weights(created, weights, model, trust=trust)
     created.eval()
     return created, preprocess, tokenizer
 
@@ -359,7 +363,8 @@ class ModelCache:
                                   "pass --pretrained FILE, or save the model's weights in the folder")
             if not is_file and ckpt.pretrained is not None:
                 check_weights_value(ckpt.pretrained, ckpt.model)
-            model, preprocess, tokenizer = create_model(ckpt.model, self.device, None if is_file else ckpt.pretrained)
+            model, preprocess, tokenizer = create_model(ckpt.model, self.device, None if is_file else ckpt.pretrained,
+                                                        trust=self.trust, own_weights=not is_file)
             entry = self._entries[ckpt.model] = [model, preprocess, tokenizer, "<own>" if is_file else wanted]
         if is_file:
             load_weights(entry[0], ckpt.pretrained, ckpt.model, trust=self.trust)

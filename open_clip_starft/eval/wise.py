@@ -157,7 +157,8 @@ def endpoints(args):
     ``--model`` without any position-embedding resize (weights of another image size are refused)."""
     zero_shot_is_file = args.zero_shot is not None and os.path.isfile(args.zero_shot)
     tag = args.zero_shot if args.zero_shot is not None and not zero_shot_is_file else None
-    model, preprocess, tokenizer = create_model(args.model, args.device, tag)
+    model, preprocess, tokenizer = create_model(args.model, args.device, tag, trust=args.trust_checkpoint,
+                                                own_weights=not zero_shot_is_file)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
     trained = _trained_image_size(args.fine_tuned)
