@@ -165,6 +165,18 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
     return out
 
 
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes`` (OpenCLIP's notes about weights
+    that this package loads itself)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 def create_model(model: str, device="cpu", pretrained_tag: str | None = None, trust: bool = False, own_weights: bool = True):
     """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError.
 
@@ -172,6 +184,9 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None, tr
     OpenCLIP's loader; ``own_weights=False`` leaves them out (the caller loads other weights)."""
     weights = local_dir_weights(model) if model.startswith("local-dir:") else None
     skip = {"load_weights": False, "pretrained_text": False} if weights else {}
+    quiet = _DropRecords("No pretrained weights loaded", "Potential checkpoint path")  # we load them just after
+    if weights:
+        logging.getLogger().addFilter(quiet)
     try:
         created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained_tag, device=device, **skip)
         tokenizer = open_clip.get_tokenizer(model)
@@ -188,6 +203,8 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None, tr
         raise _refusal(f"{pretrained_tag} of --model {model}", e) from None
     except (ValueError, OSError) as e:
         raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if weights and own_weights:
         load_weights(created, weights, model, trust=trust)
     created.eval()
@@ -250,10 +267,9 @@ def read_checkpoint(path: str, trust: bool = False):
             return torch.load(path, map_location="cpu", weights_only=not trust)
     except _CORRUPT as e:
         raise _refusal(path, e) from None
-    except Exception as e:  # noqa: BLE001 - a trusted pickle may raise anything while it runs
-        if not trust:
-            raise
-        raise DataError(f"cannot load trusted checkpoint {path} ({type(e).__name__}: {one_line(e, 120)})") from None
+    except Exception as e:  # noqa: BLE001 - torch's readers (and a trusted pickle while it runs) raise many kinds
+        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}: {one_line(e, 120)}): "
+                        "use another copy") from None
 
 
 def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
