@@ -374,3 +374,14 @@ def test_a_pretrained_value_that_is_no_file_is_refused_not_ignored(ws, tmp_path,
     check_weights_value("openai", "RN50")  # a tag OpenCLIP knows for that model is accepted (not downloaded here)
     (tmp_path / "epoch_2.pt").write_bytes(b"")
     check_weights_value("epoch_2.pt", ws["model"])  # an existing file is taken (and read by the safe reader)
+
+
+def test_a_run_with_an_empty_params_txt_is_named(ws, tmp_path, capsys):
+    run = tmp_path / "logs" / "cut"
+    os.makedirs(run / "checkpoints")
+    torch.save(build_tiny_model(1)[0].state_dict(), run / "checkpoints" / "epoch_1.pt")
+    (run / "params.txt").write_text("")  # a write cut short by a full disk
+    rc = run_eval("--run", run, "--data", ws["shards"], "--classnames", ws["names"], "--out", tmp_path / "r.jsonl")
+    one_line_error(capsys, rc, f"{run / 'params.txt'} is empty (0 bytes")
+    assert run_eval("--run", run, "--model", ws["model"], "--data", ws["shards"], "--classnames", ws["names"],
+                    "--out", tmp_path / "r.jsonl", "--no-plots") == 0  # naming the model explicitly works
