@@ -57,6 +57,8 @@ class FakeChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (time-out tests)
 
+            do_GET = do_POST  # a followed 302 arrives as a GET: recorded like any request
+
             def log_message(self, *args):
                 pass
 
@@ -253,6 +255,33 @@ def test_api_key_is_sent_but_never_printed_or_written(server, tmp_path):
     for folder, _, files in os.walk(tmp_path):
         for name in files:
             assert SECRET.encode() not in open(os.path.join(folder, name), "rb").read(), name
+
+
+def test_a_redirect_to_another_host_is_refused_and_that_host_never_sees_the_key(server, tmp_path, capsys, monkeypatch):
+    other = FakeChatServer()  # a second loopback server, another host name and port: it records what reaches it
+    other.script = [answer("1. rough")]
+    try:
+        port = other.server.server_address[1]
+        server.script = [{"status": 302, "headers": {"Location": f"http://localhost:{port}/v1/chat/completions"}}]
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        assert generate(server, tmp_path / "x.txt", "--concept", "texture", "--retries", "0") == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"http://127.0.0.1:{server.server.server_address[1]}" in line and f"http://localhost:{port}" in line
+        assert "refused" in line and SECRET not in line
+        assert len(server.requests) == 1 and server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+        assert other.requests == []  # the key (and the prompt) never left for the other host
+        assert not (tmp_path / "x.txt").exists()
+    finally:
+        other.close()
+
+
+def test_a_redirect_on_the_endpoints_own_host_is_followed_with_the_key(server, tmp_path, monkeypatch):
+    server.script = [{"status": 302, "headers": {"Location": "/v2/chat/completions"}}, answer("1. rough")]
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    assert generate(server, tmp_path / "y.txt", "--concept", "texture") == 0
+    assert [r["path"] for r in server.requests] == ["/v1/chat/completions", "/v2/chat/completions"]
+    assert server.requests[1]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert load_descriptors(str(tmp_path / "y.txt")) == ["rough {}."]
 
 
 def test_dry_run_prints_prompts_and_sends_nothing(server, tmp_path, capsys):

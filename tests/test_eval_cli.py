@@ -357,3 +357,31 @@ def test_a_local_dir_model_without_weights_is_refused_not_evaluated_at_random(ws
     rc = wise.main(["--model", f"local-dir:{bare}", "--fine-tuned", str(tmp_path / "x.pt"), "--data", ws["shards"],
                     "--classnames", ws["names"], "--out", str(tmp_path / "w")])
     one_line_error(capsys, rc, "has no weights of its own", "--zero-shot")
+
+
+def test_a_pretrained_value_that_is_no_file_is_refused_not_ignored(ws, tmp_path, capsys, monkeypatch):
+    from open_clip_starft.eval.models import check_weights_value
+    monkeypatch.chdir(tmp_path)  # "epoch_2.pt" is looked up here, where there is none
+    out = tmp_path / "r.jsonl"
+    rc = run_eval("--model", ws["model"], "--pretrained", "ft=epoch_2.pt", "--data", ws["shards"], "--classnames", ws["names"],
+                  "--out", out)
+    one_line_error(capsys, rc, "--pretrained", "'epoch_2.pt' does not exist", str(tmp_path), "only from files")
+    assert not out.exists()  # no row "ft" with the zero-shot model's score
+    rc = run_eval("--model", ws["model"], "--pretrained", f"ft={tmp_path}", "--data", ws["shards"], "--out", out)
+    one_line_error(capsys, rc, "is a folder, not a weights file")
+    rc = run_eval("--model", "RN50", "--pretrained", "zs=laion9b", "--data", ws["shards"], "--out", out)
+    one_line_error(capsys, rc, "'laion9b' is neither an existing file nor a pretrained tag of RN50", "openai")
+    check_weights_value("openai", "RN50")  # a tag OpenCLIP knows for that model is accepted (not downloaded here)
+    (tmp_path / "epoch_2.pt").write_bytes(b"")
+    check_weights_value("epoch_2.pt", ws["model"])  # an existing file is taken (and read by the safe reader)
+
+
+def test_a_run_with_an_empty_params_txt_is_named(ws, tmp_path, capsys):
+    run = tmp_path / "logs" / "cut"
+    os.makedirs(run / "checkpoints")
+    torch.save(build_tiny_model(1)[0].state_dict(), run / "checkpoints" / "epoch_1.pt")
+    (run / "params.txt").write_text("")  # a write cut short by a full disk
+    rc = run_eval("--run", run, "--data", ws["shards"], "--classnames", ws["names"], "--out", tmp_path / "r.jsonl")
+    one_line_error(capsys, rc, f"{run / 'params.txt'} is empty (0 bytes")
+    assert run_eval("--run", run, "--model", ws["model"], "--data", ws["shards"], "--classnames", ws["names"],
+                    "--out", tmp_path / "r.jsonl", "--no-plots") == 0  # naming the model explicitly works

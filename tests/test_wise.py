@@ -139,3 +139,62 @@ def test_save_local_dir_checks_the_weights_and_keeps_tokenizer_settings(ws, tmp_
     with pytest.raises(StarftError, match="the weights are not those of .*size mismatch for text_projection"):
         save_local_dir({**state, "text_projection": state["text_projection"][:, :8]}, ws["model"], str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "open_clip_config.json")
+
+
+@pytest.mark.parametrize("text,fault", [
+    ("0:inf:0.5", "START and STOP must lie in [0, 1]"),
+    ("1:0:0.1", "STOP 0 is below START 1: write 0:1:0.1"),
+    ("0:1:0.35", "the step 0.35 does not divide 0..1 (the last α would be 0.7, not 1)"),
+    ("0:1:0", "STEP in (0, 1]"),
+    ("0,nan", "every α must lie in [0, 1]"),
+    ("a:b", "three numbers"),
+])
+def test_alphas_name_their_real_fault(text, fault):
+    with pytest.raises(StarftError) as error:
+        wise.parse_alphas(text)
+    assert fault in str(error.value) and "\n" not in str(error.value)
+
+
+def test_alpha_ranges_include_both_ends():
+    assert wise.parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert wise.parse_alphas("0.2:0.8:0.2") == [0.2, 0.4, 0.6, 0.8]
+    assert wise.parse_alphas("0:1:0.1")[-1] == 1.0 and len(wise.parse_alphas("0:1:0.1")) == 11
+
+
+def test_weights_of_another_image_size_are_refused_not_resized(ws, tmp_path, capsys):
+    def error(*argv):
+        rc = wise.main([*map(str, argv), "--data", ws["id"], "--classnames", ws["names"], "--out", str(tmp_path / "w"),
+                        "--workers", "0", "--no-progress", "--no-plots"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("open-clip-starft: error: "), err
+        return err[0]
+
+    big, _ = build_tiny_model(seed=1, image_size=64)  # 8x8 patches of 8 px instead of 4x4: 65 position embeddings, not 17
+    torch.save({"epoch": 1, "state_dict": big.state_dict()}, tmp_path / "big.pt")
+    msg = error("--model", ws["model"], "--fine-tuned", tmp_path / "big.pt")
+    assert "big.pt" in msg and "64-px images" in msg and "32-px images" in msg and "resized" in msg
+    msg = error("--model", ws["model"], "--zero-shot", tmp_path / "big.pt", "--fine-tuned", ws["ft"])
+    assert "big.pt" in msg and "64-px" in msg and "32-px" in msg
+
+    run = tmp_path / "run"  # a run trained with --force-image-size on a tower without size-bound weights
+    os.makedirs(run / "checkpoints")
+    (run / "params.txt").write_text(f"force_image_size: [48]\nmodel: {ws['model']}\n")
+    import shutil
+    shutil.copy(ws["ft"], run / "checkpoints" / "epoch_3.pt")
+    msg = error("--model", ws["model"], "--fine-tuned", run / "checkpoints" / "epoch_3.pt")
+    assert "image size 48" in msg and "takes 32" in msg
+    assert not (tmp_path / "w" / "results.jsonl").exists()
+
+
+def test_weights_values_that_are_not_files_are_refused(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", ws["id"], "--classnames", ws["names"], "--out", str(tmp_path / "w")]
+    assert wise.main(["--model", ws["model"], "--fine-tuned", "epoch_2.pt", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fine-tuned 'epoch_2.pt' is not an existing file" in err[0] and str(tmp_path) in err[0]
+    assert wise.main(["--model", ws["model"], "--zero-shot", "openai", "--fine-tuned", ws["ft"], *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--zero-shot: checkpoint 'openai' does not exist" in err[0] and "only from files" in err[0]
+    assert wise.main(["--model", "RN50", "--zero-shot", "laion9b", "--fine-tuned", ws["ft"], *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nor a pretrained tag of RN50 (tags: openai, yfcc15m, cc12m)" in err[0]

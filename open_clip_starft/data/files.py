@@ -85,6 +85,37 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yield a temporary folder to write the folder ``path``'s content to (``PATH.partial-PID``); on
+    success it replaces ``path``: an existing ``path`` is renamed away (``PATH.partial-PID-old``), the
+    new folder renamed in, then the old one deleted, so ``path`` is at every moment the old folder
+    or the new one. On failure the temporary folder is removed and ``path`` is untouched; a full disk,
+    a read-only folder or a permission error become a one-line ``StorageError``."""
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    partial, old = partial_name(path), partial_name(path) + "-old"
+    for leftover in (partial, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        os.makedirs(partial)
+        yield partial
+        if os.path.lexists(path):
+            os.rename(path, old)
+        try:
+            os.rename(partial, path)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, path)  # put the old folder back
+            raise
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        storage = _storage_error(e, path, 0)
+        if storage is not None:
+            raise storage from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """``open(path, mode)`` written atomically (see ``atomic_path``); ``mode`` "w" or "wb"."""
     with atomic_path(path) as partial:

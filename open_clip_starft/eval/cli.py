@@ -16,6 +16,7 @@ per-group accuracy plots (``--plots``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import time
 import torch
 
 from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.models import ModelCache, checkpoints_from_args
+from open_clip_starft.eval.models import ModelCache, UntrustedCheckpoint, checkpoints_from_args
 from open_clip_starft.eval.report import plot_groups, write_jsonl, write_table
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
 from open_clip_starft.eval.evaluator import Evaluator
@@ -95,6 +96,19 @@ def set_specs_from_args(args) -> tuple[list[EvalSetSpec], str | None]:
     return specs, id_set
 
 
+TRUST_HELP = ("load checkpoints that hold objects besides weights (unpickling can run code: only for files you "
+              "made yourself; default: weights only, anything else refused)")
+
+
+@contextlib.contextmanager
+def trust_flag():
+    """A refused checkpoint's error, with the flag that allows it (commands with ``--trust-checkpoint``)."""
+    try:
+        yield
+    except UntrustedCheckpoint as e:
+        raise UntrustedCheckpoint(f"{e} (--trust-checkpoint)") from None
+
+
 def check_run_args(args) -> None:
     if args.batch_size < 1 or args.workers < 0 or args.ece_bins < 1:
         raise StarftError("--batch-size and --ece-bins must be ≥ 1 and --workers ≥ 0")
@@ -106,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n", 2)[2])
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--model", metavar="NAME|local-dir:DIR", help="OpenCLIP architecture (default for --run: its params.txt)")
-    g.add_argument("--pretrained", action="append", default=[], metavar="[LABEL=]FILE",
-                   help="weights file of --model (repeatable: one checkpoint each)")
+    g.add_argument("--pretrained", action="append", default=[], metavar="[LABEL=]FILE|TAG",
+                   help="weights file of --model, or an OpenCLIP pretrained tag of a model name (repeatable: one "
+                        "checkpoint each)")
     g.add_argument("--run", action="append", default=[], metavar="DIR", help="a training run folder (LOGS/NAME): its epoch checkpoints")
     g.add_argument("--epochs", default="all", metavar="all|last|N,M", help="which epochs of each --run (default all)")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     add_data_args(parser)
     o = parser.add_argument_group("outputs")
     o.add_argument("--out", required=True, metavar="results.jsonl", help="JSON lines, one record per checkpoint × set")
@@ -135,7 +151,7 @@ def run(args) -> int:
     for p in prepared:
         n = len(p.items) if p.items is not None else f"{len(p.shards)} shard(s)"
         print(f"  set {p.name}: {p.settings['format']}, {p.num_classes} classes, {len(p.templates)} template(s), {n}")
-    cache, records, start = ModelCache(args.device), [], time.time()
+    cache, records, start = ModelCache(args.device, trust=args.trust_checkpoint), [], time.time()
     for ckpt in checkpoints:
         model, preprocess, tokenizer = cache.load(ckpt)
         evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
@@ -153,7 +169,8 @@ def run(args) -> int:
 
 @one_line_errors
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    with trust_flag():
+        return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,21 +8,25 @@ bare state dict, OpenCLIP's ``open_clip_pytorch_model.bin``, or a training check
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from open_clip_starft.errors import StarftError, one_line
+from open_clip_starft.data import files
+from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line, with_flag
 
 CONFIG_FILE = HF_CONFIG_NAME            # open_clip_config.json
 WEIGHTS_FILE = HF_SAFE_WEIGHTS_NAME     # open_clip_model.safetensors, the name OpenCLIP's Hub upload and loader prefer
@@ -38,15 +42,33 @@ class Checkpoint:
 
 
 def local_dir_weights(model: str) -> str | None:
-    """The weights file OpenCLIP loads for a ``local-dir:`` model (its preferred names first, then any
-    ``.safetensors``, ``.bin`` or ``.pth``); None when the folder has none (OpenCLIP then builds
+    """The weights file OpenCLIP loads for a ``local-dir:`` model (its own choice: preferred names, then
+    ``.safetensors`` before ``.bin``/``.pth``); None when the folder has none (OpenCLIP then builds
     random weights, with only a warning)."""
+    from open_clip.factory import _find_checkpoint_in_dir
     folder = model.removeprefix("local-dir:")
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".pth"))) if os.path.isdir(folder) else []
-    for name in (WEIGHTS_FILE, *_OTHER_WEIGHTS, *sorted(names, key=lambda n: not n.endswith(".safetensors"))):
-        if name in names and os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
+    return _find_checkpoint_in_dir(Path(folder)) if os.path.isdir(folder) else None
+
+
+def read_params(path: str) -> dict:
+    """``params.txt`` of an OpenCLIP run (``name: value`` lines) as values (Python literals where they
+    parse). A missing or empty file (a write cut short) is a one-line DataError naming it."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist: the run folder has no params.txt (name the model explicitly)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes: a write was cut short, e.g. a full disk): name the model "
+                        "explicitly, or rewrite params.txt from the run's out.log")
+    params = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            name, sep, raw = line.rstrip("\n").partition(": ")
+            if not sep:
+                continue
+            try:
+                params[name] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                params[name] = raw
+    return params
 
 
 def model_of_run(run_dir: str) -> str:
@@ -54,11 +76,10 @@ def model_of_run(run_dir: str) -> str:
     path = os.path.join(run_dir, "params.txt")
     if not os.path.isfile(path):
         raise StarftError(f"--run {run_dir!r} has no params.txt: pass --model with the run's model")
-    with open(path) as f:
-        for line in f:
-            if line.startswith("model: "):
-                return line[len("model: "):].strip()
-    raise StarftError(f"{path!r} names no model: pass --model with the run's model")
+    model = read_params(path).get("model")
+    if not model:
+        raise StarftError(f"{path!r} names no model: pass --model with the run's model")
+    return str(model)
 
 
 def _epoch_number(name: str) -> int | None:
@@ -95,8 +116,27 @@ def run_checkpoints(run_dir: str, epochs: str = "all") -> list[str]:
     return [os.path.join(folder, n) for _, n in chosen]
 
 
+def check_weights_value(value: str, model: str) -> None:
+    """``value`` names weights of ``model``: an existing file, or, for a plain OpenCLIP model name, a
+    pretrained tag OpenCLIP knows for it (``open_clip.list_pretrained_tags_by_model``). Anything else is
+    a one-line ConfigError (OpenCLIP would ignore an unknown tag of a ``local-dir:`` model and evaluate
+    its own weights under the given label)."""
+    if os.path.isfile(value):
+        return
+    if os.path.exists(value):
+        raise ConfigError(f"{value!r} is a folder, not a weights file: give the checkpoint file in it")
+    tags = [] if model.startswith(("local-dir:", "hf-hub:")) else open_clip.list_pretrained_tags_by_model(model)
+    if value in tags:
+        return
+    if tags:
+        raise ConfigError(f"{value!r} is neither an existing file nor a pretrained tag of {model} "
+                          f"(tags: {', '.join(tags)}): check the path (relative to {os.getcwd()}) or the tag")
+    raise ConfigError(f"checkpoint {value!r} does not exist (relative to {os.getcwd()}), and {model} takes "
+                      "weights only from files: check the path")
+
+
 def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[str], epochs: str) -> list[Checkpoint]:
-    """Checkpoints from ``--model``, ``--pretrained [LABEL=]FILE`` (repeatable) and ``--run DIR``."""
+    """Checkpoints from ``--model``, ``--pretrained [LABEL=]FILE|TAG`` (repeatable) and ``--run DIR``."""
     out = []
     if pretrained and not model:
         raise StarftError("--pretrained needs --model: the architecture the weights belong to")
@@ -104,8 +144,10 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
         label, path = None, spec
         if "=" in spec and not os.path.exists(spec):
             label, path = spec.split("=", 1)
-        if not os.path.exists(path) and os.sep in path:
-            raise StarftError(f"--pretrained {path!r} does not exist: check the path")
+        try:
+            check_weights_value(path, model)
+        except StarftError as e:
+            raise with_flag(e, "--pretrained") from None
         out.append(Checkpoint(label or os.path.splitext(os.path.basename(path))[0], model, path))
     for run in runs:
         run = run.rstrip("/")
@@ -123,10 +165,30 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
     return out
 
 
-def create_model(model: str, device="cpu", pretrained_tag: str | None = None):
-    """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError."""
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes`` (OpenCLIP's notes about weights
+    that this package loads itself)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def create_model(model: str, device="cpu", pretrained_tag: str | None = None, trust: bool = False, own_weights: bool = True):
+    """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError.
+
+    A ``local-dir:`` folder's own weights file is read by ``read_checkpoint`` (``trust``: see there), not by
+    OpenCLIP's loader; ``own_weights=False`` leaves them out (the caller loads other weights)."""
+    weights = local_dir_weights(model) if model.startswith("local-dir:") else None
+    skip = {"load_weights": False, "pretrained_text": False} if weights else {}
+    quiet = _DropRecords("No pretrained weights loaded", "Potential checkpoint path")  # we load them just after
+    if weights:
+        logging.getLogger().addFilter(quiet)
     try:
-        created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained_tag, device=device)
+        created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained_tag, device=device, **skip)
         tokenizer = open_clip.get_tokenizer(model)
     except StarftError:
         raise
@@ -137,41 +199,174 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None):
             raise StarftError(f"unknown --model {model!r}: use an OpenCLIP model name (open_clip.list_models()) "
                               "or local-dir:DIR") from None
         raise StarftError(f"cannot create --model {model!r} with weights {pretrained_tag!r}: {one_line(e)}") from None
+    except pickle.UnpicklingError as e:  # OpenCLIP reads a tag's downloaded weights with weights_only=True
+        raise _refusal(f"{pretrained_tag} of --model {model}", e) from None
     except (ValueError, OSError) as e:
         raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    if weights and own_weights:
+        load_weights(created, weights, model, trust=trust)
     created.eval()
     return created, preprocess, tokenizer
 
 
-def load_weights(model: torch.nn.Module, path: str, model_name: str) -> None:
-    """Load a weights file into ``model`` with OpenCLIP's ``load_checkpoint`` (strict); a file of
-    another architecture is a one-line StarftError naming both."""
+# -- reading checkpoints -------------------------------------------------------------------------
+SAFE_GLOBALS: tuple = ()
+"""Globals allowed beyond torch's weights-only defaults when unpickling a checkpoint. Our training
+checkpoints (``state_dict``, ``optimizer``, ``scaler``, ``epoch``, ``name``, ``starft``: tensors,
+dicts, lists, numbers, strings) and OpenCLIP's released weights (bare state dicts) need none
+(``tests/test_security.py`` loads both)."""
+
+_CORRUPT = (RuntimeError, EOFError, MemoryError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError)
+
+
+class UntrustedCheckpoint(DataError):
+    """A checkpoint that would run code to load: its pickle needs a global outside the weights-only
+    allow-list (a crafted file, or objects that are not weights), or it is a TorchScript archive."""
+
+
+def _refusal(path: str, error: BaseException) -> DataError:
+    """The one-line error for a checkpoint torch's weights-only unpickler refused or could not read."""
+    text = str(error)
+    refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
+    if refused:
+        return UntrustedCheckpoint(f"checkpoint {path} was refused: loading it would call {refused[1]}, which is "
+                                   "not a weights type and can run code (a crafted file, or objects that are not "
+                                   "weights): load only files you made yourself, and trust them explicitly")
+    if "TorchScript" in text:
+        return UntrustedCheckpoint(f"checkpoint {path} was refused: it is a TorchScript archive (code, not only "
+                                   "weights): use the OpenCLIP pretrained tag of these weights, or trust the file "
+                                   "explicitly if you made it yourself")
+    detail = re.search(r"(Unsupported operand \d+|failed finding central directory|[^.\n]*(?:truncated|corrupt)[^.\n]*)", text)
+    return DataError(f"cannot read checkpoint {path} ({type(error).__name__}: {detail[1] if detail else one_line(text, 120)}): "
+                     "the file is truncated, corrupt or not a PyTorch/safetensors weights file: use another copy")
+
+
+def read_checkpoint(path: str, trust: bool = False):
+    """What a weights file holds (a state dict, a training checkpoint dict, OpenCLIP's released weights),
+    read without running code from it: ``.safetensors`` through safetensors, anything else through
+    ``torch.load(weights_only=True)`` with ``SAFE_GLOBALS``. ``trust=True`` (for the user's own files
+    only) allows any pickle (``weights_only=False``). A refused file is an ``UntrustedCheckpoint`` naming
+    the global it needed; a missing, empty, truncated or corrupt file is a one-line DataError naming it."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise StarftError(f"checkpoint {path!r} does not exist: check the path")
+        raise DataError(f"checkpoint {path} does not exist: check the path")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"checkpoint {path} is empty (0 bytes: a save cut short?): use another checkpoint")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, *_CORRUPT) as e:
+            raise _refusal(path, e) from None
     try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=not trust)
+    except _CORRUPT as e:
+        raise _refusal(path, e) from None
+    except Exception as e:  # noqa: BLE001 - torch's readers (and a trusted pickle while it runs) raise many kinds
+        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}: {one_line(e, 120)}): "
+                        "use another copy") from None
+
+
+def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
+    """``(state dict without DDP's "module." prefix, the checkpoint's other entries: epoch, name,
+    starft, ...)`` of a weights file (see ``read_checkpoint``), as OpenCLIP's ``load_state_dict`` takes
+    them: a training checkpoint's ``state_dict``, a bare state dict, a TorchScript model's weights."""
+    raw = read_checkpoint(path, trust)
+    meta = {}
+    if isinstance(raw, torch.jit.ScriptModule):  # only with trust
+        raw = {k: v for k, v in raw.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    elif isinstance(raw, dict) and "state_dict" in raw:
+        meta = {k: v for k, v in raw.items() if k != "state_dict"}
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise DataError(f"checkpoint {path} holds no state dict (name -> tensor): give OpenCLIP weights or a "
+                        "training checkpoint")
+    if next(iter(raw)).startswith("module."):  # as OpenCLIP's load_state_dict does
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    return dict(raw), meta
+
+
+_LOAD_ERROR = re.compile(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)")
+
+
+def load_error_detail(error: BaseException) -> str:
+    """The first size mismatch / missing / unexpected key of a failed strict ``load_state_dict``."""
+    detail = _LOAD_ERROR.search(str(error))
+    return (detail[1] if detail else one_line(error)).rstrip(",.")
+
+
+def _image_size(state: dict, model: torch.nn.Module) -> tuple[int | None, int | None]:
+    """``(the checkpoint's image size, the model's)`` from the ViT position embeddings (tokens = grid² + 1
+    class token; size = grid × patch size); ``(None, None)`` when they agree or the tower has none."""
+    key = "visual.positional_embedding"
+    mine = model.state_dict().get(key)
+    if key not in state or mine is None or state[key].ndim != 2 or state[key].shape[0] == mine.shape[0]:
+        return None, None  # same number of tokens (a width difference is another architecture's, named on load)
+    patch = getattr(model.visual, "patch_size", (1,))
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    grid = lambda n: round((n - 1) ** 0.5) * patch  # noqa: E731
+    return grid(state[key].shape[0]), grid(mine.shape[0])
+
+
+def load_state(model: torch.nn.Module, state: dict, resize: bool = True) -> None:
+    """``state`` into ``model`` as OpenCLIP's ``load_checkpoint`` does after reading its file (third-party
+    key conversion, the old text-tower layout, logit scale/bias shapes, position-embedding resize),
+    strict. With ``resize=False`` position embeddings of another image size raise instead of being
+    interpolated (a ``ConfigError`` naming both sizes)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    state = convert_state_dict(model, dict(state))
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        mine = getattr(model, key, None)
+        if key in state and mine is not None and state[key].ndim != mine.ndim:
+            state[key] = state[key].reshape(mine.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    if not hasattr(model, "text.transformer.embeddings.position_ids"):
+        state.pop("text.transformer.embeddings.position_ids", None)
+    theirs, ours = _image_size(state, model)
+    if theirs is not None and not resize:
+        raise ConfigError(f"the weights are for {theirs}-px images but the model takes {ours}-px images: "
+                          "their position embeddings would be resized; use weights of one image size")
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(model: torch.nn.Module, path: str, model_name: str, trust: bool = False, resize: bool = True) -> None:
+    """Load a weights file (see ``read_checkpoint``: never unpickled beyond weights unless ``trust``) into
+    ``model``, strict; a file of another architecture is a one-line DataError naming both; ``resize``:
+    see ``load_state``."""
+    if str(path).endswith((".npz", ".npy")):  # big_vision (SigLIP) weights: numpy without pickles
         try:
             open_clip.load_checkpoint(model, path)
-        except Exception as e:  # noqa: BLE001 - training checkpoints may hold non-tensor objects
-            if "weights_only" not in str(e) and "Unpickl" not in type(e).__name__:
-                raise
-            open_clip.load_checkpoint(model, path, weights_only=False)
-    except (RuntimeError, AssertionError, KeyError) as e:  # OpenCLIP's strict load / pos-embed resize
-        text = str(e)
-        detail = re.search(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)", text)
-        raise StarftError(f"checkpoint {path!r} is not a {model_name} checkpoint "
-                          f"({(detail[1] if detail else one_line(e)).rstrip(',')}): pass the --model it was trained with") from None
-    except StarftError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a file torch cannot read
-        raise StarftError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {one_line(e)}): "
-                          "give an OpenCLIP state dict or training checkpoint") from None
+        except (*_CORRUPT, AssertionError) as e:
+            raise DataError(f"checkpoint {path!r} is not a {model_name} checkpoint ({one_line(e)}): pass the --model "
+                            "it was trained with") from None
+        return
+    state, _ = checkpoint_state(path, trust)
+    try:
+        load_state(model, state, resize)
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {path}: {e}") from None
+    except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # OpenCLIP's strict load / pos-embed resize
+        raise DataError(f"checkpoint {path!r} is not a {model_name} checkpoint ({load_error_detail(e)}): "
+                        "pass the --model it was trained with") from None
 
 
 class ModelCache:
-    """Creates each architecture once and loads checkpoints into it."""
+    """Creates each architecture once and loads checkpoints into it (``trust``: see ``read_checkpoint``)."""
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", trust: bool = False):
         self.device = device
+        self.trust = trust
         self._entries: dict[str, list] = {}  # model name -> [model, preprocess, tokenizer, weights loaded]
 
     def load(self, ckpt: Checkpoint):
@@ -182,10 +377,13 @@ class ModelCache:
             if not is_file and ckpt.pretrained is None and ckpt.model.startswith("local-dir:") and not local_dir_weights(ckpt.model):
                 raise StarftError(f"--model {ckpt.model!r} holds no weights file (OpenCLIP would evaluate random weights): "
                                   "pass --pretrained FILE, or save the model's weights in the folder")
-            model, preprocess, tokenizer = create_model(ckpt.model, self.device, None if is_file else ckpt.pretrained)
+            if not is_file and ckpt.pretrained is not None:
+                check_weights_value(ckpt.pretrained, ckpt.model)
+            model, preprocess, tokenizer = create_model(ckpt.model, self.device, None if is_file else ckpt.pretrained,
+                                                        trust=self.trust, own_weights=not is_file)
             entry = self._entries[ckpt.model] = [model, preprocess, tokenizer, "<own>" if is_file else wanted]
         if is_file:
-            load_weights(entry[0], ckpt.pretrained, ckpt.model)
+            load_weights(entry[0], ckpt.pretrained, ckpt.model, trust=self.trust)
             entry[3] = wanted
         entry[0].eval()
         return entry[0], entry[1], entry[2]
@@ -244,7 +442,7 @@ def model_config(model: str) -> dict:
 def _model_from_config(config: dict, where: str) -> torch.nn.Module:
     """An OpenCLIP model built from ``config`` (through a ``local-dir:`` folder holding only the
     config, so OpenCLIP builds it as it will load it), without any weights."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # a scratch folder, removed at once: not a user's file
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f)
         logging.disable(logging.WARNING)  # OpenCLIP warns that the folder has no weights: none are wanted
@@ -266,8 +464,10 @@ def _copy_tokenizer(source: str, config: dict, out_dir: str) -> None:
             return
         for name in os.listdir(src):
             path = os.path.join(src, name)
-            if os.path.isfile(path) and name not in _NOT_COPIED and not name.endswith((".bin", ".pt", ".pth", ".safetensors")):
-                shutil.copy(path, os.path.join(out_dir, name))
+            if (os.path.isfile(path) and name not in _NOT_COPIED and files.PARTIAL not in name
+                    and not name.endswith((".bin", ".pt", ".pth", ".safetensors"))):
+                with files.atomic_path(os.path.join(out_dir, name)) as partial:
+                    shutil.copyfile(path, partial)
         return
     hf_name = config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name")
     if hf_name and os.path.isdir(hf_name) and os.path.samefile(hf_name, out_dir):
@@ -275,7 +475,14 @@ def _copy_tokenizer(source: str, config: dict, out_dir: str) -> None:
     if hf_name:  # a local-dir model always reads an HF tokenizer from its own folder
         try:
             from transformers import AutoTokenizer
-            AutoTokenizer.from_pretrained(hf_name, local_files_only=True).save_pretrained(out_dir)
+            tokenizer = AutoTokenizer.from_pretrained(hf_name, local_files_only=True)
+            with tempfile.TemporaryDirectory() as tmp:  # its files, each then written atomically
+                tokenizer.save_pretrained(tmp)
+                for name in os.listdir(tmp):
+                    with files.atomic_path(os.path.join(out_dir, name)) as partial:
+                        shutil.copyfile(os.path.join(tmp, name), partial)
+        except StarftError:
+            raise
         except Exception as e:  # noqa: BLE001 - missing from the cache, or transformers absent
             raise StarftError(f"--model {source!r} uses the Hugging Face tokenizer {hf_name!r}, which is not in the local "
                               f"cache ({type(e).__name__}: {one_line(e)}): save it there first, or pass --model local-dir:DIR "
@@ -302,7 +509,6 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
     with ``text_cfg``'s context length), then ``open_clip_config.json`` (``model_cfg`` and
     ``preprocess_cfg`` as ``save_config_for_hf`` writes them) last, each under a temporary name
     first: a folder with a config always has its weights. Returns ``"local-dir:OUT_DIR"``."""
-    from open_clip.push_to_hf_hub import save_config_for_hf
     from safetensors.torch import save_file
     if isinstance(model_cfg_or_name, dict):
         source, config = "the given model_cfg", {"model_cfg": copy.deepcopy(model_cfg_or_name), "preprocess_cfg": {}}
@@ -323,30 +529,33 @@ def save_local_dir(state_dict_or_model, model_cfg_or_name, out_dir: str, *, prep
         try:
             model.load_state_dict(state_dict_or_model, strict=True)
         except RuntimeError as e:
-            detail = re.search(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)", str(e))
-            raise StarftError(f"the weights are not those of {source} ({(detail[1] if detail else one_line(e)).rstrip(',.')}): "
-                              "pass the model they were trained with") from None
+            raise DataError(f"the weights are not those of {source} ({load_error_detail(e)}): "
+                            "pass the model they were trained with") from None
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = os.path.join(out_dir, WEIGHTS_FILE)
-    try:
-        save_file(tensors, weights + ".partial")
-    except RuntimeError:  # tensors sharing memory (tied weights): safetensors wants separate copies
-        save_file({k: v.clone() for k, v in tensors.items()}, weights + ".partial")
-    os.replace(weights + ".partial", weights)
+    with files.atomic_path(os.path.join(out_dir, WEIGHTS_FILE)) as partial:
+        try:
+            save_file(tensors, partial)
+        except RuntimeError:  # tensors sharing memory (tied weights): safetensors wants separate copies
+            save_file({k: v.clone() for k, v in tensors.items()}, partial)
     for name in _OTHER_WEIGHTS:  # an earlier save's weights would confuse OpenCLIP's and the Hub's loaders
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     _copy_tokenizer(source if isinstance(model_cfg_or_name, str) else "", config, out_dir)
-    partial = Path(out_dir) / (CONFIG_FILE + ".partial")
-    save_config_for_hf(model, partial, model_config=config["model_cfg"])
-    with open(partial, encoding="utf-8") as f:
-        written = json.load(f)
-    written["preprocess_cfg"] = {**config["preprocess_cfg"], **written["preprocess_cfg"]}
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(written, f, indent=2)
-    os.replace(partial, os.path.join(out_dir, CONFIG_FILE))
+    _write_config(model, config, out_dir)
     return f"local-dir:{out_dir}"
+
+
+def _write_config(model: torch.nn.Module, config: dict, out_dir: str) -> None:
+    """``open_clip_config.json`` as OpenCLIP's ``save_config_for_hf`` writes it, with ``config``'s
+    preprocessing settings added, written atomically."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    with tempfile.TemporaryDirectory() as tmp:  # OpenCLIP's writer opens the path itself: a scratch copy first
+        save_config_for_hf(model, Path(tmp) / CONFIG_FILE, model_config=config["model_cfg"])
+        with open(os.path.join(tmp, CONFIG_FILE), encoding="utf-8") as f:
+            written = json.load(f)
+    written["preprocess_cfg"] = {**config["preprocess_cfg"], **written["preprocess_cfg"]}
+    files.write_json(os.path.join(out_dir, CONFIG_FILE), written, indent=2)
 
 
 def save_openclip(state_dict: dict, model: str, path: str) -> str:
@@ -357,6 +566,6 @@ def save_openclip(state_dict: dict, model: str, path: str) -> str:
         return save_local_dir(state_dict, model, path)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state_dict, path + ".partial")
-    os.replace(path + ".partial", path)
+    with files.atomic_path(path) as partial:
+        torch.save(state_dict, partial)
     return path

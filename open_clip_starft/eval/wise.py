@@ -15,36 +15,51 @@ weights in OpenCLIP's format: a ``.pt``/``.bin`` state dict (``--model M --pretr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.cli import add_data_args, check_run_args, add_run_args, set_specs_from_args
+from open_clip_starft.data import files
+from open_clip_starft.errors import ConfigError, StarftError, one_line_errors, with_flag
+from open_clip_starft.eval.cli import TRUST_HELP, add_data_args, check_run_args, add_run_args, set_specs_from_args, trust_flag
 from open_clip_starft.eval.progress import Progress
-from open_clip_starft.eval.models import create_model, interpolate_state_dicts, load_weights, local_dir_weights, save_openclip
+from open_clip_starft.eval.models import (check_weights_value, create_model, interpolate_state_dicts, load_weights,
+                                          local_dir_weights, read_params, save_openclip)
 from open_clip_starft.eval.report import layout, plot_wise, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
 from open_clip_starft.eval.evaluator import Evaluator
 
 
 def parse_alphas(text: str) -> list[float]:
-    """``0,0.25,1`` or ``START:STOP:STEP`` (inclusive), each in [0, 1]."""
+    """``0,0.25,1`` or ``START:STOP:STEP`` (inclusive; the step must divide STOP − START), each in [0, 1]."""
+    if ":" in text:
+        return _alpha_range(text)
     try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            alphas = [round(start + i * step, 10) for i in range(n + 1)]
-        else:
-            alphas = [float(v) for v in text.split(",") if v.strip()]
+        alphas = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise StarftError(f"--alphas {text!r}: write a comma list (0,0.5,1) or START:STOP:STEP (0:1:0.1)") from None
-    if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise StarftError(f"--alphas {text!r}: every α must lie in [0, 1]")
+        raise ConfigError(f"--alphas {text!r}: write a comma list (0,0.5,1) or START:STOP:STEP (0:1:0.1)") from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):  # NaN fails this too
+        raise ConfigError(f"--alphas {text!r}: every α must lie in [0, 1]")
     return sorted(set(alphas))
+
+
+def _alpha_range(text: str) -> list[float]:
+    """``START:STOP:STEP`` as the α list, each fault named: not three numbers, not finite or outside
+    [0, 1], a step ≤ 0, STOP below START, a step that does not divide the range."""
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--alphas {text!r}: write START:STOP:STEP with three numbers, e.g. 0:1:0.1") from None
+    if not all(0 <= v <= 1 for v in (start, stop)) or not 0 < step <= 1:  # inf and NaN fail here
+        raise ConfigError(f"--alphas {text!r}: START and STOP must lie in [0, 1] and STEP in (0, 1], e.g. 0:1:0.1")
+    if stop < start:
+        raise ConfigError(f"--alphas {text!r}: STOP {stop:g} is below START {start:g}: write {stop:g}:{start:g}:{step:g}")
+    n = round((stop - start) / step)
+    if abs(start + n * step - stop) > 1e-9:
+        raise ConfigError(f"--alphas {text!r}: the step {step:g} does not divide {start:g}..{stop:g} (the last α would "
+                          f"be {start + int((stop - start) / step + 1e-9) * step:g}, not {stop:g}): pick a step that divides it, "
+                          f"e.g. {(stop - start) / max(n, 1):g} ({max(n, 1)} steps)")
+    return sorted({round(start + i * step, 10) for i in range(n + 1)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n", 2)[2])
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--model", required=True, metavar="NAME|local-dir:DIR", help="OpenCLIP architecture of both checkpoints")
-    g.add_argument("--zero-shot", metavar="FILE", help="zero-shot weights (default: --model's own, e.g. a local-dir's)")
+    g.add_argument("--zero-shot", metavar="FILE|TAG", help="zero-shot weights: a file, or an OpenCLIP pretrained tag "
+                   "of a model name (default: --model's own, e.g. a local-dir's)")
     g.add_argument("--fine-tuned", required=True, metavar="FILE", help="fine-tuned weights (a training checkpoint or state dict)")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--alphas", default="0:1:0.1", help="α list: 0,0.5,1 or START:STOP:STEP (default 0:1:0.1)")
     add_data_args(parser)
     o = parser.add_argument_group("outputs")
@@ -111,21 +128,59 @@ def choose_alpha(points: list[dict], spec: str) -> float:
     return alpha
 
 
+def _check_weights_args(args) -> None:
+    """``--fine-tuned`` is an existing file; ``--zero-shot`` an existing file or a pretrained tag OpenCLIP knows
+    for a model name; without ``--zero-shot`` the ``--model`` must hold weights of its own."""
+    if args.zero_shot is not None:
+        try:
+            check_weights_value(args.zero_shot, args.model)
+        except StarftError as e:
+            raise with_flag(e, "--zero-shot") from None
+    elif not (args.model.startswith("local-dir:") and local_dir_weights(args.model)):
+        raise StarftError(f"--model {args.model} has no weights of its own here: pass --zero-shot FILE "
+                          "(the pretrained weights the fine-tuning started from)")
+    if not os.path.isfile(args.fine_tuned):
+        raise ConfigError(f"--fine-tuned {args.fine_tuned!r} is not an existing file (relative to {os.getcwd()}): "
+                          "give the fine-tuned checkpoint's path")
+
+
+def _trained_image_size(checkpoint: str) -> int | None:
+    """The ``--force-image-size`` of the run a training checkpoint belongs to (``RUN/params.txt``), if any."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "params.txt")
+    size = read_params(path).get("force_image_size") if os.path.isfile(path) and os.path.getsize(path) else None
+    size = size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else size
+    return None if size in (None, "None") else size
+
+
+def endpoints(args):
+    """``(model, preprocess, tokenizer, zero-shot state dict, fine-tuned state dict)``: both loaded into
+    ``--model`` without any position-embedding resize (weights of another image size are refused)."""
+    zero_shot_is_file = args.zero_shot is not None and os.path.isfile(args.zero_shot)
+    tag = args.zero_shot if args.zero_shot is not None and not zero_shot_is_file else None
+    model, preprocess, tokenizer = create_model(args.model, args.device, tag, trust=args.trust_checkpoint,
+                                                own_weights=not zero_shot_is_file)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    trained = _trained_image_size(args.fine_tuned)
+    if trained is not None and trained != size:
+        raise ConfigError(f"--fine-tuned {args.fine_tuned} was trained at image size {trained} (its run's params.txt) but "
+                          f"--model {args.model} takes {size}: interpolate weights of one image size")
+    if zero_shot_is_file:
+        load_weights(model, args.zero_shot, args.model, trust=args.trust_checkpoint, resize=False)
+    zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    load_weights(model, args.fine_tuned, args.model, trust=args.trust_checkpoint, resize=False)
+    fine_tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, preprocess, tokenizer, zero_shot, fine_tuned
+
+
 def run(args) -> int:
     check_run_args(args)
     alphas = parse_alphas(args.alphas)
+    _check_weights_args(args)
     specs, id_set = set_specs_from_args(args)
     prepared = [prepare_set(s) for s in specs]
-    if not args.zero_shot and not (args.model.startswith("local-dir:") and local_dir_weights(args.model)):
-        raise StarftError(f"--model {args.model} has no weights of its own here: pass --zero-shot FILE "
-                          "(the pretrained weights the fine-tuning started from)")
     zero_shot_file = args.zero_shot or local_dir_weights(args.model)
-    model, preprocess, tokenizer = create_model(args.model, args.device)
-    if args.zero_shot:
-        load_weights(model, args.zero_shot, args.model)
-    zero_shot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    load_weights(model, args.fine_tuned, args.model)
-    fine_tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model, preprocess, tokenizer, zero_shot, fine_tuned = endpoints(args)
     os.makedirs(args.out, exist_ok=True)
     print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
     records, start = [], time.time()
@@ -151,8 +206,7 @@ def run(args) -> int:
         result["saved"] = {"alpha": alpha, "path": saved}
         how = f"--model {saved}" if saved.startswith("local-dir:") else f"--model {args.model} --pretrained {saved}"
         print(f"saved θ(α={alpha:g}) in OpenCLIP format: use {how}")
-    with open(os.path.join(args.out, "wise.json"), "w") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
+    files.write_json(os.path.join(args.out, "wise.json"), result)
     if not args.no_plots:
         plot_wise(points, os.path.join(args.out, "wise.png"), x_label, y_label)
     print(f"curve: {os.path.join(args.out, 'wise.json')}" + ("" if args.no_plots else f", {os.path.join(args.out, 'wise.png')}")
@@ -162,7 +216,8 @@ def run(args) -> int:
 
 @one_line_errors
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    with trust_flag():
+        return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,20 +12,29 @@ JSON lines), its robustness table (top-1, worst group, per set). Plain OpenCLIP 
 ``open_clip.create_model_and_transforms("local-dir:FOLDER")``; ``huggingface-cli upload ORG/NAME
 FOLDER`` shares it unchanged (nothing here reaches the network). The folder is checked before the
 command ends: OpenCLIP loads it back and every weight equals the checkpoint's.
+
+FOLDER is new or empty; a non-empty one is replaced only with ``--overwrite`` (written beside it and
+swapped in whole), never when it is or holds the source model, the checkpoint or the results. The card
+names the base model and the data by name (``--base-model``, ``--card-data-name``; default: their
+folders' names), never by a path of this machine, and its front matter carries ``base_model``,
+``datasets`` and the Hub's ``model-index`` of the ``--results``. The checkpoint is read weights-only:
+one holding other objects is refused unless ``--trust-checkpoint`` (for your own files only).
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 
 import open_clip
 import torch
+import yaml
 from open_clip.push_to_hf_hub import generate_readme
 
-from open_clip_starft.errors import StarftError, one_line, one_line_errors
-from open_clip_starft.eval.models import save_local_dir
+from open_clip_starft.data import files
+from open_clip_starft.errors import ConfigError, StarftError, one_line_errors
+from open_clip_starft.eval.cli import trust_flag
+from open_clip_starft.eval.models import checkpoint_state, read_params, save_local_dir
 from open_clip_starft.host.params import build_parser as training_parser
 from open_clip_starft.eval.report import layout, markdown_table, read_jsonl
 
@@ -39,45 +48,11 @@ TRAINING_KEYS = (
 PAPER = "StarFT: Robust Fine-tuning of Zero-shot Models via Spuriousity Alignment (Kim et al., IJCAI 2025)"
 
 
-def read_params(path: str) -> dict:
-    """``params.txt`` of an OpenCLIP run (``name: value`` lines) as values (Python literals where they parse)."""
-    params = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            name, sep, raw = line.rstrip("\n").partition(": ")
-            if not sep:
-                continue
-            try:
-                params[name] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                params[name] = raw
-    return params
-
-
 def run_params(checkpoint: str) -> tuple[dict, str | None]:
     """``(params, path)`` of the run a checkpoint belongs to (``RUN/params.txt`` for
-    ``RUN/checkpoints/epoch_N.pt``); ``({}, None)`` when there is none."""
+    ``RUN/checkpoints/epoch_N.pt``); ``({}, None)`` when there is none; an empty one is a one-line error."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "params.txt")
     return (read_params(path), path) if os.path.isfile(path) else ({}, None)
-
-
-def read_checkpoint(path: str) -> tuple[dict, dict]:
-    """``(state dict without DDP's "module." prefix, the other entries: epoch, name, starft, ...)``."""
-    try:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - not a zip checkpoint (mmap) or objects weights_only refuses
-            raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a file torch cannot read
-        raise StarftError(f"cannot read --checkpoint {path!r} ({type(e).__name__}: {one_line(e)}): give an OpenCLIP "
-                          "training checkpoint") from None
-    if not isinstance(raw, dict) or not raw:
-        raise StarftError(f"--checkpoint {path!r} holds no state dict: give an OpenCLIP training checkpoint")
-    meta = {k: v for k, v in raw.items() if k != "state_dict"} if "state_dict" in raw else {}
-    state = raw["state_dict"] if "state_dict" in raw else raw
-    if next(iter(state)).startswith("module."):  # as OpenCLIP's load_state_dict does
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state, meta
 
 
 def model_changes(params: dict) -> tuple[dict, dict]:
@@ -100,6 +75,13 @@ def model_changes(params: dict) -> tuple[dict, dict]:
         if params.get(flag) not in (None, "None"):
             preprocess[key] = params[flag]
     return updates, preprocess
+
+
+def _history_text(entry: dict) -> str:
+    """One settings-history entry as ``--flag value, …`` (paths by their base names)."""
+    settings = {f"--{k.replace('_', '-')}": _public(v) for k, v in entry.get("settings", {}).items()}
+    settings.update({f"--{k.replace('_', '-')}": entry[k] for k in ("batch_size", "epochs") if k in entry})
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
 def starft_flags() -> set[str]:
@@ -148,32 +130,92 @@ def robustness_section(records: list[dict], checkpoint: str, path: str) -> str:
     return "\n".join(lines)
 
 
+def public_name(value: str) -> str:
+    """A name for a path that says nothing of this machine: a file's or folder's base name (a shard
+    pattern's or ``.tar``'s folder; ``local-dir:DIR``'s folder); other text unchanged."""
+    path = value.removeprefix("local-dir:").split("::")[0].rstrip("/")
+    if os.sep not in path:
+        return value
+    base = os.path.basename(path)
+    if any(c in base for c in "{*?[") or base.endswith(".tar"):
+        base = os.path.basename(os.path.dirname(path))
+    return base or value
+
+
+def _public(value):
+    """``value`` with every absolute path replaced by its ``public_name`` (strings, lists and dicts)."""
+    if isinstance(value, str):
+        first = value.removeprefix("local-dir:").split("::")[0]
+        return public_name(value) if os.path.isabs(first) else value
+    if isinstance(value, (list, tuple)):
+        return [_public(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    return value
+
+
+_METRICS = (("top1", "accuracy", "top-1 accuracy"), ("top5", "top_5_accuracy", "top-5 accuracy"),
+            ("worst_group", "worst_group_accuracy", "worst-group accuracy"),
+            ("avg_group", "average_group_accuracy", "average-group accuracy"),
+            ("ece", "expected_calibration_error", "expected calibration error"))
+
+
+def model_index(records: list[dict], checkpoint: str, path: str, name: str) -> list[dict]:
+    """The Hub's ``model-index`` of this checkpoint's eval records: one zero-shot classification result
+    per set, with its accuracies in % (worst and average group for sets with groups) and its ECE."""
+    mine, label = results_of(records, checkpoint, path)
+    results = []
+    for r in (r for r in mine if r["checkpoint"] == label):
+        metrics = [{"type": kind, "name": what, "value": round(100 * r[key], 2) if key != "ece" else round(r[key], 4)}
+                   for key, kind, what in _METRICS if r.get(key) is not None]
+        results.append({"task": {"type": "zero-shot-image-classification"},
+                        "dataset": {"name": r["dataset"], "type": r["dataset"]}, "metrics": metrics})
+    return [{"name": name, "results": results}]
+
+
+def _front_matter(readme: str, extra: dict) -> str:
+    """``readme`` (``generate_readme``'s text) with ``extra`` added to its YAML front matter."""
+    end = readme.index("---\n", 4)
+    return readme[:end] + yaml.safe_dump(extra, sort_keys=False, allow_unicode=True) + readme[end:]
+
+
 def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: dict, params_path: str | None,
-               results: str | None, license_id: str) -> str:
-    """The README.md of the folder (OpenCLIP's ``generate_readme`` layout, Hub front matter included)."""
+               results: str | None, license_id: str, base_model: str | None = None, data_name: str | None = None) -> str:
+    """The README.md of the folder (OpenCLIP's ``generate_readme`` layout; Hub front matter with
+    ``base_model``, ``datasets`` and, with ``results``, a ``model-index``). Paths are shown by their
+    base names only (``public_name``): the card names no folder of this machine."""
     starft = dict(meta.get("starft") or {})
     flags = starft_flags()
     batches_done = starft.pop("batches_done", None)
-    settings = {f"--{k.replace('_', '-')}": v for k, v in starft.items() if k in flags}
-    recorded = {k: v for k, v in starft.items() if k not in flags}
+    history = starft.pop("history", None) or []
+    settings = {f"--{k.replace('_', '-')}": _public(v) for k, v in starft.items() if k in flags}
+    recorded = {k: _public(v) for k, v in starft.items() if k not in flags}
     epoch, epochs = meta.get("epoch"), params.get("epochs")
     trained = f"{epoch}" + (f" of {epochs}" if epochs is not None else "") if epoch is not None else "not recorded"
     if batches_done is not None:
         trained += f" (a mid-epoch checkpoint: {batches_done} batches of epoch {epoch + 1} also done)"
-    details = {"Architecture": model, "Method": PAPER, "Checkpoint": f"{os.path.basename(checkpoint)} (run {meta.get('name', '?')})",
-               "Epochs trained": trained}
-    details.update({label: params[key] for label, key in TRAINING_KEYS if params.get(key) not in (None, "None", "", {}, [])})
+    base_model = base_model or public_name(model)
+    data_name = data_name or (public_name(str(params["train_data"])) if params.get("train_data") else None)
+    details = {"Architecture": public_name(model), "Base model": base_model, "Method": PAPER,
+               "Checkpoint": f"{os.path.basename(checkpoint)} (run {meta.get('name', '?')})", "Epochs trained": trained}
+    details.update({label: _public(params[key]) for label, key in TRAINING_KEYS if params.get(key) not in (None, "None", "", {}, [])})
+    if data_name:
+        details["Training data"] = data_name
     if not params_path:
         details["Run settings"] = "no params.txt beside the checkpoint's folder: data and optimisation settings not recorded"
     details["StarFT settings"] = {f"`{k}`": v for k, v in settings.items()} or "none recorded (not a StarFT checkpoint?)"
     if recorded:
         details["Recorded by the run"] = {f"`{k}`": v for k, v in recorded.items()}
+    if len(history) > 1:  # resumed with other settings (--starft-allow-changed-settings)
+        details["Settings history"] = {f"from step {h.get('step')} (epoch {h.get('epoch')})": _history_text(h)
+                                       for h in history}
     card = {
         "tags": ["clip", "open_clip", "starft", "zero-shot-image-classification"],
         "license": license_id,
         "description": (f"A CLIP model fine-tuned with StarFT through OpenCLIP's training code (`open_clip_starft`): "
                         "contrastive fine-tuning on class-name captions plus the Star regulariser, which keeps the "
-                        "model's view of spurious captions aligned with the frozen zero-shot model. Exported from "
+                        "model's view of spurious captions aligned with the frozen zero-shot model. Fine-tuned from "
+                        f"`{base_model}`" + (f" on `{data_name}`" if data_name else "") + "; exported from "
                         f"`{os.path.basename(checkpoint)}` with `open-clip-starft export`."),
         "details": details,
         "usage": ("```python\nimport open_clip\n\n"
@@ -181,12 +223,31 @@ def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: di
                   "# or \"hf-hub:ORG/NAME\" once uploaded\n"
                   f"tokenizer = open_clip.get_tokenizer(\"local-dir:{name}\")\n```\n"),
     }
+    extra = {"base_model": base_model, **({"datasets": [data_name]} if data_name else {})}
     if results:
-        card["comparison"] = robustness_section(read_jsonl(results), checkpoint, results)
-    return generate_readme(card, name)
+        records = read_jsonl(results)
+        card["comparison"] = robustness_section(records, checkpoint, results)
+        extra["model-index"] = model_index(records, checkpoint, results, name)
+    return _front_matter(generate_readme(card, name), extra)
 
 
-def export_model(checkpoint: str, out: str, *, model: str | None = None) -> tuple[str, dict, dict, str]:
+def check_out(out: str, overwrite: bool, keep: dict[str, str]) -> None:
+    """``--out`` may be written: never a folder that is or holds one of ``keep`` (what -> path: the
+    source model, the checkpoint, the results), and a non-empty folder only with ``overwrite``."""
+    real = os.path.realpath(out)
+    for what, path in keep.items():
+        if path and (os.path.realpath(path) == real or os.path.realpath(path).startswith(real.rstrip(os.sep) + os.sep)):
+            raise ConfigError(f"--out {out} is or holds {what} ({path}), which exporting would replace: "
+                              "choose another folder")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file, not a folder: choose a folder")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and not overwrite:
+        raise ConfigError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0]}): pass --overwrite "
+                          "to replace it, or choose an empty or new folder")
+
+
+def export_model(checkpoint: str, out: str, *, model: str | None = None, trust: bool = False) -> tuple[str, dict, dict, str]:
     """The checkpoint's weights as the ``local-dir:`` folder ``out`` (config, weights, tokenizer files),
     with the changes the run's ``--force-*``/``--image-*`` flags made, checked by loading it back with
     plain OpenCLIP. Returns ``("local-dir:OUT", checkpoint entries, run params, model)``."""
@@ -197,7 +258,7 @@ def export_model(checkpoint: str, out: str, *, model: str | None = None) -> tupl
     if not model:
         raise StarftError(f"--checkpoint {checkpoint!r} has no params.txt beside its run folder: pass --model "
                           "(the OpenCLIP name or local-dir:DIR it was trained with)")
-    state, meta = read_checkpoint(checkpoint)
+    state, meta = checkpoint_state(checkpoint, trust)
     updates, preprocess = model_changes(params)
     saved = save_local_dir(state, model, out, preprocess_cfg=preprocess, model_cfg_updates=updates)
     loaded = open_clip.create_model(saved).state_dict()  # the check: plain OpenCLIP loads exactly these weights
@@ -209,19 +270,27 @@ def export_model(checkpoint: str, out: str, *, model: str | None = None) -> tupl
 
 
 def export(checkpoint: str, out: str, *, model: str | None = None, results: str | None = None,
-           license_id: str = "other", log=print) -> str:
+           license_id: str = "other", overwrite: bool = False, trust: bool = False, base_model: str | None = None,
+           data_name: str | None = None, log=print) -> str:
     """Export ``checkpoint`` to the folder ``out`` with its model card (see the module docstring);
-    returns ``"local-dir:OUT"``."""
+    returns ``"local-dir:OUT"``. ``out`` is written whole beside itself (``OUT.partial-PID``) and swapped
+    in at the end: a non-empty ``out`` is replaced only with ``overwrite``, and never when it is or
+    holds the source model, the checkpoint or the results."""
     if results is not None:
         if not os.path.isfile(results):
             raise StarftError(f"--results {results!r} does not exist: give the results.jsonl of open-clip-starft eval")
         results_of(read_jsonl(results), checkpoint, results)  # a wrong results file fails before anything is written
-    saved, meta, params, model = export_model(checkpoint, out, model=model)
-    card = model_card(name=os.path.basename(os.path.abspath(out)), model=model, checkpoint=checkpoint, meta=meta,
-                      params=params, params_path=run_params(checkpoint)[1], results=results, license_id=license_id)
-    with open(os.path.join(out, "README.md.partial"), "w", encoding="utf-8") as f:
-        f.write(card)
-    os.replace(os.path.join(out, "README.md.partial"), os.path.join(out, "README.md"))
+    source = model or run_params(checkpoint)[0].get("model")
+    check_out(out, overwrite, {"the source model": str(source).removeprefix("local-dir:") if str(source).startswith("local-dir:") else "",
+                               "the checkpoint": checkpoint, "the results": results or ""})
+    name = os.path.basename(os.path.abspath(out))
+    with files.atomic_dir(out) as partial:
+        _, meta, params, model = export_model(checkpoint, partial, model=model, trust=trust)
+        card = model_card(name=name, model=model, checkpoint=checkpoint, meta=meta, params=params,
+                          params_path=run_params(checkpoint)[1], results=results, license_id=license_id,
+                          base_model=base_model, data_name=data_name)
+        files.write_text(os.path.join(partial, "README.md"), card)
+    saved = f"local-dir:{out}"
     log(f"exported {checkpoint} as {saved} (model card {os.path.join(out, 'README.md')})")
     log(f"load: open_clip.create_model_and_transforms({saved!r}); share: huggingface-cli upload ORG/NAME {out}")
     return saved
@@ -234,19 +303,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a training checkpoint (epoch_N.pt)")
     parser.add_argument("--model", metavar="NAME|local-dir:DIR",
                         help="the OpenCLIP model it was trained with (default: the run's params.txt)")
-    parser.add_argument("--out", required=True, metavar="FOLDER", help="the model folder to write")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="the model folder to write (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (written beside it, then "
+                        "swapped in; never the source model's folder)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="load a checkpoint that holds objects "
+                        "besides weights (unpickling can run code: only for files you made yourself)")
     parser.add_argument("--results", metavar="results.jsonl", help="open-clip-starft eval results of this checkpoint, "
-                        "for the card's robustness table")
+                        "for the card's robustness table and model-index")
     parser.add_argument("--license", dest="license_id", default="other", metavar="ID",
                         help="the card's license (a Hugging Face license id; default 'other': the base weights' and "
                              "data's terms apply)")
+    parser.add_argument("--base-model", metavar="NAME", help="the card's base_model, e.g. the Hub id of the weights "
+                        "fine-tuned (default: the model's name or folder name)")
+    parser.add_argument("--card-data-name", metavar="NAME", help="the card's training data name, e.g. a Hub dataset "
+                        "id (default: the training data's folder name)")
     return parser
 
 
 @one_line_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    export(args.checkpoint, args.out, model=args.model, results=args.results, license_id=args.license_id)
+    with trust_flag():
+        export(args.checkpoint, args.out, model=args.model, results=args.results, license_id=args.license_id,
+               overwrite=args.overwrite, trust=args.trust_checkpoint, base_model=args.base_model,
+               data_name=args.card_data_name)
     return 0
 
 

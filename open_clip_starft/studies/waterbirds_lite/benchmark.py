@@ -35,7 +35,7 @@ import torch
 from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
 from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import interpolate_state_dicts, run_checkpoints
+from open_clip_starft.eval.models import checkpoint_state, interpolate_state_dicts, run_checkpoints
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.tools.sweep import Setting, make_grid, select
 
@@ -293,8 +293,7 @@ class Evaluator:
         return torch.nn.functional.normalize(text.proj(self._pooled[key]), dim=-1)
 
     def state_of(self, checkpoint: str) -> dict:
-        from open_clip.factory import load_state_dict
-        return load_state_dict(checkpoint, weights_only=False)  # OpenCLIP's: "state_dict", no "module."
+        return checkpoint_state(checkpoint)[0]  # the one safe reader: weights only, "state_dict", no "module."
 
     @torch.no_grad()
     def head(self, names: list[str]) -> torch.Tensor:

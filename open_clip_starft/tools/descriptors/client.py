@@ -1,8 +1,9 @@
 """The language-model client: one-message requests to any OpenAI-compatible chat-completions endpoint,
 with retries on 429, 5xx, resets and time-outs.
 
-Only the standard library talks HTTP. The API key is sent as ``Authorization: Bearer ...`` and masked in
-every error message; it is never printed or written anywhere.
+Only the standard library talks HTTP. The API key is sent as ``Authorization: Bearer ...`` only to the
+endpoint's scheme, host and port: a redirect elsewhere is refused (urllib would carry the header along);
+it is masked in every error message and never printed or written anywhere.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from open_clip_starft.errors import StarftError, one_line
@@ -24,6 +26,27 @@ def chat_url(endpoint: str) -> str:
     if not re.match(r"https?://[^/]", url):
         raise StarftError(f"--endpoint {endpoint!r} is not an http(s) URL: pass a base URL such as http://127.0.0.1:8000/v1")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url`` (the default port written out), what a credential is bound to."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the request's own scheme, host and port (keeping its headers, the
+    API key included); a redirect anywhere else is a one-line StarftError naming both, sent nowhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if origin(target) != origin(req.full_url):
+            fp.close()
+            raise StarftError(f"{origin(req.full_url)} answered HTTP {code} redirecting to another host, {origin(target)}: "
+                              "refused, so the API key goes only to the endpoint's host; if you trust that host, pass "
+                              "its URL as --endpoint")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _retry_after(headers) -> float | None:
@@ -48,6 +71,7 @@ class ChatClient:
         self.retries = retries
         self.backoff = backoff
         self._api_key = api_key or None
+        self._opener = urllib.request.build_opener(_SameOriginRedirects())  # replaces urllib's redirect handler
 
     def redact(self, text: str) -> str:
         """``text`` with the API key masked."""
@@ -62,7 +86,7 @@ class ChatClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with self._opener.open(request, timeout=self.timeout) as response:
             return response.read()
 
     def _post_with_retries(self, payload: bytes) -> bytes:
