@@ -385,3 +385,23 @@ def test_a_run_with_an_empty_params_txt_is_named(ws, tmp_path, capsys):
     one_line_error(capsys, rc, f"{run / 'params.txt'} is empty (0 bytes")
     assert run_eval("--run", run, "--model", ws["model"], "--data", ws["shards"], "--classnames", ws["names"],
                     "--out", tmp_path / "r.jsonl", "--no-plots") == 0  # naming the model explicitly works
+
+
+def test_results_in_clip_benchmark_format_and_tensorboard(ws, tmp_path):
+    import argparse
+    import csv
+    from clip_benchmark.cli import main_build
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "r.jsonl"
+    assert run_eval("--model", ws["model"], "--pretrained", f"zs={ws['model'].removeprefix('local-dir:')}/open_clip_model.safetensors",
+                    "--set", f"shapes={ws['shards']}", "--classnames", ws["names"], "--out", out, "--no-plots",
+                    "--results-format", "clip_benchmark", "--report-to", "tensorboard") == 0
+    (record,) = records_of(out)
+    main_build(argparse.Namespace(files=[str(tmp_path / "r_clip_benchmark")], output=str(tmp_path / "b.csv")))
+    with open(tmp_path / "b.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["dataset"] == "shapes" and row["pretrained"] == "zs" and float(row["acc1"]) == record["top1"]
+    assert float(row["acc5"]) == record["top5"] and float(row["mean_per_class_recall"]) == record["per_class_mean"]
+    events = EventAccumulator(str(tmp_path / "r_tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("eval/shapes/worst_group")] == pytest.approx([record["worst_group"]])

@@ -92,6 +92,18 @@ def test_validation_sets_are_logged_every_epoch_and_the_best_is_kept(ws, tmp_pat
             assert record[key] == online[key], (epoch, key)
         assert record["ece"] == online["ece"]
 
+    # the kept epoch by name: eval --epochs best, and export of best.pt as a plain OpenCLIP folder
+    out = tmp_path / "best.jsonl"
+    assert eval_main(["--model", ws["model"], "--run", os.path.join(ws["root"], "logs", name), "--epochs", "best",
+                      "--set", f"val={ws['val']}", "--classnames", ws["classes"], "--out", str(out), "--no-plots",
+                      "--workers", "0", "--device", "cpu", "--precision", "amp", "--batch-size", "32"]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["checkpoint"] == f"{name}/best" and record["worst_group"] == best["worst_group"]
+    from open_clip_starft.tools.export import main as export_main
+    assert export_main(["--checkpoint", os.path.join(folder, "best.pt"), "--model", ws["model"],
+                        "--out", str(tmp_path / "best-model")]) == 0
+    assert (tmp_path / "best-model" / "open_clip_config.json").exists()
+
 
 def test_validation_does_not_change_training(ws):
     plain = run(train_args(ws, "no-val", epochs=2))

@@ -25,7 +25,8 @@ import torch
 
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.models import ModelCache, UntrustedCheckpoint, checkpoints_from_args
-from open_clip_starft.eval.report import plot_groups, write_jsonl, write_table
+from open_clip_starft.eval.report import (ScalarReporter, plot_groups, record_scalars, write_clip_benchmark, write_jsonl,
+                                         write_table)
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
 from open_clip_starft.eval.evaluator import Evaluator
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights file of --model, or an OpenCLIP pretrained tag of a model name (repeatable: one "
                         "checkpoint each)")
     g.add_argument("--run", action="append", default=[], metavar="DIR", help="a training run folder (LOGS/NAME): its epoch checkpoints")
-    g.add_argument("--epochs", default="all", metavar="all|last|N,M", help="which epochs of each --run (default all)")
+    g.add_argument("--epochs", default="all", metavar="all|last|best|N,M", help="which epochs of each --run: all (default), last, best (the --starft-select epoch) or N,M")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     add_data_args(parser)
     o = parser.add_argument_group("outputs")
@@ -132,8 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--table", metavar="FILE.md", help="Markdown table (default: --out with .md)")
     o.add_argument("--plots", metavar="DIR", help="per-group accuracy plots (default: --out without suffix + _plots)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--results-format", default="jsonl", choices=("jsonl", "clip_benchmark"),
+                   help="clip_benchmark: also one CLIP_benchmark result JSON per checkpoint × set (acc1, acc5, "
+                        "mean_per_class_recall, plus worst_group_acc, avg_group_acc, ece), which `clip_benchmark "
+                        "build` aggregates, in --out without suffix + _clip_benchmark/")
+    add_report_args(parser)
     add_run_args(parser)
     return parser
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    """``--report-to`` as OpenCLIP's: the scalars of every record to tensorboard and/or wandb (eval, wise, sweep)."""
+    g = parser.add_argument_group("reporting (OpenCLIP's --report-to)")
+    g.add_argument("--report-to", default="", metavar="tensorboard|wandb|all",
+                   help="also log each record's metrics (eval/SET/top1, eval/SET/worst_group, …) to tensorboard "
+                        "and/or wandb (comma list); the step is the checkpoint's position")
+    g.add_argument("--tensorboard-dir", metavar="DIR", help="event files (default: --out without suffix + _tensorboard)")
+    g.add_argument("--wandb-project", default="open-clip-starft", help="wandb project (default open-clip-starft)")
+
+
+def reporter_from_args(args, out_stem: str, run_name: str) -> ScalarReporter:
+    return ScalarReporter(args.report_to, args.tensorboard_dir or out_stem + "_tensorboard",
+                          wandb_init={"project": args.wandb_project, "name": run_name})
 
 
 def default_paths(out: str, table: str | None, plots: str | None) -> tuple[str, str]:
@@ -152,7 +173,9 @@ def run(args) -> int:
         n = len(p.items) if p.items is not None else f"{len(p.shards)} shard(s)"
         print(f"  set {p.name}: {p.settings['format']}, {p.num_classes} classes, {len(p.templates)} template(s), {n}")
     cache, records, start = ModelCache(args.device, trust=args.trust_checkpoint), [], time.time()
-    for ckpt in checkpoints:
+    stem = os.path.splitext(table_path)[0]
+    reporter = reporter_from_args(args, stem, os.path.basename(stem))
+    for position, ckpt in enumerate(checkpoints):
         model, preprocess, tokenizer = cache.load(ckpt)
         evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
                               batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
@@ -160,6 +183,12 @@ def run(args) -> int:
             prepared, label=ckpt.label, log=print, progress=not args.no_progress,
             settings={"model": ckpt.model, "pretrained": ckpt.pretrained, "batch_size": args.batch_size})
         write_jsonl(records, args.out)  # after every checkpoint, so a long run leaves its results
+        reporter.log({k: v for r in records if r["checkpoint"] == ckpt.label
+                      for k, v in record_scalars(r, "eval").items()}, position, extra={"checkpoint": ckpt.label})
+    reporter.close()
+    if args.results_format == "clip_benchmark":
+        written = write_clip_benchmark(records, stem + "_clip_benchmark")
+        print(f"CLIP_benchmark results: {len(written)} file(s) in {stem}_clip_benchmark")
     print("\n" + write_table(records, table_path, id_set))
     plots = [] if args.no_plots else plot_groups(records, plots_dir)
     print(f"results: {args.out}\ntable:   {table_path}" + (f"\nplots:   {', '.join(plots)}" if plots else "")

@@ -89,11 +89,17 @@ def _epoch_number(name: str) -> int | None:
 
 def run_checkpoints(run_dir: str, epochs: str = "all") -> list[str]:
     """The epoch checkpoints of a run folder (``epoch_N.pt``; ``epoch_latest.pt`` when it has no
-    other), by epoch: ``all``, ``last`` or a comma list of epochs."""
+    other), by epoch: ``all``, ``last``, ``best`` (``best.pt``, the epoch ``--starft-select`` kept) or a
+    comma list of epochs."""
     folder = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(run_dir):
         raise StarftError(f"--run {run_dir!r} does not exist: give a training run folder (LOGS/NAME)")
     names = os.listdir(folder) if os.path.isdir(folder) else []
+    if epochs == "best":
+        if "best.pt" not in names:
+            raise StarftError(f"--run {run_dir!r} has no checkpoints/best.pt: train with --starft-val NAME=ROOT "
+                              "--starft-select NAME:METRIC, or pick epochs (all, last, N,M)")
+        return [os.path.join(folder, "best.pt")]
     by_epoch = sorted((_epoch_number(n), n) for n in names if _epoch_number(n) is not None)
     if not by_epoch:
         if "epoch_latest.pt" in names:
@@ -107,7 +113,7 @@ def run_checkpoints(run_dir: str, epochs: str = "all") -> list[str]:
         try:
             wanted = {int(e) for e in epochs.split(",")}
         except ValueError:
-            raise StarftError(f"--epochs {epochs!r}: use all, last or a comma list of epoch numbers") from None
+            raise StarftError(f"--epochs {epochs!r}: use all, last, best or a comma list of epoch numbers") from None
         chosen = [(e, n) for e, n in by_epoch if e in wanted]
         missing = wanted - {e for e, _ in chosen}
         if missing:

@@ -96,6 +96,64 @@ def write_table(records: list[dict], path: str, id_set: str | None = None) -> st
     return table
 
 
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+class ScalarReporter:
+    """Scalars to tensorboard and/or wandb, as OpenCLIP's ``--report-to`` names them (``tensorboard``,
+    ``wandb``, a comma list, or ``all``): the one writer of ``eval``, ``wise``, ``sweep`` and ``--starft-val``.
+
+    Args:
+        report_to: the ``--report-to`` value ("" or None: report nothing).
+        tensorboard_dir: the folder of the event files (created on the first scalar).
+        wandb_init: keyword arguments of ``wandb.init`` when this process starts the wandb run (None: log to
+            the run already started, as training does).
+    """
+
+    def __init__(self, report_to: str | None, tensorboard_dir: str | None = None, wandb_init: dict | None = None,
+                 filename_suffix: str = ""):
+        targets = {t.strip() for t in (report_to or "").split(",") if t.strip()}
+        targets = set(REPORT_TARGETS) if "all" in targets else targets
+        unknown = targets - set(REPORT_TARGETS)
+        if unknown:
+            raise StarftError(f"--report-to {report_to!r}: use tensorboard, wandb, both comma-separated, or all")
+        self.tensorboard_dir = tensorboard_dir if "tensorboard" in targets else None
+        self.wandb = None
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise StarftError("--report-to wandb needs wandb: pip install wandb") from None
+            self.wandb = wandb
+            if wandb_init is not None:
+                wandb.init(**wandb_init)
+        self.filename_suffix, self._writer = filename_suffix, None
+
+    def log(self, scalars: dict, step: int, extra: dict | None = None) -> None:
+        """``scalars`` {name: value} at ``step``; ``extra`` goes to wandb only (e.g. the epoch)."""
+        if self.tensorboard_dir is not None:
+            if self._writer is None:
+                try:
+                    from torch.utils import tensorboard
+                except ImportError:
+                    raise StarftError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
+                self._writer = tensorboard.SummaryWriter(self.tensorboard_dir, filename_suffix=self.filename_suffix)
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({**scalars, **(extra or {})}, step=step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def record_scalars(record: dict, prefix: str, metrics=("top1", "top5", "worst_group", "avg_group", "per_class_mean", "ece")) -> dict:
+    """``{PREFIX/SET/METRIC: value}`` of one eval record (metrics without a value left out)."""
+    return {f"{prefix}/{record['dataset']}/{m}": record[m] for m in metrics if record.get(m) is not None}
+
+
 CLIP_BENCHMARK_TASK = "zeroshot_classification"
 
 

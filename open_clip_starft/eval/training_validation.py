@@ -38,12 +38,8 @@ import torch
 from open_clip_starft.data.files import read_json, write_json
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.eval.evaluator import Evaluator
+from open_clip_starft.eval.report import ScalarReporter, record_scalars
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
-
-try:
-    import wandb
-except ImportError:
-    wandb = None
 
 METRICS = ("top1", "top5", "worst_group", "avg_group", "per_class_mean", "ece")
 """The metrics logged per set; all are higher-is-better but ``ece``."""
@@ -127,7 +123,7 @@ class TrainingValidation:
         self.model, self.frequency, self.every_steps = model, args.starft_val_frequency, args.starft_val_steps
         self.args = args  # upstream's: its log folders are set after the model is created
         self.best: dict | None = None
-        self._writer = None
+        self._reporter: ScalarReporter | None = None
 
     @property
     def folder(self) -> str | None:
@@ -173,7 +169,7 @@ class TrainingValidation:
         return records
 
     def _log(self, records: dict, epoch, step: int, args) -> None:
-        scalars = {f"val/{name}/{m}": r[m] for name, r in records.items() for m in METRICS if r[m] is not None}
+        scalars = {k: v for r in records.values() for k, v in record_scalars(r, "val", METRICS).items()}
         logging.info(f"StarFT val epoch {epoch} step {step}: "
                      + "  ".join(f"{k}: {v:.4f}" for k, v in scalars.items()))
         if self.folder:
@@ -182,15 +178,10 @@ class TrainingValidation:
                     line = {"epoch": epoch, "step": step, "set": name, **{m: r[m] for m in METRICS},
                             "groups": r["groups"], "n": r["n"], "skipped": r["skipped"]}
                     f.write(json.dumps(line) + "\n")
-        if getattr(args, "tensorboard", False) and args.tensorboard_path:
-            if self._writer is None:
-                from torch.utils import tensorboard
-                self._writer = tensorboard.SummaryWriter(args.tensorboard_path, filename_suffix=".starft-val")
-            for k, v in scalars.items():
-                self._writer.add_scalar(k, v, step)
-            self._writer.flush()
-        if getattr(args, "wandb", False) and wandb is not None:
-            wandb.log({**scalars, "epoch": epoch}, step=step)
+        if self._reporter is None:  # upstream has set up tensorboard's folder and wandb's run by now
+            self._reporter = ScalarReporter(",".join(t for t in ("tensorboard", "wandb") if getattr(args, t, False)),
+                                            getattr(args, "tensorboard_path", None), filename_suffix=".starft-val")
+        self._reporter.log(scalars, step, extra={"epoch": epoch})
 
     def _new_best(self, records: dict, epoch: int, step: int, args) -> dict | None:
         name, metric = self.select

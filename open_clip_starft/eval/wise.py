@@ -21,11 +21,12 @@ import time
 
 from open_clip_starft.data import files
 from open_clip_starft.errors import ConfigError, StarftError, one_line_errors, with_flag
-from open_clip_starft.eval.cli import TRUST_HELP, add_data_args, check_run_args, add_run_args, set_specs_from_args, trust_flag
+from open_clip_starft.eval.cli import (TRUST_HELP, add_data_args, add_report_args, add_run_args, check_run_args,
+                                      reporter_from_args, set_specs_from_args, trust_flag)
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.models import (check_weights_value, create_model, interpolate_state_dicts, load_weights,
                                           local_dir_weights, read_params, save_openclip)
-from open_clip_starft.eval.report import layout, plot_wise, summary, write_jsonl, write_table
+from open_clip_starft.eval.report import layout, plot_wise, record_scalars, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
 from open_clip_starft.eval.evaluator import Evaluator
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--save", metavar="PATH", help="where --save-alpha's weights go: FILE.pt or a folder (local-dir format); "
                    "default OUT/wise-alpha-A")
     o.add_argument("--no-plots", action="store_true")
+    add_report_args(parser)
     add_run_args(parser)
     return parser
 
@@ -187,14 +189,18 @@ def run(args) -> int:
     settings = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
     evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
                           batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
+    reporter = reporter_from_args(args, os.path.join(args.out, "wise"), os.path.basename(os.path.abspath(args.out)))
     with Progress(len(alphas), "WiSE-FT", unit="α", enabled=not args.no_progress, interval_s=0) as bar:
-        for a in alphas:
+        for position, a in enumerate(alphas):
             model.load_state_dict(interpolate_state_dicts(zero_shot, fine_tuned, a))
             evaluator.weights_changed()
             records += evaluator.evaluate_sets(prepared, label=f"alpha={a:g}", settings={**settings, "alpha": a},
                                                log=bar.write, progress=not args.no_progress)
             write_jsonl(records, os.path.join(args.out, "results.jsonl"))  # after every α, so a long run leaves its results
+            reporter.log({k: v for r in records[-len(prepared):] for k, v in record_scalars(r, "wise").items()},
+                         position, extra={"alpha": a})
             bar.update(1)
+    reporter.close()
     points, x_label, y_label = curve(records, alphas, id_set)
     result = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned,
               "x": x_label, "y": y_label, "points": points}
