@@ -120,7 +120,11 @@ def test_sweep_refuses_pretrained_with_local_dir(workspace, capsys):
 
 
 RUNNER = """
-import signal, sys
+import os, signal, sys, types
+# the real stage runner, without the package's __init__ (it imports open_clip and torch: seconds per process)
+package = types.ModuleType("open_clip_starft")
+package.__path__ = [os.environ["PACKAGE_DIR"]]
+sys.modules["open_clip_starft"] = package
 from open_clip_starft.tools.stages import run_stage
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may start with SIGINT ignored
 run_stage("fake_training", [], sys.argv[1], what="fake training", poll_s=0.1, grace_s=5)
@@ -156,7 +160,8 @@ def _start_runner(folder):
     (folder / "runner.py").write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.path.dirname(os.path.dirname(__file__)),
                                                         os.environ.get("PYTHONPATH", "")]),
-           "PIDS": str(folder / "pids"), "SAVED": str(folder / "saved")}
+           "PIDS": str(folder / "pids"), "SAVED": str(folder / "saved"),
+           "PACKAGE_DIR": os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))}
     return subprocess.Popen([sys.executable, str(folder / "runner.py"), str(folder / "console.txt")], env=env)
 
 
@@ -184,20 +189,25 @@ def _wait_gone(pids, seconds=5.0):
 def test_killed_sweep_leaves_no_training_and_an_interrupt_stops_its_whole_group(tmp_path):
     import signal
 
-    killed, interrupted = _start_runner(tmp_path / "killed"), _start_runner(tmp_path / "interrupted")
-    (child, worker), (child2, worker2) = _started(killed, tmp_path / "killed"), _started(interrupted, tmp_path / "interrupted")
+    cases = ("killed", "interrupted", "terminated")
+    runners = {case: _start_runner(tmp_path / case) for case in cases}
+    pids = {case: _started(runners[case], tmp_path / case) for case in cases}
     try:
         # kill -9 of the runner: its training child dies with it (PR_SET_PDEATHSIG)
-        assert not _gone(child) and os.getpgid(child) == child != os.getpgid(killed.pid)  # its own process group
-        killed.kill()
-        killed.wait()
+        child = pids["killed"][0]
+        assert not _gone(child) and os.getpgid(child) == child != os.getpgid(runners["killed"].pid)  # own group
+        runners["killed"].kill()
+        runners["killed"].wait()
         assert _wait_gone([child]) == []
-        # an interrupt: SIGTERM to the whole group (the training saves, its worker ends), then the runner exits
-        interrupted.send_signal(signal.SIGINT)
-        assert interrupted.wait(timeout=30) != 0
-        assert _wait_gone([child2, worker2]) == []
-        assert (tmp_path / "interrupted" / "saved").read_text() == "saved"
+        # Ctrl-C, or a scheduler's SIGTERM to the runner: passed on to the whole group, so the training saves
+        # and its worker ends, then the runner exits
+        runners["interrupted"].send_signal(signal.SIGINT)
+        runners["terminated"].send_signal(signal.SIGTERM)
+        for case in ("interrupted", "terminated"):
+            assert runners[case].wait(timeout=30) != 0
+            assert _wait_gone(pids[case]) == []
+            assert (tmp_path / case / "saved").read_text() == "saved"
     finally:
-        for pid in (child, worker, child2, worker2):
+        for pid in (p for both in pids.values() for p in both):
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)

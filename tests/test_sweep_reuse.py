@@ -112,3 +112,31 @@ def test_missing_inputs_are_named_before_training(ws, capsys, tmp_path):
     args[args.index("--train-data") + 1] = missing
     assert "nowhere-000000.tar" in refused(capsys, args)
     assert not (out / "runs").exists()
+
+
+def test_unfinished_run_newer_flags_and_old_caches_are_compared_too(ws, tmp_path):
+    from open_clip_starft.errors import ConfigError
+    from open_clip_starft.tools.sweep_reuse import content_of, expected_params, record_run
+
+    out = tmp_path / "out"
+    ctx = sweep.context_of(sweep.build_parser().parse_args(argv(ws, out)), None)
+    setting, = sweep.make_grid([1.0], ["constant"], ["background"], flyp=False)
+    # a run as OpenCLIP leaves it before its first checkpoint: params.txt (without a flag newer than it) only
+    expected = expected_params(ctx.run_argv(setting))
+    run_dir = out / "runs" / RUN
+    run_dir.mkdir(parents=True)
+    (run_dir / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in expected.items() if k != "starft_templates"))
+    record_run(ctx.out, RUN, {"content": content_of(expected, ctx.fingerprints)})
+    assert sweep.plan_runs(ctx, [setting]) == {RUN: "resume"}  # same settings: it is continued
+    for extra, named in ((["--starft-templates", "openai"], "starft_templates not recorded (now openai)"),
+                         (["--epochs", "2"], "epochs 1 (now 2)")):
+        other = sweep.context_of(sweep.build_parser().parse_args(argv(ws, out) + extra), None)
+        with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+            sweep.plan_runs(other, [setting])
+    # a score cached by an older sweep (no key) is not read back
+    (out / "evals.json").write_text(json.dumps({"zero-shot@None": {"checkpoint": None, "metrics": {"val_avg": 1.0}}}))
+    cache = sweep.ScoreCache(str(out / "evals.json"))
+    sets = {"val": {"root": ws["val"], "format": "wds"}}
+    with pytest.raises(ConfigError, match=r"cached score of zero-shot was computed otherwise: no key"):
+        sweep.check_cached_scores(ctx, cache, sets, {"zero-shot": None}, [])
+    assert cache.get("zero-shot@None", sweep.score_key(ctx, sets, None, None, sweep.ROLES)) is None

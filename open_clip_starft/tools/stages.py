@@ -77,11 +77,43 @@ def _signal_child(process: subprocess.Popen, sig: int, own_group: bool) -> None:
         pass
 
 
-def stop_stage(process: subprocess.Popen, own_group: bool, grace_s: float) -> None:
-    """Stop a running stage: SIGTERM first (a StarFT training finishes its step, saves a checkpoint that
-    ``--resume latest`` continues from, and exits), SIGKILL after ``grace_s`` s or on a second interrupt."""
+class StageStopped(StarftError):
+    """The runner was sent SIGTERM or SIGUSR1 (a scheduler's preemption or time limit) while a stage ran;
+    the stage was passed the signal and has ended."""
+
+
+class StopSignals:
+    """While a stage runs in the main thread, SIGTERM and SIGUSR1 to the runner raise ``StageStopped``
+    (once; repeats are ignored until the stage has ended) instead of ending the runner at once, which
+    would kill the child (``PR_SET_PDEATHSIG``) before it could save; ``signum`` is the one received."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise StageStopped(signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def stop_stage(process: subprocess.Popen, own_group: bool, grace_s: float, sig: int = signal.SIGTERM) -> None:
+    """Stop a running stage: ``sig`` first (SIGTERM or SIGUSR1: a StarFT training finishes its step, saves
+    a checkpoint that ``--resume latest`` continues from, and exits), SIGKILL after ``grace_s`` s or on a
+    second interrupt."""
     try:
-        _signal_child(process, signal.SIGTERM, own_group)
+        _signal_child(process, sig, own_group)
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
@@ -130,7 +162,8 @@ def run_stage(module: str, args: list[str], console: str, *, what: str, threads:
     ``on_poll(console)`` is called every ``poll_s`` s while it runs (progress). A non-zero exit or a run past
     ``timeout`` s raises a StarftError naming ``what``, the status and the end of the console log. An
     interrupt (or the timeout) stops the child with ``stop_stage`` (SIGTERM, SIGKILL after ``grace_s`` s);
-    ``kill -9`` of the caller kills the child too (``start_stage``).
+    SIGTERM or SIGUSR1 to the caller is passed on the same way and ends in ``StageStopped``
+    (``StopSignals``); ``kill -9`` of the caller kills the child too (``start_stage``).
     """
     command = [*(launcher or [sys.executable, "-m"]), module, *args]
     full_env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -138,13 +171,16 @@ def run_stage(module: str, args: list[str], console: str, *, what: str, threads:
         full_env["OMP_NUM_THREADS"] = str(threads)
     os.makedirs(os.path.dirname(os.path.abspath(console)), exist_ok=True)
     start = time.time()
-    with open(console, "w") as out:
+    with open(console, "w") as out, StopSignals() as stop:
         process, own_group = start_stage(command, out, full_env)
         try:
             status = _wait(process, console, start, what=what, timeout=timeout, on_poll=on_poll, poll_s=poll_s)
-        except BaseException:
-            if process.poll() is None:  # interrupted or past its time: never leave the run behind
-                stop_stage(process, own_group, grace_s)
+        except BaseException as e:
+            if process.poll() is None:  # interrupted, signalled or past its time: never leave the run behind
+                stop_stage(process, own_group, grace_s, stop.signum or signal.SIGTERM)
+            if isinstance(e, StageStopped):
+                raise StageStopped(f"{what} was stopped by {e} (passed on to it: a training saves a checkpoint "
+                                   f"first); rerun the same command to continue. Its output: {console}") from None
             raise
     if status != 0:
         with open(console, errors="replace") as f:
