@@ -60,7 +60,7 @@ def workspace(tmp_path_factory):
             "test_id": shards("test_id", 32, 5, True)}
 
 
-def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(workspace, capsys, caplog):
+def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(workspace, capsys):
     ws = workspace
     out = ws["root"] / "out"
     argv = ["--out", str(out), "--model", ws["model"], "--classnames", ws["classes"], "--val", ws["val"],
@@ -75,11 +75,11 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
     assert (out / "runs" / "starft-lam4-constant-background" / "checkpoints" / "epoch_1.pt").is_file()
     assert not (out / "runs" / "flyp").exists() and not (out / "sweep.json").exists()
     assert sweep.main(only(3)) == 2  # outside the grid of 3
-    caplog.clear()
     capsys.readouterr()
     assert sweep.main(argv) == 0
-    assert caplog.text.count("finished run found with the same settings, not rerun") == 1
-    table = capsys.readouterr().out  # the command's output: the grid's table, the choice starred
+    printed = capsys.readouterr()  # progress on stderr; the command's output, the grid's table, on stdout
+    assert printed.err.count("finished run found with the same settings, not rerun") == 1
+    table = printed.out
     result = json.loads((out / "sweep.json").read_text())
     rows = result["grid"]
     assert [r["name"] for r in rows] == ["zero-shot", "flyp", "starft-lam1-constant-background",
@@ -105,9 +105,9 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun reads the finished runs and the cached evaluations: nothing is trained again
     stamps = {n: os.path.getmtime(out / "runs" / n / "checkpoints" / "epoch_1.pt") for n in ("flyp", best["name"])}
-    caplog.clear()
+    capsys.readouterr()
     assert sweep.main(argv) == 0
-    assert caplog.text.count("finished run found with the same settings, not rerun") == 3
+    assert capsys.readouterr().err.count("finished run found with the same settings, not rerun") == 3
     assert stamps == {n: os.path.getmtime(out / "runs" / n / "checkpoints" / "epoch_1.pt") for n in stamps}
     assert json.loads((out / "sweep.json").read_text())["grid"] == rows
 

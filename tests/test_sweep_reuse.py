@@ -57,7 +57,7 @@ def params(run_dir):
     return dict(line.rstrip("\n").split(": ", 1) for line in open(os.path.join(run_dir, "params.txt")) if ": " in line)
 
 
-def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsys, caplog):
+def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsys):
     out = ws["root"] / "out"
     ckpt = out / "runs" / RUN / "checkpoints" / "epoch_1.pt"
     assert sweep.main(argv(ws, out)) == 0
@@ -65,9 +65,9 @@ def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsy
     result = json.loads((out / "sweep.json").read_text())
 
     # identical rerun: the run and its scores are reused (same checkpoint file, console and cache untouched)
-    caplog.clear()
+    capsys.readouterr()
     assert sweep.main(argv(ws, out)) == 0
-    assert "finished run found with the same settings, not rerun" in caplog.text
+    assert "finished run found with the same settings, not rerun" in capsys.readouterr().err
     assert stamp(ckpt) == first and stamp(out / "runs" / f"{RUN}.console.txt") == console
     assert stamp(out / "evals.json") == evals
     assert json.loads((out / "sweep.json").read_text())["grid"] == result["grid"]
@@ -88,6 +88,7 @@ def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsy
     # --on-mismatch rerun: the old run is moved aside, the new settings trained, and the scores are the new run's
     old_sha = sha(ckpt)
     assert sweep.main(argv(ws, out, "--on-mismatch", "rerun", lr="2e-3")) == 0
+    assert f"moved to {out / 'stale' / RUN}.1, trained again" in capsys.readouterr().err
     assert params(out / "runs" / RUN)["lr"] == "0.002" and params(out / "stale" / f"{RUN}.1")["lr"] == "0.001"
     assert sha(out / "stale" / f"{RUN}.1" / "checkpoints" / "epoch_1.pt") == old_sha != sha(ckpt)
     cached = json.loads((out / "evals.json").read_text())[f"{RUN}@None"]

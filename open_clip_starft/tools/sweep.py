@@ -638,9 +638,16 @@ def main(argv=None) -> int:
     if args.pretrained and args.model.startswith("local-dir:"):
         raise ConfigError("--pretrained with a local-dir: model is ignored by OpenCLIP: export the weights as a local-dir "
                           "model and pass only --model local-dir:DIR")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; the table on stdout
+    progress = logging.StreamHandler(sys.stderr)  # progress on stderr (this module's only); the table on stdout
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(progress)
     logger.setLevel(logging.INFO)
-    result = run(args)
+    logger.propagate = False  # libraries' logging.info() may give the root logger a handler mid-run
+    try:
+        result = run(args)
+    finally:
+        logger.removeHandler(progress)
+        logger.propagate = True
     if "grid" in result:
         print(results_table(result))
     return 0
