@@ -77,7 +77,9 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
     assert sweep.main(only(3)) == 2  # outside the grid of 3
     capsys.readouterr()
     assert sweep.main(argv) == 0
-    assert capsys.readouterr().out.count("finished run found, not rerun") == 1
+    printed = capsys.readouterr()  # progress on stderr; the command's output, the grid's table, on stdout
+    assert printed.err.count("finished run found with the same settings, not rerun") == 1
+    table = printed.out
     result = json.loads((out / "sweep.json").read_text())
     rows = result["grid"]
     assert [r["name"] for r in rows] == ["zero-shot", "flyp", "starft-lam1-constant-background",
@@ -89,6 +91,7 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
     starft = [r for r in rows if r["method"] == "starft"]
     best = max(starft, key=lambda r: (r["val_worst_group"], r["val_in_dist"]))
     assert [r["name"] for r in rows if r["selected"]] == [best["name"]] == [result["selected"]]
+    assert f"{best['name']} *" in table and f"{rows[0]['val_worst_group']:.3f}" in table.splitlines()[1]
     # WiSE-FT: α 0 is the zero-shot model and α 1 the fine-tuned one, evaluated again through interpolation
     flyp_curve = result["wise"]["flyp"]
     assert [p["alpha"] for p in flyp_curve] == [0.0, 0.5, 1.0]
@@ -104,7 +107,7 @@ def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(wor
     stamps = {n: os.path.getmtime(out / "runs" / n / "checkpoints" / "epoch_1.pt") for n in ("flyp", best["name"])}
     capsys.readouterr()
     assert sweep.main(argv) == 0
-    assert capsys.readouterr().out.count("finished run found, not rerun") == 3
+    assert capsys.readouterr().err.count("finished run found with the same settings, not rerun") == 3
     assert stamps == {n: os.path.getmtime(out / "runs" / n / "checkpoints" / "epoch_1.pt") for n in stamps}
     assert json.loads((out / "sweep.json").read_text())["grid"] == rows
 
@@ -114,3 +117,97 @@ def test_sweep_refuses_pretrained_with_local_dir(workspace, capsys):
     assert sweep.main(["--out", "x", "--model", ws["model"], "--pretrained", "w.pt", "--classnames", ws["classes"],
                        "--val", ws["val"]]) == 2
     assert "--pretrained with a local-dir" in capsys.readouterr().err
+
+
+RUNNER = """
+import os, signal, sys, types
+# the real stage runner, without the package's __init__ (it imports open_clip and torch: seconds per process)
+package = types.ModuleType("open_clip_starft")
+package.__path__ = [os.environ["PACKAGE_DIR"]]
+sys.modules["open_clip_starft"] = package
+from open_clip_starft.tools.stages import run_stage
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may start with SIGINT ignored
+run_stage("fake_training", [], sys.argv[1], what="fake training", poll_s=0.1, grace_s=5)
+"""
+FAKE_TRAINING = """
+import os, signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # like a data loader worker
+def saved(*_):
+    open(os.environ["SAVED"], "w").write("saved")  # a training's preemption save
+    sys.exit(0)
+signal.signal(signal.SIGTERM, saved)
+open(os.environ["PIDS"], "w").write(f"{os.getpid()} {worker.pid}")
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _start_runner(folder):
+    """A stage runner in a subprocess, running the fake training from ``folder``."""
+    import subprocess
+    import sys
+
+    folder.mkdir()
+    (folder / "fake_training.py").write_text(FAKE_TRAINING)
+    (folder / "runner.py").write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.path.dirname(os.path.dirname(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "PIDS": str(folder / "pids"), "SAVED": str(folder / "saved"),
+           "PACKAGE_DIR": os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))}
+    return subprocess.Popen([sys.executable, str(folder / "runner.py"), str(folder / "console.txt")], env=env)
+
+
+def _started(runner, folder) -> list[int]:
+    """The pids of the fake training and its worker, once it runs."""
+    import time
+
+    pids, deadline = folder / "pids", time.time() + 60
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.time() < deadline and runner.poll() is None, "the fake training never started"
+        time.sleep(0.05)
+    return [int(p) for p in pids.read_text().split()]
+
+
+def _wait_gone(pids, seconds=5.0):
+    import time
+
+    deadline = time.time() + seconds
+    while not all(_gone(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if not _gone(p)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_killed_sweep_leaves_no_training_and_an_interrupt_stops_its_whole_group(tmp_path):
+    import signal
+
+    cases = ("killed", "interrupted", "terminated")
+    runners = {case: _start_runner(tmp_path / case) for case in cases}
+    pids = {case: _started(runners[case], tmp_path / case) for case in cases}
+    try:
+        # kill -9 of the runner: its training child dies with it (PR_SET_PDEATHSIG)
+        child = pids["killed"][0]
+        assert not _gone(child) and os.getpgid(child) == child != os.getpgid(runners["killed"].pid)  # own group
+        runners["killed"].kill()
+        runners["killed"].wait()
+        assert _wait_gone([child]) == []
+        # Ctrl-C, or a scheduler's SIGTERM to the runner: passed on to the whole group, so the training saves
+        # and its worker ends, then the runner exits
+        runners["interrupted"].send_signal(signal.SIGINT)
+        runners["terminated"].send_signal(signal.SIGTERM)
+        for case in ("interrupted", "terminated"):
+            assert runners[case].wait(timeout=30) != 0
+            assert _wait_gone(pids[case]) == []
+            assert (tmp_path / case / "saved").read_text() == "saved"
+    finally:
+        for pid in (p for both in pids.values() for p in both):
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
