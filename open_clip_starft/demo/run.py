@@ -137,7 +137,7 @@ def sweep_args(out: str, seed: int, data: dict, model: str, lambdas: str, schedu
 
 def zero_shot_check(out: str, seed: int, data: dict, model: str) -> tuple[dict, str | None]:
     """The zero-shot model's validation metrics and the competence verdict (``competence``)."""
-    evaluator = sweep.Evaluator(model, None, {"val": data["val"]}, data["classnames"], "cpu")
+    evaluator = sweep.WeightsScorer(model, None, {"val": data["val"]}, data["classnames"], "cpu")
     row = evaluator(evaluator.zero_shot)
     return row, competence(row, seed)
 

@@ -51,9 +51,9 @@ from braceexpand import braceexpand
 from open_clip_starft.data.files import atomic_open, merge_json, read_json, write_json
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors, with_flag
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve
-from open_clip_starft.eval.metrics import HeadCache, classification_metrics, collect_logits
-from open_clip_starft.eval.models import create_model, load_weights, run_checkpoints
-from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
+from open_clip_starft.eval.evaluator import Evaluator
+from open_clip_starft.eval.models import check_weights_value, create_model, load_weights, run_checkpoints
+from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
 from open_clip_starft.eval.wise import parse_alphas
 from open_clip_starft.method.descriptors import load_descriptors
 from open_clip_starft.tools.stages import run_stage
@@ -69,7 +69,7 @@ ROLES = ("val", "val_in_dist", "test", "test_in_dist")  # --val, --val-in-dist, 
 _METRICS = {"val_avg": ("val", "top1"), "val_worst_group": ("val", "worst_group"), "val_in_dist": ("val_in_dist", "top1"),
             "avg": ("test", "top1"), "worst_group": ("test", "worst_group"), "in_dist": ("test_in_dist", "top1"),
             "val_groups": ("val", "groups"), "groups": ("test", "groups")}
-"""A sweep row's metrics: name → (role of the set, metric of ``classification_metrics``)."""
+"""A sweep row's metrics: name → (role of the set, field of the evaluator's record)."""
 CRITERION = ("the StarFT setting with the highest validation worst-group accuracy; ties: the higher validation "
              "in-distribution accuracy (validation accuracy without --val-in-dist), then the earlier grid setting; "
              "test sets are never read")
@@ -271,25 +271,27 @@ def run_setting(setting: Setting, ctx: SweepContext) -> str:
     return train_run(ctx, setting, plan_run(ctx, setting, expected_params(["--model", ctx.model])))
 
 
-class Evaluator:
+class WeightsScorer:
     """Zero-shot metrics of weights on the named sets, by role: ``val_avg``, ``val_worst_group``,
     ``val_in_dist`` (top-1 of the validation in-distribution set), ``avg``, ``worst_group`` and
-    ``in_dist`` (the test sets); a role without a set gives None. With ``cache_images`` the
-    preprocessed images of every set are read once and kept in memory for every later model
-    (sets × images × 3 × H × W floats: for small sets)."""
+    ``in_dist`` (the test sets); a role without a set gives None. Scores through the one evaluator
+    (``eval.evaluator.Evaluator``); with ``cache_images`` the preprocessed images of every set are read once
+    and kept in memory for every later model (sets × images × 3 × H × W floats: for small sets)."""
 
     def __init__(self, model: str, pretrained: str | None, sets: dict[str, str], classnames: str,
                  device: str = "cpu", batch_size: int = 256, cache_images: bool = False, prepared: dict | None = None):
         self.model_name = model
+        if pretrained:
+            check_weights_value(pretrained, model)  # a file, or a tag OpenCLIP knows for a model name
         tag = pretrained if pretrained and not os.path.isfile(pretrained) else None
-        self.model, self.preprocess, self.tokenizer = create_model(model, device, tag)
+        self.model, preprocess, tokenizer = create_model(model, device, tag)
         if pretrained and not tag:
             load_weights(self.model, pretrained, model)
         self.zero_shot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.prepared = prepared if prepared is not None else {
             role: prepare_set(EvalSetSpec(name=role, root=root, classnames=classnames)) for role, root in sets.items()}
-        self.device, self.batch_size, self.cache_images = device, batch_size, cache_images
-        self._images: dict[str, list] = {}
+        self.evaluator = Evaluator(self.model, tokenizer, preprocess, device=device, batch_size=batch_size,
+                                   cache_images=cache_images)
 
     def state_dict(self, checkpoint: str | None) -> dict:
         """The weights of a checkpoint file (None: the zero-shot model's)."""
@@ -298,29 +300,19 @@ class Evaluator:
         load_weights(self.model, checkpoint, self.model_name)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _batches(self, prepared):
-        if not self.cache_images:
-            return batches(prepared, self.preprocess, self.batch_size)
-        if prepared.name not in self._images:
-            self._images[prepared.name] = list(batches(prepared, self.preprocess, self.batch_size))
-        return self._images[prepared.name]
-
     def __call__(self, state_dict: dict, roles: tuple[str, ...] = ROLES) -> dict:
         """Metrics of ``state_dict`` on the sets of ``roles`` (the others give None)."""
         self.model.load_state_dict(state_dict)
-        self.model.eval()
-        sets = [p for role, p in self.prepared.items() if role in roles]
-        heads = HeadCache(self.model, self.tokenizer, self.device)
-        heads.prepare(sets)
-        scale = float(self.model.logit_scale.detach().exp())
+        self.evaluator.weights_changed()
         by_role = {}
-        for p in sets:
-            logits, labels, groups, skipped = collect_logits(self.model, heads[p], self._batches(p), self.device,
-                                                             class_map=p.class_map, logit_scale=scale)
-            if skipped or not len(labels):
-                raise DataError(f"--{p.name.replace('_', '-')} {p.root}: {len(skipped)} unreadable image(s), e.g. "
-                                  f"{skipped[0] if skipped else 'none readable'}: a sweep compares runs on whole sets only")
-            by_role[p.name] = classification_metrics(logits, labels, groups)
+        for role, prepared in self.prepared.items():
+            if role not in roles:
+                continue
+            record = self.evaluator.evaluate(prepared, label=role)
+            if record["skipped"]:
+                raise DataError(f"--{role.replace('_', '-')} {prepared.root}: {record['skipped']} unreadable image(s), "
+                                f"e.g. {record['skipped_examples'][0]}: a sweep compares runs on whole sets only")
+            by_role[role] = record
         return {name: by_role[role][key] if role in by_role else None for name, (role, key) in _METRICS.items()}
 
 
@@ -402,7 +394,7 @@ def check_cached_scores(ctx: SweepContext, cache: ScoreCache, sets: dict[str, di
                 ctx.report(f"  {label}: cached score computed otherwise ({summary(diffs)}): evaluated again")
 
 
-def evaluate_weights(evaluator: Evaluator, checkpoint: str | None, weights: dict | None, roles: tuple[str, ...]) -> dict:
+def evaluate_weights(evaluator: WeightsScorer, checkpoint: str | None, weights: dict | None, roles: tuple[str, ...]) -> dict:
     """The one call into the evaluator: metrics of ``weights`` (else the checkpoint's, else the
     zero-shot model's) on the sets of ``roles``."""
     return evaluator(weights if weights is not None else evaluator.state_dict(checkpoint), roles)
@@ -413,7 +405,7 @@ class Scoring:
     """The evaluation side of a sweep: its context, the evaluator, the score cache and each set's key
     (root and format, by role)."""
     ctx: SweepContext
-    evaluator: Evaluator
+    evaluator: WeightsScorer
     cache: ScoreCache
     sets: dict[str, dict]
 
@@ -569,7 +561,7 @@ def run(args, log: Callable[[str], None] | None = None) -> dict:
     check_cached_scores(ctx, cache, set_keys, reused, alphas)
     ctx.report(f"sweep: {len(grid)} fine-tune(s) into {ctx.logs}; choice on {roots['val']}")
     checkpoints = {s.name: train_run(ctx, s, plans[s.name]) for s in grid}
-    scoring = Scoring(ctx, Evaluator(ctx.model, ctx.pretrained, roots, ctx.classnames, args.device,
+    scoring = Scoring(ctx, WeightsScorer(ctx.model, ctx.pretrained, roots, ctx.classnames, args.device,
                                      cache_images=args.cache_images, prepared=prepared), cache, set_keys)
     rows = grid_rows(scoring, grid, checkpoints)
     chosen = select(rows)
