@@ -1,7 +1,7 @@
 """λ schedules at the first, middle and last step."""
 import pytest
 
-from open_clip_starft.errors import ConfigError, StarftError
+from open_clip_starft.errors import ConfigError
 from open_clip_starft.method.schedule import star_lambda
 
 STEPS, EPOCHS = 10, 4  # 40 steps: first 0, middle 20, last 39

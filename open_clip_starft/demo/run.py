@@ -32,7 +32,7 @@ import time
 from open_clip_starft.tools import stages
 from open_clip_starft.demo import data as demo_data
 from open_clip_starft.tools.tiny_model import write_tiny_model
-from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.errors import one_line_errors
 from open_clip_starft.tools import sweep
 
 IMAGE_SIZE = 32

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 from open_clip_starft.data import files
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import interpolate_state_dicts
-from open_clip_starft.eval.report import _pyplot
+from open_clip_starft.eval.report import _pyplot, save_png
 
 def t975(df: int) -> float:
     """The two-sided 95 % Student-t quantile for ``df ≥ 1`` degrees of freedom (scipy's ``t.ppf``)."""
@@ -129,7 +129,7 @@ def plot_frontiers(units: dict[str, dict], path: str, x_label: str = "in-distrib
         ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from open_clip_starft.data.files import atomic_open, write_json, write_text
+from open_clip_starft.data.files import atomic_open, atomic_path, write_json, write_text
 from open_clip_starft.errors import StarftError
 
 
@@ -196,6 +196,12 @@ def _pyplot():
     return plt
 
 
+def save_png(fig, path: str, dpi: int) -> None:
+    """A matplotlib figure as a PNG at ``path``, atomically."""
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=dpi, format="png")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -225,7 +231,7 @@ def plot_groups(records: list[dict], out_dir: str) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{_safe(name)}_groups.png")
-        fig.savefig(path, dpi=120)
+        save_png(fig, path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -250,6 +256,6 @@ def plot_wise(points: list[dict], path: str, x_label: str, y_label: str) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
     return path

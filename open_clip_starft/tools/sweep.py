@@ -41,14 +41,13 @@ import functools
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Callable
 
 import torch
 from braceexpand import braceexpand
 
-from open_clip_starft.data.files import atomic_open, merge_json, read_json, write_json
+from open_clip_starft.data.files import merge_json, read_json, write_json
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors, with_flag
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve
 from open_clip_starft.eval.evaluator import Evaluator
@@ -459,11 +458,8 @@ def write_frontier_plot(path: str, rows: list[dict], wise: dict, alphas: list[fl
     points = {"StarFT grid": [point(r) for r in rows if r["method"] == "starft"],
               "FLYP": [point(r) for r in rows if r["method"] == "flyp"],
               "zero-shot": [point(r) for r in rows if r["method"] == "zero-shot"]}
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as folder:  # plotted beside, then written whole
-        drawn = plot_frontiers({"test": {"curves": curves, "points": points}}, os.path.join(folder, "frontier.png"),
-                               x_label=f"test {'in-distribution' if x == 'in_dist' else ''} accuracy (%)")
-        with open(drawn, "rb") as f, atomic_open(path, "wb") as out:
-            out.write(f.read())
+    plot_frontiers({"test": {"curves": curves, "points": points}}, path,  # written whole (eval.report.save_png)
+                   x_label=f"test {'in-distribution' if x == 'in_dist' else ''} accuracy (%)")
 
 
 def add_wise(result: dict, scoring: Scoring, alphas: list[float], checkpoints: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from open_clip_starft.errors import ConfigError, StarftError
+from open_clip_starft.errors import ConfigError
 from open_clip_starft.method.registry import Registry
 from open_clip_starft.eval.sets.spec import EvalSetSpec, Item, set_error
 
