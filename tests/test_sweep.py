@@ -211,3 +211,27 @@ def test_killed_sweep_leaves_no_training_and_an_interrupt_stops_its_whole_group(
         for pid in (p for both in pids.values() for p in both):
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sweep_can_choose_the_epoch_from_the_runs_logged_validation(workspace):
+    ws = workspace
+    out = ws["root"] / "out-epoch"
+    argv = ["--out", str(out), "--model", ws["model"], "--classnames", ws["classes"], "--val", ws["val"],
+            "--val-in-dist", ws["val_id"], "--test", ws["test"], "--lambdas", "2", "--schedules", "constant",
+            "--no-flyp", "--choose-epoch", "--device", "cpu", "--",
+            "--train-data", ws["train"], "--dataset-type", "webdataset", "--device", "cpu", "--workers", "0",
+            "--precision", "fp32", "--batch-size", "32", "--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--seed", "0"]
+    assert sweep.main(argv) == 0
+    (row,) = [r for r in json.loads((out / "sweep.json").read_text())["grid"] if r["method"] == "starft"]
+    folder = out / "runs" / row["name"] / "checkpoints"
+    logged = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    val = {r["epoch"]: r for r in logged if r["set"] == "val"}
+    val_id = {r["epoch"]: r for r in logged if r["set"] == "val_in_dist"}
+    assert sorted(val) == [0, 1, 2]  # the zero-shot model and both epochs, logged by the run itself
+    kept = max((1, 2), key=lambda e: (val[e]["worst_group"], val[e]["top1"]))
+    assert row["epoch"] == kept and row["checkpoint"] == str(folder / "best.pt")
+    assert row["val_worst_group"] == val[kept]["worst_group"] and row["val_avg"] == val[kept]["top1"]
+    assert row["val_in_dist"] == val_id[kept]["top1"]
+    # the test set is scored on the kept epoch's weights: the same as evaluating best.pt directly
+    scorer = sweep.WeightsScorer(ws["model"], None, {"test": ws["test"]}, ws["classes"])
+    assert scorer(scorer.state_dict(str(folder / "best.pt")), ("test",))["worst_group"] == row["worst_group"]

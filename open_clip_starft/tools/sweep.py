@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
 import os
 import sys
@@ -147,6 +148,7 @@ class SweepContext:
     threads: int = 1
     on_mismatch: str = "refuse"
     report: Callable[[str], None] = logger.info
+    validation: list[str] = dataclasses.field(default_factory=list)  # --choose-epoch: each run's --starft-val flags
 
     def __post_init__(self):
         self.epochs = train_epochs(self.train_args)
@@ -169,7 +171,14 @@ class SweepContext:
         if setting.descriptors is not None:
             train[train.index("--starft-concepts") + 1] = absolute_files(setting.descriptors)
         return ["--model", self.model, *(["--pretrained", self.pretrained] if self.pretrained else []),
-                "--starft-classnames", self.classnames, *train, *self.train_args]
+                "--starft-classnames", self.classnames, *train, *self.validation, *self.train_args]
+
+    def scored_checkpoint(self, setting: Setting) -> str:
+        """The checkpoint a setting is scored by: its last epoch, or with ``--choose-epoch`` its best
+        validation epoch (``best.pt``)."""
+        if self.validation:
+            return os.path.join(self.run_dir(setting), "checkpoints", "best.pt")
+        return self.final_checkpoint(setting)
 
     def model_fingerprint(self) -> str:
         """The zero-shot model: its name and, where they are files, the content of its folder or weights."""
@@ -249,7 +258,7 @@ def train_run(ctx: SweepContext, setting: Setting, plan: str) -> str:
     final = ctx.final_checkpoint(setting)
     if plan == "reuse":
         ctx.report(f"  {setting.name}: finished run found with the same settings, not rerun")
-        return final
+        return ctx.scored_checkpoint(setting)
     entry = {"content": content_of(expected_params(ctx.run_argv(setting)), ctx.fingerprints)}
     record_run(ctx.out, setting.name, entry)
     args = [*ctx.run_argv(setting), "--logs", ctx.logs, "--name", setting.name,
@@ -261,7 +270,7 @@ def train_run(ctx: SweepContext, setting: Setting, plan: str) -> str:
         raise ConfigError(f"run {setting.name} ended without {final} (last: {found[-1]}): check --save-frequency")
     record_run(ctx.out, setting.name, {**entry, "checkpoint": ctx.fingerprints.file(final)})
     ctx.report(f"  {setting.name}: trained in {seconds:.0f} s")
-    return final
+    return ctx.scored_checkpoint(setting)
 
 
 def run_setting(setting: Setting, ctx: SweepContext) -> str:
@@ -425,13 +434,37 @@ def _wise_point(scoring: Scoring, label: str, checkpoint: str, alpha: float, wei
     return score(scoring, label, checkpoint, alpha, weights, WISE_ROLES)
 
 
+def logged_validation(run_dir: str) -> dict:
+    """The validation metrics a ``--choose-epoch`` run logged (``--starft-val``) at its best epoch
+    (``best.json``): ``val_avg``, ``val_worst_group``, ``val_groups``, ``val_in_dist`` and ``epoch``."""
+    folder = os.path.join(run_dir, "checkpoints")
+    best = read_json(os.path.join(folder, "best.json"))
+    if best is None:
+        raise DataError(f"run {run_dir} has no checkpoints/best.json: it was not trained with --starft-val "
+                        "(rerun the sweep with --on-mismatch rerun)")
+    with open(os.path.join(folder, "results.jsonl"), encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    at = {r["set"]: r for r in lines if r["epoch"] == best["epoch"] and r["step"] == best["step"]}
+    return {"val_avg": at["val"]["top1"], "val_worst_group": at["val"]["worst_group"], "val_groups": at["val"]["groups"],
+            "val_in_dist": at["val_in_dist"]["top1"] if "val_in_dist" in at else None, "epoch": best["epoch"]}
+
+
+def setting_metrics(scoring: Scoring, setting: Setting, checkpoint: str) -> dict:
+    """A setting's metrics: evaluated on every set, or with ``--choose-epoch`` the validation numbers its run
+    logged at the epoch it kept and the test sets evaluated on that epoch's weights."""
+    if not scoring.ctx.validation:
+        return score(scoring, setting.name, checkpoint)
+    return {**score(scoring, setting.name, checkpoint, roles=WISE_ROLES),
+            **logged_validation(scoring.ctx.run_dir(setting))}
+
+
 def grid_rows(scoring: Scoring, grid: list[Setting], checkpoints: dict[str, str]) -> list[dict]:
     """The zero-shot row, then one row per setting: its settings, checkpoint and metrics."""
     rows = [{"method": "zero-shot", "name": "zero-shot", "lam": None, "schedule": None, "descriptors": None,
              "checkpoint": None, **score(scoring, "zero-shot", None)}]
     for s in grid:
         rows.append({"method": s.method, "name": s.name, "lam": s.lam, "schedule": s.schedule, "descriptors": s.descriptors,
-                     "checkpoint": checkpoints[s.name], **score(scoring, s.name, checkpoints[s.name])})
+                     "checkpoint": checkpoints[s.name], **setting_metrics(scoring, s, checkpoints[s.name])})
     return rows
 
 
@@ -527,7 +560,17 @@ def context_of(args, log: Callable[[str], None] | None) -> SweepContext:
     pretrained = absolute_files(args.pretrained) if args.pretrained else None
     return SweepContext(out=os.path.abspath(args.out), model=absolute_files(args.model) if args.model.startswith(
         "local-dir:") else args.model, pretrained=pretrained, classnames=absolute_files(args.classnames),
-        train_args=train_args, threads=args.threads, on_mismatch=args.on_mismatch, report=log or logger.info)
+        train_args=train_args, threads=args.threads, on_mismatch=args.on_mismatch, report=log or logger.info,
+        validation=validation_flags(args) if args.choose_epoch else [])
+
+
+def validation_flags(args) -> list[str]:
+    """``--choose-epoch``: every run scores the validation sets after each epoch and keeps its best epoch
+    by validation worst group (``--starft-val``, ``--starft-select``); a choice on validation only."""
+    flags = ["--starft-val", f"val={absolute_files(args.val)}"]
+    if args.val_in_dist:
+        flags += ["--starft-val", f"val_in_dist={absolute_files(args.val_in_dist)}"]
+    return [*flags, "--starft-select", "val:worst_group"]
 
 
 def only_run(ctx: SweepContext, grid: list[Setting], index: int) -> dict:
@@ -602,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concepts", action="append", metavar="SET|FILE",
                         help="a descriptor set (--starft-concepts value); repeat for several (default background)")
     parser.add_argument("--no-flyp", action="store_true", help="leave out the FLYP run (λ = 0)")
+    parser.add_argument("--choose-epoch", action="store_true",
+                        help="choose the epoch as well as the setting, on validation: every run scores --val (and "
+                             "--val-in-dist) after each epoch (--starft-val) and keeps its best validation-worst-group "
+                             "epoch (best.pt); the sweep reads those logged validation numbers instead of evaluating "
+                             "each run again, and scores the test sets on the kept epoch")
     parser.add_argument("--wise-alphas", metavar="A,B|START:STOP:STEP",
                         help="also WiSE-FT curves zero-shot→FLYP and →selected StarFT, e.g. 0:1:0.1")
     parser.add_argument("--only-run", type=int, metavar="I",
