@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import DataError, StarftError
 from open_clip_starft.studies.waterbirds_lite import build, report
 from open_clip_starft.studies.waterbirds_lite.cli import main as wbl_main
 
@@ -21,9 +21,25 @@ def test_labels_cover_both_places_and_both_bird_kinds():
     assert len({s.name for s in stamps}) == len(stamps)  # names are class names: unique
 
 
-def test_builder_refuses_missing_packages_and_empty_splits():
-    with pytest.raises(StarftError, match=r"no-such-package-wbl.*apt-get install -y no-such-package-wbl"):
-        build.ensure_packages(("no-such-package-wbl",), install=False)
+def test_missing_packages_are_named_in_one_line_and_never_installed_unasked(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(build, "missing_packages", lambda packages=build.PACKAGES: ["mate-backgrounds", "tuxpaint-data"])
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: calls.append(a))  # would be apt-get
+    with pytest.raises(DataError) as e:
+        build.ensure_packages()
+    assert str(e.value) == ("Waterbirds-lite needs Debian packages that are not installed; install them as root: "
+                            "apt-get install -y mate-backgrounds tuxpaint-data")
+    with pytest.raises(DataError):
+        build.build(str(tmp_path), [("shared", 0)])  # the library's default installs nothing
+    # the command line: one line, exit 2, the flag that installs named; nothing was run
+    assert wbl_main(["build", "--out", str(tmp_path / "o"), "--splits", "shared:0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("apt-get install -y mate-backgrounds tuxpaint-data "
+                                             "(or rerun with --install-packages)"), err
+    assert calls == []
+
+
+def test_builder_refuses_empty_splits():
     stamps, scenes = build.load_labels()
     few = [s for s in stamps if s.kind != "waterbird"] + [s for s in stamps if s.kind == "waterbird"][:2]
     with pytest.raises(StarftError, match=r"split of the waterbird species would be empty \(2 in all\)"):

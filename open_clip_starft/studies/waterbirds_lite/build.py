@@ -60,7 +60,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from open_clip_starft.data.samples import brace_pattern, write_shards
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import DataError, StarftError
 from open_clip_starft.eval.progress import Progress
 
 PACKAGES = ("tuxpaint-stamps-default", "tuxpaint-data", "plasma-workspace-wallpapers", "mate-backgrounds",
@@ -133,17 +133,18 @@ def missing_packages(packages=PACKAGES) -> list[str]:
     return missing
 
 
-def ensure_packages(packages=PACKAGES, install: bool = True) -> None:
-    """Install the missing Debian packages with apt-get, or a one-line StarftError saying how."""
+def ensure_packages(packages=PACKAGES, install: bool = False) -> None:
+    """Check that the Debian packages are installed. Missing ones: a one-line ``DataError`` naming them and the
+    command that installs them; ``install=True`` (asked for explicitly) runs that command with apt-get instead."""
     missing = missing_packages(packages)
     if not missing:
         return
-    hint = f"install them: apt-get install -y {' '.join(missing)}"
+    command = f"apt-get install -y {' '.join(missing)}"
     if not install:
-        raise StarftError(f"Waterbirds-lite needs the Debian packages {', '.join(missing)}: {hint}")
+        raise DataError(f"Waterbirds-lite needs Debian packages that are not installed; install them as root: {command}")
     if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise StarftError(f"Waterbirds-lite needs the Debian packages {', '.join(missing)}, which cannot be installed "
-                          f"here ({'no apt-get' if shutil.which('apt-get') is None else 'not root'}): {hint} as root")
+        raise DataError(f"Waterbirds-lite needs the Debian packages {', '.join(missing)}, which cannot be installed "
+                        f"here ({'no apt-get' if shutil.which('apt-get') is None else 'not root'}): run {command} as root")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     result = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -152,7 +153,8 @@ def ensure_packages(packages=PACKAGES, install: bool = True) -> None:
     still = missing_packages(missing)
     if result.returncode != 0 or still:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StarftError(f"Waterbirds-lite: apt-get could not install {', '.join(still or missing)} ({last}): {hint}")
+        raise DataError(f"Waterbirds-lite: apt-get could not install {', '.join(still or missing)} ({last}): "
+                        f"run {command} as root")
 
 
 def load_labels(path: str = LABELS) -> tuple[list[Stamp], list[Scene]]:
@@ -418,10 +420,11 @@ def set_sizes(sizes: Sizes) -> int:
             + sizes.source_test + sizes.heldout_test)
 
 
-def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed: int = 0, install: bool = True,
+def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed: int = 0, install: bool = False,
           labels: str = LABELS, log=print) -> dict:
     """Write every split's sets under ``out`` (a split already in ``out/manifest.json`` with the same sizes and
-    seed is kept); returns (and writes) the manifest."""
+    seed is kept); returns (and writes) the manifest. Missing Debian packages: a one-line error, or installed
+    with apt-get when ``install`` (never by default)."""
     ensure_packages(install=install)
     stamps, scenes = load_labels(labels)
     for place in PLACES:

@@ -28,7 +28,7 @@ import time
 
 from open_clip_starft.tools.stages import export_checkpoint
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
-from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.errors import DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
 from open_clip_starft.tools.sweep import make_grid, parse_floats
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
     p.add_argument("--parallel", type=int, default=2, help="fine-tunes at a time, one compute thread each (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of CLIP-lite's image tower")
-    p.add_argument("--no-install", action="store_true", help="do not apt-get install missing Debian packages; fail instead")
+    p.add_argument("--install-packages", action="store_true",
+                   help="build: apt-get install the missing Debian packages (as root); without it a missing package "
+                   "is a one-line error naming the install command")
     return p
 
 
@@ -198,6 +200,17 @@ def _scale(args) -> dict:
     return {**scale, "schedule": dataclasses.replace(scale["schedule"], pretrain_epochs=args.pretrain_epochs)}
 
 
+def _build(out: str, splits: list[tuple[str, int]], scale: dict, args) -> dict:
+    """The build stage; a missing Debian package's error names ``--install-packages`` too."""
+    try:
+        return build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed,
+                           install=args.install_packages, log=lambda text: print(text, flush=True))
+    except DataError as e:
+        if args.install_packages or "Debian packages" not in str(e):
+            raise
+        raise DataError(f"{e} (or rerun with --install-packages)") from e
+
+
 def _run(args, argv) -> int:
     scale = _scale(args)
     splits = _splits(args.splits)
@@ -219,7 +232,7 @@ def _run(args, argv) -> int:
         start = time.time()
         log(f"waterbirds-lite: {stage}")
         if stage == "build":
-            build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed, install=not args.no_install, log=log)
+            _build(out, splits, scale, args)
         elif stage == "pretrain":
             _pretrain(out, _load_manifest(out, splits, args.splits), pretrain_seeds, scale, log)
         elif stage in ("run", "report"):
