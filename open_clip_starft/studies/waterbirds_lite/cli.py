@@ -2,9 +2,9 @@
 
 Does StarFT keep zero-shot robustness that plain fine-tuning loses, beyond what WiSE-FT's weight interpolation
 gives? Builds Waterbirds-lite (bird cut-outs pasted on water and land photographs from Debian packages),
-pre-trains one CLIP-lite (the real MiniLM text tower and a small ViT) per unit (split × pre-training seed) as the
-zero-shot model, fine-tunes it by FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses
-the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
+pre-trains one CLIP-lite per unit (split × pre-training seed) as the zero-shot model (v3: the real MiniLM text
+tower and EfficientNet-Lite0's real ImageNet trunk, aligned LiT style with the trunk locked), fine-tunes it by
+FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
 
     open-clip-starft waterbirds-lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
     open-clip-starft waterbirds-lite build --out wbl                # only the data
