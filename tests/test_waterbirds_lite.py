@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -137,6 +138,18 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     p1 = json.loads((out / "p1_epochs.json").read_text())["identity-s0-p0"]["0"]
     assert set(p1["source_val"]) == {"1", "2"} and p1["chosen"] in (1, 2)
     assert json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]["val_avg"] >= 0
+    # v3's LiT pre-training locked the image trunk: every ImageNet weight is as mapped from the package (BatchNorm
+    # running statistics, buffers, adapt in train mode), while both projections learnt
+    from safetensors.torch import load_file
+    from open_clip_starft.studies.waterbirds_lite import efficientnet
+    init = load_file(str(out / "models" / "identity-s0-p0" / "init" / "open_clip_model.safetensors"))
+    zero_shot = load_file(str(out / "models" / "identity-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
+    import timm  # the trunk's keys in module order (a safetensors file sorts them)
+    imagenet = efficientnet.timm_state_dict(timm.create_model(efficientnet.TIMM_NAME, num_classes=0).state_dict())
+    weights = [k for k in imagenet if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 100 and all(torch.equal(zero_shot[f"visual.trunk.{k}"], imagenet[k]) for k in weights)
+    assert not torch.equal(zero_shot["visual.head.proj.weight"], init["visual.head.proj.weight"])
+    assert not torch.equal(zero_shot["text.proj.weight"], init["text.proj.weight"])
 
     records = json.loads((docs / "waterbirds-lite.json").read_text())
     methods = {(r["protocol"], r["method"]) for r in records}
@@ -273,3 +286,20 @@ def test_shared_split_never_composes_a_training_image_on_a_validation_or_test_ph
         assert {part_of[i] for i in scene_ids} == {expected[name]}, name
     val_test = {i for i, part in part_of.items() if part != "train"}
     assert val_test and not val_test & set().union(*(ids for n, ids in used if expected[n] == "train"))
+
+
+def test_v3_pretraining_locks_the_image_trunk_unless_told_how_many_groups_to_leave_open(tmp_path):
+    from open_clip_starft.studies.waterbirds_lite import benchmark
+    from open_clip_starft.studies.waterbirds_lite.cli import SCALES, _scale, build_parser
+    assert SCALES["full"]["model"]["vision_tower"] == "efficientnet-lite0"
+    manifest = {"splits": {"shared-s0": {"sets": {"pretrain": {"pattern": str(tmp_path / "pretrain-000000.tar")}}}}}
+    for argv, lock in ((["pretrain"], ["--lock-image", "--lock-image-unlocked-groups", "0"]),
+                       (["pretrain", "--pretrain-unlocked-groups", "2"], ["--lock-image", "--lock-image-unlocked-groups", "2"])):
+        schedule = _scale(build_parser().parse_args(argv))["schedule"]
+        args = benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, schedule, "local-dir:x").args
+        at = args.index("--lock-image")
+        assert args[at:at + 3] == lock and "--lock-image-freeze-bn-stats" not in args
+    v2 = _scale(build_parser().parse_args(["pretrain", "--scale", "v2"]))["schedule"]
+    assert "--lock-image" not in benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, v2, "local-dir:x").args
+    with pytest.raises(StarftError, match="--pretrain-unlocked-groups 1: .*locks the image trunk"):
+        _scale(build_parser().parse_args(["pretrain", "--scale", "v2", "--pretrain-unlocked-groups", "1"]))

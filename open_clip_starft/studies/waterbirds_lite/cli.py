@@ -28,7 +28,7 @@ import time
 
 from open_clip_starft.tools.stages import export_checkpoint
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
-from open_clip_starft.errors import DataError, StarftError, one_line_errors
+from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
 from open_clip_starft.tools.sweep import make_grid, parse_floats
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "headline; shared: photographs split; identity: species and photographs split)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 4 at full)")
+    p.add_argument("--pretrain-unlocked-groups", type=int,
+                   help="v3 pre-training: leave the image trunk's last N layer groups trainable (default 0: the "
+                   "whole trunk locked, LiT)")
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
@@ -198,13 +201,18 @@ def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[s
 
 
 def _scale(args) -> dict:
-    """The ``--scale`` settings with ``--pretrain-epochs`` applied."""
-    scale = SCALES[args.scale]
-    if args.pretrain_epochs is None:
-        return scale
-    if args.pretrain_epochs < 1:
-        raise StarftError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
-    return {**scale, "schedule": dataclasses.replace(scale["schedule"], pretrain_epochs=args.pretrain_epochs)}
+    """The ``--scale`` settings with ``--pretrain-epochs`` and ``--pretrain-unlocked-groups`` applied."""
+    scale, changes = SCALES[args.scale], {}
+    if args.pretrain_epochs is not None:
+        if args.pretrain_epochs < 1:
+            raise ConfigError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
+        changes["pretrain_epochs"] = args.pretrain_epochs
+    if args.pretrain_unlocked_groups is not None:
+        if args.pretrain_unlocked_groups < 0 or not scale["schedule"].pretrain_lock_image:
+            raise ConfigError(f"--pretrain-unlocked-groups {args.pretrain_unlocked_groups}: give 0 or more, with a "
+                              "scale whose pre-training locks the image trunk (full, mini)")
+        changes["pretrain_unlocked_groups"] = args.pretrain_unlocked_groups
+    return {**scale, "schedule": dataclasses.replace(scale["schedule"], **changes)} if changes else scale
 
 
 def _build(out: str, splits: list[tuple[str, int]], scale: dict, args) -> dict:
