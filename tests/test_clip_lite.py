@@ -83,3 +83,67 @@ def test_starft_trains_it_with_a_locked_text_tower_and_zero_star_loss_at_step_0(
             assert torch.equal(bert[key], value), key
     fresh, _, _ = open_clip.create_model_and_transforms(ws["model"])
     assert not torch.equal(model.text.proj.weight, fresh.text.proj.weight)
+
+
+# -- v3: EfficientNet-Lite0's real ImageNet weights in OpenCLIP's timm tower -------------------------------
+BIRDS = "/usr/share/tuxpaint/stamps/animals/birds"
+
+
+def _stamp_on_white(name: str, size: int = 224) -> torch.Tensor:
+    """Tux Paint's photographic cut-out ``name`` composited on white, centred, ``[3, size, size]``,
+    normalised as the EfficientNet weights expect (mean = std = 0.5)."""
+    import numpy as np
+    from open_clip_starft.studies.waterbirds_lite.efficientnet import MEAN, STD
+    img = Image.open(os.path.join(BIRDS, f"{name}.png")).convert("RGBA")
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    white.alpha_composite(img)
+    img = white.convert("RGB")
+    img.thumbnail((size, size), Image.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    x = torch.tensor(np.asarray(canvas), dtype=torch.float32).permute(2, 0, 1) / 255
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+@pytest.mark.parametrize("stamp, imagenet_class", [("pink_flamingo", 130), ("duck", 97), ("penguin", 145)])
+def test_efficientnet_weights_recognise_real_photographs(stamp, imagenet_class):
+    """The mapped weights are ImageNet's: a flamingo photograph is class 130 (flamingo), Tux Paint's duck 97
+    (drake), its penguin 145 (king penguin), each with probability > 0.5 (random weights: ~0.001)."""
+    from open_clip_starft.studies.waterbirds_lite.efficientnet import imagenet_classifier
+    with torch.no_grad():
+        p = imagenet_classifier()(_stamp_on_white(stamp)[None]).softmax(-1)[0]
+    assert int(p.argmax()) == imagenet_class and p[imagenet_class] > 0.5, (stamp, int(p.argmax()), float(p.max()))
+
+
+def test_efficientnet_mapping_refuses_a_shape_mismatch_in_one_line():
+    from open_clip_starft.errors import DataError
+    from open_clip_starft.studies.waterbirds_lite import efficientnet
+    import timm
+    source = efficientnet.source_state_dict()
+    target = timm.create_model(efficientnet.TIMM_NAME, pretrained=False).state_dict()  # with the ImageNet head
+    assert list(efficientnet.timm_state_dict(target, source)) == list(target)
+    target["bn1.num_batches_tracked"] = torch.zeros(3)  # one pair's shape differs
+    with pytest.raises(DataError, match=r"^EfficientNet-Lite0 weights: _bn0.num_batches_tracked \(\) pairs with "
+                                        r"timm's bn1.num_batches_tracked \(3,\): the key orders differ"):
+        efficientnet.timm_state_dict(target, source)
+    with pytest.raises(DataError, match="296 tensors to map onto 2"):
+        efficientnet.timm_state_dict({"classifier.weight": torch.zeros(1), "x": torch.zeros(1)}, source)
+
+
+def test_v3_folder_carries_the_imagenet_trunk_and_its_normalisation(tmp_path):
+    """CLIP-lite v3 as OpenCLIP loads it from the folder: a CustomTextCLIP whose TimmModel trunk computes
+    exactly the ImageNet classifier's pooled features, inputs normalised with mean = std = 0.5."""
+    from open_clip_starft.studies.waterbirds_lite.efficientnet import imagenet_classifier
+    model_name = write_clip_lite(str(tmp_path / "v3"), seed=0, image_size=64, embed_dim=32,
+                                 vision_tower="efficientnet-lite0")
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    assert isinstance(model, open_clip.CustomTextCLIP) and isinstance(model.visual, open_clip.timm_model.TimmModel)
+    normalize = preprocess.transforms[-1]
+    assert list(normalize.mean) == list(normalize.std) == [0.5, 0.5, 0.5]
+    x = _stamp_on_white("pink_flamingo", 64)[None]
+    classifier = imagenet_classifier()
+    with torch.no_grad():
+        model.eval()
+        assert torch.allclose(model.visual.trunk(x), classifier.forward_head(classifier.forward_features(x),
+                                                                             pre_logits=True), atol=1e-5)
+        assert model.encode_image(x).shape == (1, 32)

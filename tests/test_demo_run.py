@@ -48,6 +48,35 @@ def test_write_data_splits_are_disjoint_and_drawn_as_described(tmp_path, monkeyp
     assert open(data["descriptors"]).read().count("{}") == 4
 
 
+def test_units_never_share_an_image_in_any_part(tmp_path, monkeypatch):
+    """Part seeds come from (unit, part): no sample (pixels, or the (seed, index) it is drawn from) is shared
+    between two parts of one unit or between units; unit seed + offset made unit 1's test unit 0's val."""
+    import hashlib
+    import tarfile
+    monkeypatch.setattr(demo_run, "PRETRAIN_SAMPLES", 32)
+    monkeypatch.setattr(demo_run, "FINETUNE_SAMPLES", 32)
+    monkeypatch.setattr(demo_run, "EVAL_SAMPLES", 32)
+    seen, seeds = {}, {}
+    for unit in (0, 1, 3):
+        data = demo_run.write_data(str(tmp_path / f"u{unit}"), seed=unit)
+        for part in demo_run.PART_IDS:
+            seeds[(unit, part)] = demo_run.part_seed(unit, part)
+            with tarfile.open(data[part]) as tar:  # 32 samples: one shard
+                jpgs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+            assert len(jpgs) == 32, (unit, part)
+            for key, jpg in enumerate(jpgs):
+                # pixels: the in-distribution parts are 12 px, the others 32 px; both decoded and hashed
+                from PIL import Image
+                import io
+                digest = hashlib.sha1(Image.open(io.BytesIO(jpg)).tobytes()).hexdigest()
+                assert digest not in seen, f"{(unit, part, key)} repeats {seen[digest]}"
+                seen[digest] = (unit, part, key)
+    assert len(set(seeds.values())) == len(seeds)  # no (unit, part) draws from another's sample seed
+    assert demo_run.part_seed(1, "test") != demo_run.part_seed(0, "val")  # the old scheme's collision
+    with pytest.raises(Exception, match="seed -1 is negative"):
+        demo_run.part_seed(-1, "val")
+
+
 def _records():
     """Two competent units and one failed one, numbers chosen by hand."""
     def rec(unit, method, lam=None, schedule=None, alpha=None, wg=0.0, idist=0.0, vwg=0.0, vid=0.0, selected=False, **kw):
@@ -82,9 +111,12 @@ def test_summarise_hand_computed():
     assert s["pooled_choice"] == {"lam": 1, "schedule": "constant", "descriptors": "backgrounds"}
     assert s["pooled"]["minus_flyp_worst_group"]["mean"] == pytest.approx(0.2)
     assert s["flyp_minus_zero_shot_worst_group"]["mean"] == pytest.approx(-0.6)
+    # StarFT (selected) − zero-shot: u0 0.4 − 0.8, u1 0.6 − 0.8
+    assert s["starft_minus_zero_shot_worst_group"]["per_unit"] == pytest.approx({"u0": -0.4, "u1": -0.2})
     text = study.markdown(_records(), s, {"seeds": "0,1,2", "lambdas": "1,2", "schedules": "constant", "note": "test"})
     assert "u2: zero-shot validation accuracy 90.0 %, worst group 10.0 %" in text
     assert "| StarFT − FLYP, test worst group | +30.0 ± " in text
+    assert "StarFT (selected) − zero-shot, test worst group (what is left of the damage): -30.0 ± " in text
     json.dumps(s)  # the summary is plain JSON
 
 

@@ -1,13 +1,15 @@
 """Waterbirds-lite: the builder's data and refusals, and a miniature of the whole benchmark."""
 import io
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import DataError, StarftError
 from open_clip_starft.studies.waterbirds_lite import build, report
 from open_clip_starft.studies.waterbirds_lite.cli import main as wbl_main
 
@@ -21,9 +23,25 @@ def test_labels_cover_both_places_and_both_bird_kinds():
     assert len({s.name for s in stamps}) == len(stamps)  # names are class names: unique
 
 
-def test_builder_refuses_missing_packages_and_empty_splits():
-    with pytest.raises(StarftError, match=r"no-such-package-wbl.*apt-get install -y no-such-package-wbl"):
-        build.ensure_packages(("no-such-package-wbl",), install=False)
+def test_missing_packages_are_named_in_one_line_and_never_installed_unasked(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(build, "missing_packages", lambda packages=build.PACKAGES: ["mate-backgrounds", "tuxpaint-data"])
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: calls.append(a))  # would be apt-get
+    with pytest.raises(DataError) as e:
+        build.ensure_packages()
+    assert str(e.value) == ("Waterbirds-lite needs Debian packages that are not installed; install them as root: "
+                            "apt-get install -y mate-backgrounds tuxpaint-data")
+    with pytest.raises(DataError):
+        build.build(str(tmp_path), [("shared", 0)])  # the library's default installs nothing
+    # the command line: one line, exit 2, the flag that installs named; nothing was run
+    assert wbl_main(["build", "--out", str(tmp_path / "o"), "--splits", "shared:0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("apt-get install -y mate-backgrounds tuxpaint-data "
+                                             "(or rerun with --install-packages)"), err
+    assert calls == []
+
+
+def test_builder_refuses_empty_splits():
     stamps, scenes = build.load_labels()
     few = [s for s in stamps if s.kind != "waterbird"] + [s for s in stamps if s.kind == "waterbird"][:2]
     with pytest.raises(StarftError, match=r"split of the waterbird species would be empty \(2 in all\)"):
@@ -96,6 +114,15 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), kind
     for place, parts in split["scenes"].items():
         assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), place
+    # every photograph recorded with its package and its one part; val/test photographs are in no training set
+    photos = split["photographs"]
+    stamps, scenes = build.load_labels()
+    assert len(photos) == len(scenes) and all(len(p["parts"]) == 1 for p in photos)
+    assert {p["package"] for p in photos} <= set(build.PACKAGES)
+    for place in build.PLACES:
+        for part in ("train", "val", "test"):
+            assert sorted(split["scenes"][place][part]) == sorted(
+                p["file"] for p in photos if p["place"] == place and p["parts"] == [part])
     # pre-training saw the train-part birds only (their names, some with the superclass), no val/test bird
     pre_names = set((out / "data" / "identity-s0" / "pretrain" / "classnames.txt").read_text().splitlines())
     held_out = split["birds"]["waterbird"]["test"] + split["birds"]["landbird"]["val"]
@@ -111,6 +138,18 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     p1 = json.loads((out / "p1_epochs.json").read_text())["identity-s0-p0"]["0"]
     assert set(p1["source_val"]) == {"1", "2"} and p1["chosen"] in (1, 2)
     assert json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]["val_avg"] >= 0
+    # v3's LiT pre-training locked the image trunk: every ImageNet weight is as mapped from the package (BatchNorm
+    # running statistics, buffers, adapt in train mode), while both projections learnt
+    from safetensors.torch import load_file
+    from open_clip_starft.studies.waterbirds_lite import efficientnet
+    init = load_file(str(out / "models" / "identity-s0-p0" / "init" / "open_clip_model.safetensors"))
+    zero_shot = load_file(str(out / "models" / "identity-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
+    import timm  # the trunk's keys in module order (a safetensors file sorts them)
+    imagenet = efficientnet.timm_state_dict(timm.create_model(efficientnet.TIMM_NAME, num_classes=0).state_dict())
+    weights = [k for k in imagenet if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 100 and all(torch.equal(zero_shot[f"visual.trunk.{k}"], imagenet[k]) for k in weights)
+    assert not torch.equal(zero_shot["visual.head.proj.weight"], init["visual.head.proj.weight"])
+    assert not torch.equal(zero_shot["text.proj.weight"], init["text.proj.weight"])
 
     records = json.loads((docs / "waterbirds-lite.json").read_text())
     methods = {(r["protocol"], r["method"]) for r in records}
@@ -126,8 +165,10 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         starft = [r for r in records if r["protocol"] == protocol and r["method"] == "starft"]
         assert len(starft) == 1 and starft[0]["selected"] and (starft[0]["lam"], starft[0]["schedule"]) == (2, "constant")
         assert starft[0]["descriptors"] == "background" and starft[0]["alpha"] is None
-        # at step 0 of every fine-tune the Star term is ~0: the student starts as the teacher
-        assert starft[0]["star_loss_step0"] < 1e-6
+        # the Star term at step 0 is logged and finite. It is not ~0 with v3's tower: the student's BatchNorm
+        # layers run in train mode (batch statistics), the teacher's in eval mode (running statistics); the
+        # ViT-tower test in test_clip_lite.py checks that it is 0 when the towers have no BatchNorm
+        assert math.isfinite(starft[0]["star_loss_step0"])
         for wise in ("wise-flyp", "wise-starft"):
             alphas = [r["alpha"] for r in records if r["protocol"] == protocol and r["method"] == wise]
             assert alphas == [0.5]  # the mini scale's WiSE-FT points (full: 0.1 … 0.9)
@@ -211,3 +252,54 @@ def test_report_statistics_by_hand():
     assert report._verdict({"mean": 0.1, "ci95": 0.05, "units": 5}).startswith("above 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.05, "units": 5}).startswith("below 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.0, "units": 1}) == "one unit: no interval"
+
+
+def test_shared_split_never_composes_a_training_image_on_a_validation_or_test_photograph(tmp_path):
+    """Every image of every set of shared-s0, traced to the photograph it was composed on: pre-training,
+    Waterbirds-lite train and P1's source-train use train photographs only; val and test sets their own."""
+    stamps, scenes = build.load_labels()
+    material = build.Material(stamps, scenes, image_size=16)
+    split = build.make_split(stamps, scenes, "shared", 0, 0.6)
+    used, compose = [], material.compose
+
+    def traced(stamp, scene, rng):
+        used[-1][1].add(scene)
+        return compose(stamp, scene, rng)
+    material.compose = traced
+    write_set = build._write_set
+
+    def tracing_write_set(out_dir, *args, **kwargs):
+        used.append((out_dir.rsplit("/", 1)[-1], set()))
+        return write_set(out_dir, *args, **kwargs)
+    build._write_set = tracing_write_set
+    try:
+        sizes = build.Sizes(image_size=16, pretrain=200, wb_train=60, wb_val=40, wb_test=40, source_train=60,
+                            source_val=40, source_test=40, heldout_test=40)
+        build.write_split(str(tmp_path), material, split, sizes, seed=0)
+    finally:
+        build._write_set = write_set
+    part_of = {i: part for place in build.PLACES for part, idx in split["scenes"][place].items() for i in idx}
+    expected = {"pretrain": "train", "wb-train": "train", "source-train": "train", "wb-val": "val",
+                "source-val": "val", "wb-test": "test", "source-test": "test", "heldout-test": "test"}
+    assert {name for name, _ in used} == set(expected)
+    for name, scene_ids in used:
+        assert {part_of[i] for i in scene_ids} == {expected[name]}, name
+    val_test = {i for i, part in part_of.items() if part != "train"}
+    assert val_test and not val_test & set().union(*(ids for n, ids in used if expected[n] == "train"))
+
+
+def test_v3_pretraining_locks_the_image_trunk_unless_told_how_many_groups_to_leave_open(tmp_path):
+    from open_clip_starft.studies.waterbirds_lite import benchmark
+    from open_clip_starft.studies.waterbirds_lite.cli import SCALES, _scale, build_parser
+    assert SCALES["full"]["model"]["vision_tower"] == "efficientnet-lite0"
+    manifest = {"splits": {"shared-s0": {"sets": {"pretrain": {"pattern": str(tmp_path / "pretrain-000000.tar")}}}}}
+    for argv, lock in ((["pretrain"], ["--lock-image", "--lock-image-unlocked-groups", "0"]),
+                       (["pretrain", "--pretrain-unlocked-groups", "2"], ["--lock-image", "--lock-image-unlocked-groups", "2"])):
+        schedule = _scale(build_parser().parse_args(argv))["schedule"]
+        args = benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, schedule, "local-dir:x").args
+        at = args.index("--lock-image")
+        assert args[at:at + 3] == lock and "--lock-image-freeze-bn-stats" not in args
+    v2 = _scale(build_parser().parse_args(["pretrain", "--scale", "v2"]))["schedule"]
+    assert "--lock-image" not in benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, v2, "local-dir:x").args
+    with pytest.raises(StarftError, match="--pretrain-unlocked-groups 1: .*locks the image trunk"):
+        _scale(build_parser().parse_args(["pretrain", "--scale", "v2", "--pretrain-unlocked-groups", "1"]))

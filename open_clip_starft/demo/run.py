@@ -32,7 +32,7 @@ import time
 from open_clip_starft.tools import stages
 from open_clip_starft.demo import data as demo_data
 from open_clip_starft.tools.tiny_model import write_tiny_model
-from open_clip_starft.errors import one_line_errors
+from open_clip_starft.errors import ConfigError, one_line_errors
 from open_clip_starft.tools import sweep
 
 IMAGE_SIZE = 32
@@ -51,7 +51,21 @@ COMPETENT = dict(val_avg=0.80, val_worst_group=0.50)
 # StarFT's setting in the demo: the study's choice on validation (docs/demo.md: the best mean validation
 # worst group over pre-training seeds 0, 1, 3 of λ 0.5..8 × linear/constant; every seed chose it alone too).
 DEFAULT = dict(lam=8.0, schedule="constant")
-SEED_OFFSETS = dict(pretrain=1, finetune=2, test=3, val=4, test_in_dist=5, val_in_dist=6)
+WISE_ALPHAS = "0:1:0.1"  # the printed table's WiSE-FT(FLYP) curve, read at StarFT's in-distribution accuracy
+# Each data part's id in its seed (never reuse one). A part's seed comes from (unit seed, part id) through
+# numpy's SeedSequence, so no two units share a part's draws (unit seed + a fixed offset made unit 1's test
+# set unit 0's validation set).
+PART_IDS = dict(pretrain=1, finetune=2, test=3, val=4, test_in_dist=5, val_in_dist=6)
+
+
+def part_seed(unit_seed: int, part: str) -> int:
+    """The data seed of part ``part`` (a ``PART_IDS`` name) of unit ``unit_seed`` (≥ 0): a 32-bit word of
+    ``numpy.random.SeedSequence([unit_seed, PART_IDS[part]])``, distinct for distinct (unit, part) pairs but
+    for a 2**-32 chance (``tests/test_demo_run.py`` checks the parts' images of several units)."""
+    import numpy as np
+    if unit_seed < 0:
+        raise ConfigError(f"the demo's seed {unit_seed} is negative: give a seed of 0 or more")
+    return int(np.random.SeedSequence([unit_seed, PART_IDS[part]]).generate_state(1)[0])
 
 
 def run_stage(title: str, module: str, args: list[str], console: str) -> None:
@@ -77,11 +91,11 @@ def write_data(root: str, seed: int) -> dict:
     file and the demo's descriptor file (its four background phrases)."""
     def write(split, n, biased, image_size=IMAGE_SIZE, **kw):
         return demo_data.brace_pattern(demo_data.write_shards(
-            os.path.join(root, split), n, seed=seed + SEED_OFFSETS[split], biased=biased, p_spurious=P_SPURIOUS,
+            os.path.join(root, split), n, seed=part_seed(seed, split), biased=biased, p_spurious=P_SPURIOUS,
             image_size=image_size, samples_per_shard=kw.pop("samples_per_shard", 128), prefix=split, **kw))
     paths = {
         "pretrain": write("pretrain", PRETRAIN_SAMPLES, False, samples_per_shard=1024,
-                          caption_fn=demo_data.pretrain_caption(seed + SEED_OFFSETS["pretrain"], PRETRAIN_P_BACKGROUND)),
+                          caption_fn=demo_data.pretrain_caption(part_seed(seed, "pretrain"), PRETRAIN_P_BACKGROUND)),
         "finetune": write("finetune", FINETUNE_SAMPLES, True),
         "val": write("val", EVAL_SAMPLES, False), "test": write("test", EVAL_SAMPLES, False),
         "val_in_dist": write("val_in_dist", EVAL_SAMPLES, True, IN_DIST_IMAGE_SIZE),
@@ -163,14 +177,20 @@ def demo(out: str, seed: int) -> int:
           "and evaluating ...", end="", flush=True)
     stage = time.time()
     result = sweep.run(sweep.build_parser().parse_args(sweep_args(
-        out, seed, data, model, f"{DEFAULT['lam']:g}", DEFAULT["schedule"], None)), log=lambda *_: None)
+        out, seed, data, model, f"{DEFAULT['lam']:g}", DEFAULT["schedule"], WISE_ALPHAS)), log=lambda *_: None)
     print(f" {time.time() - stage:.0f} s")
     print(f"\n  {'model':<34} {'val acc':>8} {'val WG':>7} {'test acc':>9} {'test WG':>8} {'in-dist':>8}")
     for r in result["grid"]:
         print(f"  {r['name']:<34} {r['val_avg']:>8.3f} {r['val_worst_group']:>7.3f} {r['avg']:>9.3f} "
               f"{r['worst_group']:>8.3f} {r['in_dist']:>8.3f}")
+    f = result["frontier"]
+    starft = next(r for r in result["grid"] if r.get("selected"))
+    print(f"  {'WiSE-FT(FLYP) at StarFT in-dist':<34} {'':>8} {'':>7} {'':>9} {f['wise_matched_worst_group']:>8.3f} "
+          f"{starft['in_dist']:>8.3f}")
     print(f"  (acc: balanced groups; WG: worst group; in-dist: test images drawn as the fine-tuning set, {P_SPURIOUS:.0%} "
-          f"on the shape's own background, at {IN_DIST_IMAGE_SIZE} px)")
+          f"on the shape's own background, at {IN_DIST_IMAGE_SIZE} px; WiSE-FT(FLYP): FLYP's weights mixed with the "
+          f"zero-shot model's, α {WISE_ALPHAS}, read at StarFT's test in-dist"
+          + (", outside the curve's range: its nearest end" if f["clamped"] else "") + ")")
     print(f"\n  checkpoints: {os.path.join(out, 'sweep', 'runs', '<run>', 'checkpoints')}")
     print(f"  logs:        {os.path.join(out, 'sweep', 'runs', '<run>', 'out.log')}")
     print(f"  results:     {os.path.join(out, 'sweep', 'sweep.json')}")

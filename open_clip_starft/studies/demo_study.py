@@ -101,6 +101,9 @@ def summarise(records: list[dict]) -> dict:
     out["selected"] = compare(lambda u: get(u, method="starft", selected=True)[0])
     out["pooled"] = compare(lambda u: next(r for r in get(u, method="starft") if _setting(r) == _setting(
         {**pooled, "descriptors": pooled["descriptors"]})))
+    out["starft_minus_zero_shot_worst_group"] = unit_summary(
+        [(u, get(u, method="starft", selected=True)[0]["worst_group"] - get(u, method="zero-shot")[0]["worst_group"])
+         for u in units])
     out["flyp_minus_zero_shot_worst_group"] = unit_summary(
         [(u, get(u, method="flyp")[0]["worst_group"] - get(u, method="zero-shot")[0]["worst_group"]) for u in units])
     # StarFT + WiSE-FT against WiSE-FT(FLYP): each interior α's point minus the FLYP curve at its in-dist, per unit
@@ -155,7 +158,7 @@ def markdown(records: list[dict], summary: dict, meta: dict) -> str:
              "**Data.** Per pre-training seed (one *unit*: its own data draws and zero-shot model), the demo's "
              f"fine-tuning set ({demo_run.FINETUNE_SAMPLES} images, {demo_run.P_SPURIOUS:.0%} of each shape on its own "
              f"background), balanced validation and test sets ({demo_run.EVAL_SAMPLES} images each, every background "
-             "equally likely, separate seeds), and validation / test in-distribution sets (the fine-tuning set's "
+             "equally likely; every part's seed derived from (unit, part), so no two units or parts share an image), and validation / test in-distribution sets (the fine-tuning set's "
              f"group mix, drawn at {demo_run.IN_DIST_IMAGE_SIZE} px so accuracy does not saturate). `avg` and "
              "`worst_group` are test accuracy and worst-group accuracy; `in_dist` is test in-distribution accuracy.",
              "",
@@ -181,7 +184,9 @@ def markdown(records: list[dict], summary: dict, meta: dict) -> str:
                       ("minus_wise_matched_worst_group", "StarFT − WiSE-FT(FLYP) at the same in-distribution accuracy, worst group")):
         lines.append(f"| {text} | {fmt(summary['selected'][key])} | {fmt(summary['pooled'][key])} |")
     lines += ["", f"FLYP − zero-shot, test worst group (the damage fine-tuning does): "
-              f"{fmt(summary['flyp_minus_zero_shot_worst_group'])}."]
+              f"{fmt(summary['flyp_minus_zero_shot_worst_group'])}.",
+              f"StarFT (selected) − zero-shot, test worst group (what is left of the damage): "
+              f"{fmt(summary['starft_minus_zero_shot_worst_group'])}."]
     if "wise_starft_minus_wise_flyp" in summary:
         lines.append(f"StarFT + WiSE-FT (the selected setting's curve, α 0.1..0.9) − WiSE-FT(FLYP) at the same "
                      f"in-distribution accuracy: {fmt(summary['wise_starft_minus_wise_flyp'])}.")
@@ -251,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "sweep --lambdas × --schedules for every --seeds seed, with WiSE-FT "
                                                  "curves, and write the records and report into --docs")
     parser.add_argument("--out", default="starft-demo", help="folder for data, models, logs and results (default ./starft-demo)")
-    parser.add_argument("--seeds", default="0,1,2,3", help="pre-training seeds, one independent unit each (default 0,1,2,3)")
-    parser.add_argument("--lambdas", default="0.5,1,2,4,8", help="λ grid (default 0.5,1,2,4,8)")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="pre-training seeds, one independent unit each: its own "
+                        "data (seeds derived from (unit, part), disjoint between units) and model (default 0,1,2,3,4)")
+    parser.add_argument("--lambdas", default="0.5,1,2,4,8,16,32", help="λ grid, wide enough for an interior choice "
+                        "(default 0.5,1,2,4,8,16,32)")
     parser.add_argument("--schedules", default="linear,staircase,constant", help="schedule grid (default all three)")
     parser.add_argument("--docs", default="docs", help="where demo.json, demo.md and demo.png go (default ./docs)")
     return parser

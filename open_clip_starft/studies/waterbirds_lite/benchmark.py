@@ -56,6 +56,11 @@ class Schedule:
     finetune_batch_size: int = 64
     warmup: int = 10
     wise_alphas: tuple = WISE_ALPHAS  # WiSE-FT points evaluated between the zero-shot model and a fine-tune
+    # LiT-style pre-training of a pretrained image tower: its trunk locked (OpenCLIP's --lock-image) but for its
+    # last ``pretrain_unlocked_groups`` layer groups; the projections (and MiniLM's, whose transformer is always
+    # locked) learn. Fine-tunes (FLYP, StarFT) unlock the whole image tower, as CLIP fine-tuning does.
+    pretrain_lock_image: bool = False
+    pretrain_unlocked_groups: int = 0
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -148,13 +153,19 @@ def _classnames(pattern: str) -> list[str]:
 
 def pretrain(out: str, manifest: dict, split: str, pretrain_seed: int, schedule: Schedule, init_model: str) -> Job:
     """The pre-training job of unit (``split``, ``pretrain_seed``): contrastive, λ = 0, on the split's own
-    pre-training set (its train scene photographs only), seeded by ``pretrain_seed``."""
+    pre-training set (its train scene photographs only), seeded by ``pretrain_seed``; the image trunk locked
+    when ``schedule.pretrain_lock_image`` (LiT). Never with OpenCLIP's ``--lock-image-freeze-bn-stats``: it swaps
+    timm's ``BatchNormAct2d`` for a plain ``FrozenBatchNorm2d`` and so drops EfficientNet's activations. The
+    locked trunk's BatchNorm layers run in train mode: batch statistics in the forward, running statistics
+    adapted to the composites, which the zero-shot model keeps (so trunk features are not exactly cacheable)."""
     pre = manifest["splits"][split]["sets"]["pretrain"]
     unit = unit_name(split, pretrain_seed)
+    lock = (["--lock-image", "--lock-image-unlocked-groups", str(schedule.pretrain_unlocked_groups)]
+            if schedule.pretrain_lock_image else [])
     return Job(f"pretrain-{unit}", ["--model", init_model, *_train_args(
         pre["pattern"], os.path.join(out, "logs"), f"pretrain-{unit}", pretrain_seed, schedule.pretrain_epochs,
         schedule.pretrain_lr, schedule.pretrain_batch_size, 4 * schedule.warmup, _classnames_path(pre["pattern"])),
-        "--starft-lambda", "0"], os.path.join(out, "logs"))
+        *lock, "--starft-lambda", "0"], os.path.join(out, "logs"))
 
 
 def zero_shot_check(model: str, info: dict) -> dict:

