@@ -264,7 +264,7 @@ def test_a_redirect_to_another_host_is_refused_and_that_host_never_sees_the_key(
         port = other.server.server_address[1]
         server.script = [{"status": 302, "headers": {"Location": f"http://localhost:{port}/v1/chat/completions"}}]
         monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-        assert generate(server, tmp_path / "x.txt", "--concept", "texture", "--retries", "0") == 2
+        assert generate(server, tmp_path / "x.txt", "--concepts", "texture", "--retries", "0") == 2
         line = one_line_error(capsys.readouterr().err)
         assert f"http://127.0.0.1:{server.server.server_address[1]}" in line and f"http://localhost:{port}" in line
         assert "refused" in line and SECRET not in line
@@ -278,7 +278,7 @@ def test_a_redirect_to_another_host_is_refused_and_that_host_never_sees_the_key(
 def test_a_redirect_on_the_endpoints_own_host_is_followed_with_the_key(server, tmp_path, monkeypatch):
     server.script = [{"status": 302, "headers": {"Location": "/v2/chat/completions"}}, answer("1. rough")]
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    assert generate(server, tmp_path / "y.txt", "--concept", "texture") == 0
+    assert generate(server, tmp_path / "y.txt", "--concepts", "texture") == 0
     assert [r["path"] for r in server.requests] == ["/v1/chat/completions", "/v2/chat/completions"]
     assert server.requests[1]["headers"]["Authorization"] == f"Bearer {SECRET}"
     assert load_descriptors(str(tmp_path / "y.txt")) == ["rough {}."]

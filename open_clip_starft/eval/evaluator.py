@@ -66,28 +66,35 @@ class Evaluator:
         ece_bins: bins of the expected calibration error.
         cache_images: keep each set's preprocessed batches in memory after the first read, for models
             scored on the same sets many times (sets × images × 3 × H × W floats: small sets only).
+        head_model: what the heads' text features come from (``encode_text(tokens, normalize)``): the model
+            itself by default; a study with a locked text tower passes one that caches its outputs (exact).
     """
 
     def __init__(self, model, tokenizer, preprocess, *, device="cpu", precision: str = "fp32", batch_size: int = 128,
-                 workers: int = 0, ece_bins: int = 15, cache_images: bool = False):
+                 workers: int = 0, ece_bins: int = 15, cache_images: bool = False, head_model=None):
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
         self.device, self.precision, self.batch_size, self.workers = device, precision, batch_size, workers
         self.ece_bins, self.cache_images = ece_bins, cache_images
-        self.heads = HeadCache(model, tokenizer, device, precision)
+        self.head_model = head_model if head_model is not None else model
+        self.heads = HeadCache(self.head_model, tokenizer, device, precision)
         self._images: dict[tuple, list] = {}
 
     def weights_changed(self) -> None:
         """Drop the heads built from the previous weights."""
-        self.heads = HeadCache(self.model, self.tokenizer, self.device, self.precision)
+        self.heads = HeadCache(self.head_model, self.tokenizer, self.device, self.precision)
+
+    def cached_batches(self, prepared: PreparedSet) -> list:
+        """The set's batches (``eval.sets.batches``' form), read once and kept (``cache_images``)."""
+        key = (prepared.name, prepared.root, len(prepared.items or ()), tuple(prepared.shards or ()))
+        if key not in self._images:
+            self._images[key] = list(batches(prepared, self.preprocess, self.batch_size, self.workers))
+        return self._images[key]
 
     def _batches(self, prepared: PreparedSet, bar):
-        if not self.cache_images:
-            source = batches(prepared, self.preprocess, self.batch_size, self.workers)
+        if self.cache_images:
+            source = self.cached_batches(prepared)
         else:
-            key = (prepared.name, prepared.root, len(prepared.items or ()), tuple(prepared.shards or ()))
-            if key not in self._images:
-                self._images[key] = list(batches(prepared, self.preprocess, self.batch_size, self.workers))
-            source = self._images[key]
+            source = batches(prepared, self.preprocess, self.batch_size, self.workers)
         for batch in source:
             bar.update(len(batch[1]) + len(batch[4]))
             yield batch

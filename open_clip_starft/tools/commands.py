@@ -68,4 +68,5 @@ class DeprecatedAlias(argparse.Action):
 
 def add_alias(parser, old: str, new: str, dest: str, append: bool = False, **kwargs) -> None:
     """Accept ``old`` as a warning alias of the flag ``new`` (whose value lands in ``dest``)."""
-    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, append=append, **kwargs)
+    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, append=append, default=argparse.SUPPRESS,
+                        **kwargs)

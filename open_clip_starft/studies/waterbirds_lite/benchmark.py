@@ -256,15 +256,40 @@ def _zero_shot_dir(out: str, unit: str) -> str:
 
 
 # -- evaluation ------------------------------------------------------------------------------------
+class _LockedTextModel:
+    """The model as the zero-shot head builder sees it (``encode_text``), with the locked MiniLM's pooled
+    outputs computed once per token row (exact: the same values as the model's own ``encode_text``)."""
+
+    def __init__(self, ev: "Evaluator"):
+        self.ev = ev
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        ev, text = self.ev, getattr(self.ev.model, "text", None)
+        if not ev._frozen_text or not hasattr(text, "pooler"):
+            return ev.model.encode_text(tokens, normalize=normalize)
+        rows = [tuple(row.tolist()) for row in tokens]
+        missing = [r for r in dict.fromkeys(rows) if r not in ev._pooled]
+        if missing:
+            batch = torch.tensor(missing, dtype=tokens.dtype)
+            mask = (batch != text.config.pad_token_id).long()
+            pooled = text.pooler(text.transformer(input_ids=batch, attention_mask=mask), mask)
+            ev._pooled.update(zip(missing, pooled))
+        features = text.proj(torch.stack([ev._pooled[r] for r in rows]))
+        return torch.nn.functional.normalize(features, dim=-1) if normalize else features
+
+
 class Evaluator:
-    """Zero-shot accuracy of state dicts of one unit's architecture on its sets, the preprocessed images of
-    each set read once and kept in memory (``[N, 3, H, W]`` float32 per set)."""
+    """Zero-shot accuracy of state dicts of one unit's architecture on its sets, through the one evaluator
+    (``eval.evaluator.Evaluator``), the preprocessed images of each set read once and kept in memory
+    (``[N, 3, H, W]`` float32 per set) and the locked text transformer's outputs computed once per caption."""
 
     ROLES = ("wb-test", "wb-val", "heldout-test", "source-test", "source-val")
 
     def __init__(self, zero_shot: str, info: dict, roles=ROLES, batch_size: int = 250):
         import open_clip
-        from open_clip_starft.eval.sets import EvalSetSpec, batches, prepare_set
+        from open_clip_starft.eval.evaluator import Evaluator as ZeroShotEvaluator
+        from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(zero_shot)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(zero_shot)
@@ -272,15 +297,13 @@ class Evaluator:
         self.sets = {}
         for role in roles:
             pattern = info["sets"][role]["pattern"]
-            names = _classnames(pattern)
-            prepared = prepare_set(EvalSetSpec(name=role, root=pattern, format="wds", classnames=names,
-                                               templates=[TEMPLATE]))
-            cached = [(images, labels, groups) for images, labels, groups, _n, _bad in
-                      batches(prepared, self.preprocess, batch_size) if images is not None]
-            self.sets[role] = (names, cached)
+            self.sets[role] = prepare_set(EvalSetSpec(name=role, root=pattern, format="wds",
+                                                      classnames=_classnames(pattern), templates=[TEMPLATE]))
+        self.scorer = ZeroShotEvaluator(self.model, self.tokenizer, self.preprocess, batch_size=batch_size,
+                                        cache_images=True, head_model=_LockedTextModel(self))
 
         # the text transformer (MiniLM) is locked in every run: its pooled outputs are computed once per caption
-        # list and reused while the loaded weights' transformer equals the zero-shot one (checked per load)
+        # and reused while the loaded weights' transformer equals the zero-shot one (checked per load)
         self._transformer = {k: v for k, v in self.zero_shot_state.items() if k.startswith("text.transformer.")}
         self._pooled: dict[tuple, torch.Tensor] = {}
         self._frozen_text = True
@@ -288,20 +311,14 @@ class Evaluator:
     def load(self, state: dict) -> None:
         """Load ``state`` into the model; note whether its text transformer is the zero-shot one."""
         self.model.load_state_dict(state)
+        self.model.eval()
         self._frozen_text = all(torch.equal(state[k], v) for k, v in self._transformer.items())
+        self.scorer.weights_changed()
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """``[N, D]`` normalised text features of ``captions`` for the loaded weights (``encode_text``'s values)."""
-        text = self.model.text
-        if not self._frozen_text or not hasattr(text, "pooler"):
-            return self.model.encode_text(self.tokenizer(captions), normalize=True)
-        key = tuple(captions)
-        if key not in self._pooled:
-            tokens = self.tokenizer(captions)
-            mask = (tokens != text.config.pad_token_id).long()
-            self._pooled[key] = text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
-        return torch.nn.functional.normalize(text.proj(self._pooled[key]), dim=-1)
+        return _LockedTextModel(self).encode_text(self.tokenizer(captions), normalize=True)
 
     def state_of(self, checkpoint: str) -> dict:
         return checkpoint_state(checkpoint)[0]  # the one safe reader: weights only, "state_dict", no "module."
@@ -315,21 +332,21 @@ class Evaluator:
     def features(self, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(image features [N, D], labels [N], groups [N])`` of set ``role`` for the loaded weights."""
         feats, labels, groups = [], [], []
-        for images, lab, grp in self.sets[role][1]:
-            feats.append(self.model.encode_image(images, normalize=True))
-            labels.append(lab)
-            groups.append(grp)
+        for images, lab, grp, _names, _bad in self.scorer.cached_batches(self.sets[role]):
+            if images is not None:
+                feats.append(self.model.encode_image(images, normalize=True))
+                labels.append(lab)
+                groups.append(grp)
         return torch.cat(feats), torch.cat(labels), torch.cat(groups)
 
-    @torch.no_grad()
     def evaluate(self, state: dict) -> dict:
-        """``{role: group_metrics}`` of the weights ``state`` on every cached set."""
-        from open_clip_starft.eval.metrics import group_metrics
+        """``{role: record}`` of the weights ``state`` on every set (the evaluator's records: ``top1``,
+        ``worst_group``, ``avg_group``, ``groups`` by group id, …)."""
         self.load(state)
         out = {}
-        for role, (names, _) in self.sets.items():
-            x, labels, groups = self.features(role)
-            out[role] = group_metrics((x @ self.head(names)).argmax(dim=1), labels, groups)
+        for role, prepared in self.sets.items():
+            record = self.scorer.evaluate(prepared, label=role)
+            out[role] = {**record, "groups": {int(g): acc for g, acc in record["groups"].items()}}
         return out
 
 
@@ -351,7 +368,7 @@ def two_class_terms(ev: Evaluator, state: dict, teacher: dict, descriptors: list
                     zip(labels, chosen)]
         return x, ev.encode_text(captions), labels, groups, ev.head(list(WB_CLASSNAMES))
 
-    n = sum(len(b[1]) for b in ev.sets["wb-test"][1])
+    n = sum(len(b[1]) for b in ev.scorer.cached_batches(ev.sets["wb-test"]) if b[0] is not None)
     chosen = [descriptors[int(i)] for i in rng.integers(len(descriptors), size=n)]
     tx, ts, labels, groups, _ = encode(teacher)
     scale = float(ev.model.logit_scale.exp())

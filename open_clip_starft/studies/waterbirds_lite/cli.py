@@ -27,6 +27,7 @@ import sys
 import time
 
 from open_clip_starft.tools.stages import export_checkpoint
+from open_clip_starft.tools.commands import add_alias
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
     p.add_argument("--schedules", default="constant", help="λ schedules of the grid (e.g. linear,staircase,constant)")
-    p.add_argument("--descriptors", default="background",
+    add_alias(p, "--descriptors", "--concepts", dest="concepts")
+    p.add_argument("--concepts", default="background",
                    help="descriptor sets of the grid: background (the shipped set), scenes (the scenes' own phrases)")
     p.add_argument("--parallel", type=int, default=2, help="fine-tunes at a time, one compute thread each (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of CLIP-lite's image tower")
@@ -234,7 +236,7 @@ def _run(args, argv) -> int:
     protocols = _list(args.protocols, benchmark.PROTOCOLS, "--protocols")
     lambdas = parse_floats(args.lambdas, "--lambdas")
     schedules = _list(args.schedules, list_schedules(), "--schedules")
-    descriptors = _list(args.descriptors, ("background", "scenes"), "--descriptors")
+    descriptors = _list(args.concepts, ("background", "scenes"), "--concepts")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
