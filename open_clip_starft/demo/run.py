@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 
+from open_clip_starft.data.files import write_text
 from open_clip_starft.tools import stages
 from open_clip_starft.demo import data as demo_data
 from open_clip_starft.tools.tiny_model import write_tiny_model
@@ -102,12 +103,10 @@ def write_data(root: str, seed: int) -> dict:
         "test_in_dist": write("test_in_dist", EVAL_SAMPLES, True, IN_DIST_IMAGE_SIZE),
     }
     paths["classnames"] = os.path.join(root, "classnames.txt")
-    with open(paths["classnames"], "w") as f:
-        f.write("\n".join(demo_data.CLASSNAMES) + "\n")
+    write_text(paths["classnames"], "\n".join(demo_data.CLASSNAMES) + "\n")
     paths["descriptors"] = os.path.join(root, "backgrounds.txt")
-    with open(paths["descriptors"], "w") as f:
-        f.write("# spurious descriptors for the demo: its backgrounds\n")
-        f.writelines(f"{{}} {phrase}.\n" for phrase in demo_data.BACKGROUND_PHRASES.values())
+    write_text(paths["descriptors"], "# spurious descriptors for the demo: its backgrounds\n"
+               + "".join(f"{{}} {phrase}.\n" for phrase in demo_data.BACKGROUND_PHRASES.values()))
     return paths
 
 

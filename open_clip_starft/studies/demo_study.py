@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 
+from open_clip_starft.data.files import write_text
 from open_clip_starft.demo import run as demo_run
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.frontier import fmt, matched_worst_group, plot_frontiers, unit_summary, write_json
@@ -244,8 +245,7 @@ def run(out_root: str, seeds: list[int], lambdas: str, schedules: str, docs: str
         plot_frontiers(units, os.path.join(docs, "demo.png"), x_label="test in-distribution accuracy (%)",
                        y_label="test worst-group accuracy (%)")
     meta = {"seeds": ",".join(map(str, seeds)), "lambdas": lambdas, "schedules": schedules, "note": note or "CPU"}
-    with open(os.path.join(docs, "demo.md"), "w") as f:
-        f.write(markdown(records, summary, meta))
+    write_text(os.path.join(docs, "demo.md"), markdown(records, summary, meta))
     print(f"records: {os.path.join(docs, 'demo.json')}\nreport:  {os.path.join(docs, 'demo.md')}")
     return 0
 

@@ -22,6 +22,7 @@ ties by validation in-distribution accuracy): test numbers are never read by a c
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,12 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from open_clip_starft.data.files import merge_json, write_text
 from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
 from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import checkpoint_state, interpolate_state_dicts, run_checkpoints
 from open_clip_starft.eval.progress import Progress
-from open_clip_starft.tools.sweep import Setting, make_grid, select
+from open_clip_starft.tools.sweep import Setting, select
 
 PROTOCOLS = {"P1": "source-train", "P2": "wb-train"}
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -184,8 +186,7 @@ def scene_descriptors(out: str, manifest_scenes_phrases: list[str]) -> str:
     path = os.path.join(out, "scenes.txt")
     text = "".join(f"{{}} {p}.\n" for p in manifest_scenes_phrases)
     if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
+        write_text(path, text)
     return path
 
 
@@ -229,11 +230,13 @@ def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule
             log(f"  P1 {u} seed {s}: source-val " + ", ".join(f"{e} ep {100 * a:.1f} %" for e, a in acc.items())
                 + f" → {best} epochs")
             # merged into the file as it is now: another call on other units may have added some meanwhile
-            on_disk = json.load(open(path)) if os.path.exists(path) else {}
-            on_disk.setdefault(u, {})[str(s)] = chosen[u][str(s)]
-            with open(path, "w") as f:
-                json.dump(on_disk, f, indent=1)
+            merge_json(path, functools.partial(_with_choice, u, str(s), chosen[u][str(s)]))
     return chosen
+
+
+def _with_choice(unit: str, seed: str, choice: dict, on_disk: dict) -> dict:
+    """``on_disk`` with P1's choice of ``unit`` × ``seed`` added (``merge_json``'s update)."""
+    return {**on_disk, unit: {**on_disk.get(unit, {}), seed: choice}}
 
 
 def grid_jobs(out: str, manifest: dict, units: list[str], protocols, seeds, grid: list[Setting], schedule: Schedule,

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from open_clip_starft.data.files import write_json, write_text
 from open_clip_starft.data.samples import brace_pattern, write_shards
 from open_clip_starft.errors import DataError, StarftError
 from open_clip_starft.eval.progress import Progress
@@ -293,8 +294,7 @@ def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Mate
                    "txt": f"a photo of a {caption}."}
 
     paths = write_shards(out_dir, samples(), prefix=os.path.basename(out_dir), samples_per_shard=samples_per_shard)
-    with open(os.path.join(out_dir, "classnames.txt"), "w") as f:
-        f.write("\n".join(classnames) + "\n")
+    write_text(os.path.join(out_dir, "classnames.txt"), "\n".join(classnames) + "\n")
     return {"samples": n, "groups": {str(k): v for k, v in sorted(groups.items())}, "pattern": brace_pattern(paths)}
 
 
@@ -479,8 +479,7 @@ def build(out: str, splits: list[tuple[str, int]], sizes: Sizes = Sizes(), seed:
             "heldout_classes": [stamps[i].name for i in split["heldout_classes"]],
         }
         log(f"  split {split['name']}: " + ", ".join(f"{k} {v['samples']}" for k, v in sets.items()))
-        with open(path, "w") as f:  # after each split: an interrupted build keeps the finished ones
-            json.dump(manifest, f, indent=1)
+        write_json(path, manifest)  # after each split: an interrupted build keeps the finished ones
     progress.close()
     return manifest
 

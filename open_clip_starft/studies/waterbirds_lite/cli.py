@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
 import time
 
 from open_clip_starft.tools.stages import export_checkpoint
+from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
 from open_clip_starft.tools.commands import add_alias
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
@@ -123,22 +123,10 @@ def _main(argv=None) -> int:
 main = one_line_errors(_main, "open-clip-starft waterbirds-lite")
 
 
-def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
 def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) -> dict:
     """The build's manifest, its splits narrowed to ``splits`` (each must have been built)."""
     path = os.path.join(out, "data", "manifest.json")
-    manifest = _read_json(path, None)
+    manifest = read_json(path, None)
     if manifest is None:
         raise StarftError(f"{path} does not exist: run the build stage first (or 'all')")
     wanted = [f"{variant}-s{seed}" for variant, seed in splits]
@@ -163,7 +151,7 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
     (``OUT/zero_shot.json``: val accuracy and worst group, source-val accuracy, minutes)."""
     from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
     path = os.path.join(out, "zero_shot.json")
-    checks = _read_json(path, {})
+    checks = read_json(path, {})
     for split, info in manifest["splits"].items():
         for ps in pretrain_seeds:
             unit = benchmark.unit_name(split, ps)
@@ -176,7 +164,7 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
                 checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), info),
                                 "pretrain_minutes": seconds / 60 or checks.get(unit, {}).get("pretrain_minutes")}
                 # merged into the file as it is now: another call on other splits may have added units meanwhile
-                _write_json(path, {**_read_json(path, {}), unit: checks[unit]})
+                merge_json(path, {unit: checks[unit]})
             c = checks[unit]
             log(f"  {unit}: zero-shot val avg {100 * c['val_avg']:.1f} %, worst group {100 * c['val_worst_group']:.1f} %, "
                 f"source-val {100 * c['source_val']:.1f} %" + ("" if c["val_avg"] >= scale["competent_val_avg"] else
@@ -187,7 +175,7 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
 def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[str], dict]:
     """The ``units`` whose zero-shot VALIDATION average (``OUT/zero_shot.json``) reaches ``bar``,
     and ``{unit: check}`` of those left out (each named in one line); a one-line error when none passes."""
-    checks = _read_json(os.path.join(out, "zero_shot.json"), {})
+    checks = read_json(os.path.join(out, "zero_shot.json"), {})
     missing = [u for u in units if u not in checks]
     if missing:
         raise StarftError(f"unit {missing[0]} has no zero-shot check in {out}/zero_shot.json: run the pretrain stage first")
@@ -242,7 +230,7 @@ def _run(args, argv) -> int:
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
         f.write("open-clip-starft waterbirds-lite " + " ".join(argv) + "\n")
     timing_path, seconds_path = os.path.join(out, "stage_seconds.json"), os.path.join(out, "run_seconds.json")
-    timing = _read_json(timing_path, {})
+    timing = read_json(timing_path, {})
     log = lambda text: print(text, flush=True)  # noqa: E731
 
     for stage in STAGES if args.stage == "all" else (args.stage,):
@@ -265,14 +253,14 @@ def _run(args, argv) -> int:
             p1 = (benchmark.choose_p1_epochs(out, manifest, units, seeds, scale["schedule"], args.parallel, trained, log)
                   if "P1" in protocols else {})
             jobs = benchmark.grid_jobs(out, manifest, units, protocols, seeds, grid, scale["schedule"], p1)
-            _write_json(seconds_path, {**_read_json(seconds_path, {}), **trained})
+            merge_json(seconds_path, trained)
             if stage == "run":
                 todo = [job for _, job in jobs if not job.done]
                 log(f"  {len(jobs)} fine-tunes ({len(todo)} to run), {args.parallel} at a time")
                 trained.update({k: v for k, v in benchmark.run_jobs(todo, args.parallel).items() if v})
-                _write_json(seconds_path, {**_read_json(seconds_path, {}), **trained})
+                merge_json(seconds_path, trained)
             else:
-                seconds = _read_json(seconds_path, {})
+                seconds = read_json(seconds_path, {})
                 progress = Progress(len(units) * benchmark.evaluations_per_unit(protocols, seeds, grid, scale["schedule"]),
                                     "  evaluated models", unit="model")
                 records = []
@@ -281,19 +269,18 @@ def _run(args, argv) -> int:
                                                        protocols, seeds, grid, scale["schedule"], p1, seconds, progress)
                 progress.close()
                 timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
-                _write_json(timing_path, timing)
+                write_json(timing_path, timing)
                 _write_report(args, records, timing, manifest, grid, p1, failed)
         if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
             timing[stage] = timing.get(stage, 0.0) + time.time() - start
-            _write_json(timing_path, timing)
+            write_json(timing_path, timing)
     return 0
 
 
 def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> None:
     docs = args.docs or os.path.join(os.path.abspath(args.out), "report")
     os.makedirs(docs, exist_ok=True)
-    with open(os.path.join(docs, "waterbirds-lite.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    write_json(os.path.join(docs, "waterbirds-lite.json"), records)
     report.plot(records, os.path.join(docs, "waterbirds-lite.png"))
     sizes, schedule = manifest["sizes"], _scale(args)["schedule"]
     units = sorted({r["unit"] for r in records})
@@ -343,8 +330,7 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
     meta = {"command": commands,
             "wall_seconds": sum(timing.values()), "stage_seconds": timing,
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "setup": setup}
-    with open(os.path.join(docs, "waterbirds-lite.md"), "w") as f:
-        f.write(report.markdown(records, meta))
+    write_text(os.path.join(docs, "waterbirds-lite.md"), report.markdown(records, meta))
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from open_clip_starft.data.files import write_json
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import save_local_dir
 from open_clip_starft.studies.waterbirds_lite import efficientnet
@@ -119,8 +120,7 @@ def _write_text_files(out_dir: str) -> None:
         config = json.load(f)
     for key in DROPOUT_KEYS:
         config[key] = 0.0
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(out_dir, "config.json"), config, indent=2)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, os.path.join(out_dir, name))
