@@ -19,15 +19,15 @@ by default ``OUT/report``). ``open-clip-starft bench waterbirds-lite`` is the sa
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import os
 import platform
-import sys
 import time
 
 from open_clip_starft.tools.stages import export_checkpoint
 from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
-from open_clip_starft.tools.commands import add_alias
+from open_clip_starft.tools.commands import add_alias, dispatch
 from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
@@ -80,13 +80,20 @@ def _list(text: str, allowed, flag: str) -> list[str]:
     return items
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="open-clip-starft waterbirds-lite",
-                                description="The Waterbirds-lite accuracy study: does StarFT keep the zero-shot model's "
-                                "robustness (worst group, held-out classes) that plain fine-tuning loses?",
+DESCRIPTION = ("The Waterbirds-lite accuracy study: does StarFT keep the zero-shot model's robustness (worst group, "
+               "held-out classes) that plain fine-tuning loses?")
+STAGE_HELP = {"build": "write the data (Debian's photographs and cut-outs) and its manifest",
+              "pretrain": "pre-train and check each unit's zero-shot model on validation",
+              "run": "P1's length, then every fine-tune of the competent units",
+              "report": "evaluate, write the records and the report", "all": "the four stages in order"}
+
+
+def build_parser(stage: str = "all") -> argparse.ArgumentParser:
+    """The flags every stage shares (each stage is a subcommand, ``tools.commands.dispatch``)."""
+    p = argparse.ArgumentParser(prog=f"open-clip-starft waterbirds-lite {stage}", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("stage", choices=(*STAGES, "all"), help="build, pretrain, run, report, or all of them in order")
+    p.set_defaults(stage=stage)
     p.add_argument("--out", default="waterbirds-lite", help="working folder: data, models, logs (default ./waterbirds-lite)")
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
@@ -115,9 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stage_main(stage: str, argv: list) -> int:
+    return _run(build_parser(stage).parse_args(argv), [stage, *argv])
+
+
+STAGE_COMMANDS = {stage: (functools.partial(_stage_main, stage), STAGE_HELP[stage]) for stage in (*STAGES, "all")}
+
+
 def _main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return _run(build_parser().parse_args(argv), argv)
+    return dispatch("open-clip-starft waterbirds-lite", STAGE_COMMANDS, argv, description=DESCRIPTION)
 
 
 main = one_line_errors(_main, "open-clip-starft waterbirds-lite")
