@@ -21,7 +21,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from open_clip_starft.bench.common import default_device
+from open_clip_starft.bench.common import default_device, today
 from open_clip_starft.data.files import write_json
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.sets import EvalSetSpec, PreparedSet, prepare_set, resolve_templates
@@ -99,6 +99,7 @@ def bench_model(name: str, images: int, batch_size: int, head_classes: int, temp
         "image_size": size, "images": record["n"], "batch_size": batch_size, "eval_seconds": eval_seconds,
         "images_per_s": record["n"] / eval_seconds, "head_classes": head_classes, "templates": len(temps),
         "head_seconds": heads.seconds, "head_seconds_per_1000_classes": heads.seconds * 1000 / head_classes,
+        "torch": torch.__version__, "date": today(),
     }
 
 
