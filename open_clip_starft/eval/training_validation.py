@@ -137,8 +137,8 @@ class TrainingValidation:
     # -- when ---------------------------------------------------------------------------------------
     def start(self, epoch: int, start_batch: int, args) -> None:
         """Before the first step of a new run (not a resumed one): the zero-shot model, epoch 0."""
-        if self.best is None and self.folder:  # a resumed run continues from the best so far
-            self.best = read_json(os.path.join(self.folder, BEST_RECORD))
+        if self.best is None:  # a resumed run continues from the best so far: the master's, on every process
+            self.best = _from_master(read_json(os.path.join(self.folder, BEST_RECORD)) if self.folder else None, args)
         if self.active and epoch == 0 and start_batch == 0 and not args.resume:
             self.evaluate(epoch=0, step=0, args=args)
 
@@ -189,11 +189,23 @@ class TrainingValidation:
         if value is None or not math.isfinite(value) or not better(value, top1, self.best, metric):
             return None
         self.best = {"epoch": epoch, "step": step, "set": name, "metric": metric, "value": value, "top1": top1}
-        if _is_master(args) and self.folder:
-            write_json(os.path.join(self.folder, BEST_RECORD), self.best)
-            logging.info(f"StarFT: best {name} {metric} so far {value:.4f} at epoch {epoch} (step {step})")
         return dict(self.best)
+
+    def best_saved(self, args) -> None:
+        """Record the best so far (``best.json``) once the step has written its weights (``best.pt``)."""
+        if _is_master(args) and self.folder and self.best is not None:
+            write_json(os.path.join(self.folder, BEST_RECORD), self.best)
 
 
 def _is_master(args) -> bool:
     return getattr(args, "rank", 0) == 0
+
+
+def _from_master(value, args):
+    """``value`` as the master process has it, on every process (the best so far must agree everywhere:
+    each process calls the step's ``best.pt`` writer, which waits for all of them)."""
+    if not getattr(args, "distributed", False):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -218,6 +218,7 @@ class StarftStep:
             best = self.state.validation.end_epoch(epoch, (epoch + 1) * self.num_batches, args)
             if best is not None:
                 save_best(self.loop_model, best, args, self.state)
+                self.state.validation.best_saved(args)
 
     # -- stopping -----------------------------------------------------------------------------
     def _label_error(self, args) -> StarftError | None:
