@@ -45,6 +45,18 @@ def run(module_args, cwd=None, timeout=300, launcher=(sys.executable, "-m", "ope
     return subprocess.run([*launcher, *module_args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
+def one_line_error(result, *needles, status=None):
+    """The run failed (with ``status`` if given) in one line ``open-clip-starft: error: …`` holding every
+    needle, with no traceback; returns that line."""
+    assert result.returncode != 0 and (status is None or result.returncode == status), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("open-clip-starft: error: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
 def log_of(ws, name):
     with open(os.path.join(ws["root"], "logs", name, "out.log")) as f:
         return f.read()

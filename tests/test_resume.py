@@ -3,6 +3,7 @@ allowed; the history kept), ``--resume latest`` taking the furthest position, fo
 ``--resume`` files in one line, a full disk during a save, params.txt never truncated, one process
 per run folder."""
 import errno
+import functools
 import os
 import time
 
@@ -16,17 +17,10 @@ from open_clip_starft.host.params import build_parser, starft_settings
 from open_clip_starft.host.runlock import RunLock
 from open_clip_starft.host.state import RunState
 from open_clip_starft.tools.tiny_model import build_tiny_model
+import runs
 from runs import checkpoints, log_of, make_workspace, metric, run, train_args
 
-
-def one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("open-clip-starft: error: "), result.stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
+one_line_error = functools.partial(runs.one_line_error, status=2)  # refusals exit 2
 
 
 def state(**flags):

@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 
 from open_clip_starft.demo.data import brace_pattern, render_sample
-from runs import checkpoints, log_of, make_workspace, metric, run, tiny_weights, train_args
+from runs import checkpoints, log_of, make_workspace, metric, one_line_error, run, tiny_weights, train_args
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,6 @@ def write_shard(path, n, *, cls=True, seed=5):
                 sample["cls"] = str(label).encode()
             sink.write(sample)
     return path
-
-
-def one_line_error(result, *needles):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("open-clip-starft: error: "), result.stderr[-3000:]
-    for needle in needles:
-        assert needle in last, last
-    return last
 
 
 def test_train_data_that_matches_no_file(ws):
