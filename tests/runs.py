@@ -33,6 +33,19 @@ def make_workspace(root, n=128, shards=4, seed=0):
     return {"root": str(root), "data": brace_pattern(paths), "model": model, "classes": classes, "shards": paths}
 
 
+def sweep_workspace(root, parts: dict, models: dict | None = None):
+    """A sweep's inputs under ``root``: the tiny model (``model``, seed 0, plus ``models`` {key: seed}), a
+    class-names file, and for each ``parts`` entry ``name: (samples, seed, biased)`` shards named after it."""
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSNAMES) + "\n")
+    ws = {"root": root, "classes": str(classes), "model": write_tiny_model(str(root / "model"), seed=0)}
+    ws.update({key: write_tiny_model(str(root / key), seed=seed) for key, seed in (models or {}).items()})
+    for name, (n, seed, biased) in parts.items():
+        ws[name] = brace_pattern(write_shards(str(root / name), n, seed=seed, biased=biased, image_size=32,
+                                              samples_per_shard=n // 2, prefix=name))
+    return ws
+
+
 def train_args(ws, name, *extra, epochs=2, batch_size=32, workers=1):
     return ["--train-data", ws["data"], "--dataset-type", "webdataset", "--model", ws["model"], "--device", "cpu",
             "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", str(workers),

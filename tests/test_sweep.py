@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
-from open_clip_starft.tools.tiny_model import write_tiny_model
 from open_clip_starft.errors import StarftError
 from open_clip_starft.tools import sweep
+
+from runs import sweep_workspace
 
 
 def _row(name, lam, val_wg, val_id, test_wg, test_id):
@@ -49,15 +49,9 @@ def test_grid_names_flags_and_refused_flags():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    shards = lambda name, n, seed, biased: brace_pattern(write_shards(  # noqa: E731
-        str(root / name), n, seed=seed, biased=biased, image_size=32, samples_per_shard=n // 2, prefix=name))
-    classes = root / "classes.txt"
-    classes.write_text("\n".join(CLASSNAMES) + "\n")
-    return {"root": root, "model": write_tiny_model(str(root / "model"), seed=0), "classes": str(classes),
-            "train": shards("train", 64, 1, True), "val": shards("val", 64, 2, False),
-            "val_id": shards("val_id", 32, 3, True), "test": shards("test", 64, 4, False),
-            "test_id": shards("test_id", 32, 5, True)}
+    return sweep_workspace(tmp_path_factory.mktemp("sweep"), {
+        "train": (64, 1, True), "val": (64, 2, False), "val_id": (32, 3, True), "test": (64, 4, False),
+        "test_id": (32, 5, True)})
 
 
 def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(workspace, capsys):

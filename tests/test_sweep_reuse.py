@@ -4,27 +4,23 @@ refused in one line naming the difference, or with --on-mismatch rerun trained a
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
 
-from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
+from open_clip_starft.demo.data import CLASSNAMES
 from open_clip_starft.tools import sweep
-from open_clip_starft.tools.tiny_model import write_tiny_model
+
+from runs import sweep_workspace
 
 RUN = "starft-lam1-constant-background"
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reuse")
-    shards = lambda name, n, seed, biased: brace_pattern(write_shards(  # noqa: E731
-        str(root / name), n, seed=seed, biased=biased, image_size=32, samples_per_shard=n // 2, prefix=name))
-    classes = root / "classes.txt"
-    classes.write_text("\n".join(CLASSNAMES) + "\n")
-    return {"root": root, "model": write_tiny_model(str(root / "model"), seed=0),
-            "other_model": write_tiny_model(str(root / "other"), seed=1), "classes": classes,
-            "train": shards("train", 64, 1, True), "val": shards("val", 32, 2, False), "val2": shards("val2", 32, 3, False)}
+    return sweep_workspace(tmp_path_factory.mktemp("reuse"), {
+        "train": (64, 1, True), "val": (32, 2, False), "val2": (32, 3, False)}, models={"other_model": 1})
 
 
 def argv(ws, out, *extra, lr="1e-3", model=None, val=None):
@@ -76,12 +72,13 @@ def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsy
     assert "lr 0.001 (now 0.002)" in refused(capsys, argv(ws, out, lr="2e-3"))
     err = refused(capsys, argv(ws, out, model=ws["other_model"]))
     assert f"model {ws['model']} (now {ws['other_model']})" in err and "content of model" in err, err
-    original = ws["classes"].read_text()
-    ws["classes"].write_text("\n".join(reversed(CLASSNAMES)) + "\n")  # same file, class names reordered
+    classes = pathlib.Path(ws["classes"])
+    original = classes.read_text()
+    classes.write_text("\n".join(reversed(CLASSNAMES)) + "\n")  # same file, class names reordered
     try:
         assert "content of starft_classnames" in refused(capsys, argv(ws, out))
     finally:
-        ws["classes"].write_text(original)
+        classes.write_text(original)
     assert "sets.val.root" in refused(capsys, argv(ws, out, val=ws["val2"]))  # runs match; the cached scores do not
     assert stamp(ckpt) == first and not (out / "stale").exists()
 
