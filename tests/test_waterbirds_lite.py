@@ -138,16 +138,17 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     p1 = json.loads((out / "p1_epochs.json").read_text())["identity-s0-p0"]["0"]
     assert set(p1["source_val"]) == {"1", "2"} and p1["chosen"] in (1, 2)
     assert json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]["val_avg"] >= 0
-    # v3's LiT pre-training locked the image trunk: every ImageNet weight is as mapped from the package (BatchNorm
-    # running statistics, buffers, adapt in train mode), while both projections learnt
+    # v3's LiT pre-training on cached outputs locked both towers: the whole trunk (weights and BatchNorm statistics)
+    # is as mapped from the package, while both projections learnt
     from safetensors.torch import load_file
     from open_clip_starft.studies.waterbirds_lite import efficientnet
     init = load_file(str(out / "models" / "identity-s0-p0" / "init" / "open_clip_model.safetensors"))
     zero_shot = load_file(str(out / "models" / "identity-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
     import timm  # the trunk's keys in module order (a safetensors file sorts them)
     imagenet = efficientnet.timm_state_dict(timm.create_model(efficientnet.TIMM_NAME, num_classes=0).state_dict())
-    weights = [k for k in imagenet if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert len(weights) > 100 and all(torch.equal(zero_shot[f"visual.trunk.{k}"], imagenet[k]) for k in weights)
+    assert len(imagenet) > 200 and all(torch.equal(zero_shot[f"visual.trunk.{k}"], imagenet[k]) for k in imagenet)
+    check = json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]
+    assert check["pretrain_recipe"] == "lit-cached" and len(check["pretrain_loss"]) == 1
     assert not torch.equal(zero_shot["visual.head.proj.weight"], init["visual.head.proj.weight"])
     assert not torch.equal(zero_shot["text.proj.weight"], init["text.proj.weight"])
 
@@ -157,7 +158,8 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     fields = {"protocol", "method", "unit", "split", "pretrain_seed", "seed", "lam", "schedule", "descriptors", "alpha",
               "avg", "worst_group", "in_dist", "val_avg", "val_worst_group", "heldout", "selected"}
     for r in records:
-        assert set(r) >= fields | {"groups"}, fields - set(r)
+        assert set(r) >= fields | {"groups", "fine_tune_seed", "machine", "wall_s"}, fields - set(r)
+        assert r["fine_tune_seed"] == r["seed"] and "CPU cores" in r["machine"]
         assert 0 <= r["worst_group"] <= r["avg"] <= 1 and len(r["groups"]) == 4
         assert r["worst_group"] == min(r["groups"].values())
         assert r["unit"] == "identity-s0-p0" and r["pretrain_seed"] == 0
@@ -183,8 +185,18 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     text = (docs / "waterbirds-lite.md").read_text()
     assert "## Every run" in text and "StarFT (selected) − FLYP: worst group" in text
     assert "StarFT (selected) − WiSE-FT(FLYP) at its in-dist" in text and (docs / "waterbirds-lite.png").stat().st_size > 1000
-    # a second call reuses the finished stages (nothing is retrained)
+    zero_shot_record = next(r for r in records if r["method"] == "zero-shot")
+    assert zero_shot_record["competent"] and set(zero_shot_record["stage_wall_s"]) == {"pretrain", "run", "evaluate"}
+    assert "nearest evaluated α point" in text and "dominates" in text
+    # a second call reuses the finished stages (nothing is retrained) and the unit's records (nothing re-evaluated)
+    kept = out / "records" / "identity-s0-p0.json"
+    stamp = kept.stat().st_mtime_ns
     assert wbl_main(["run", *argv[1:]]) == 0
+    assert wbl_main(["report", *argv[1:]]) == 0
+    assert kept.stat().st_mtime_ns == stamp
+    def without_times(rs):  # stage_wall_s sums every call's wall time, this one's too
+        return [{k: v for k, v in r.items() if k != "stage_wall_s"} for r in rs]
+    assert without_times(json.loads((docs / "waterbirds-lite.json").read_text())) == without_times(records)
 
 
 def test_pretraining_shows_birds_and_names_their_superclass_at_the_set_rates(tmp_path):
@@ -245,6 +257,17 @@ def test_report_statistics_by_hand():
     assert matched == pytest.approx({"a": (0.4 - 0.45 + 0.2 - 0.45) / 2, "b": 0.5 - 0.4})
     assert s["FLYP − zero-shot: worst group"]["per_unit"] == pytest.approx({"a": -0.3, "b": -0.4})
     assert s["_clamped"] == 0
+    # the nearest evaluated point: here the α 0.5 point sits at StarFT's in-dist, so it equals the linear reading
+    assert s[report.NEAREST]["per_unit"] == pytest.approx(matched)
+    assert s["StarFT (selected) − zero-shot: worst group"]["per_unit"] == pytest.approx({"a": -0.3, "b": -0.1})
+    # a's two runs are dominated by the α 0.5 point (worst group 0.45 ≥ 0.4 and 0.2 at the same in-dist), b's is not
+    assert s["_dominated"] == {"runs": 2, "of": 3}
+    curve = [{"in_dist": 0.6, "worst_group": 0.6}, {"in_dist": 0.75, "worst_group": 0.5},
+             {"in_dist": 0.8, "worst_group": 0.3}]
+    assert report.nearest_point_worst_group(curve, 0.7) == 0.5
+    assert report.matched_worst_group(curve, 0.7)[0] == pytest.approx(0.6 - 0.1 * 0.1 / 0.15)
+    assert report.dominated_by(curve, {"in_dist": 0.7, "worst_group": 0.5})
+    assert not report.dominated_by(curve, {"in_dist": 0.7, "worst_group": 0.55})
     # the report's sentences follow the intervals: +15 ± 190.6 includes 0; -35 ± 63.5 ... includes 0 with 2 units
     reading = report.reading_lines(recs, "P1")
     assert "- shared, StarFT (selected) − FLYP: worst group: +15.0 ± 190.6 (2 units; W/T/L 1/1/0) points, " \
@@ -295,7 +318,7 @@ def test_v3_pretraining_locks_the_image_trunk_unless_told_how_many_groups_to_lea
     manifest = {"splits": {"shared-s0": {"sets": {"pretrain": {"pattern": str(tmp_path / "pretrain-000000.tar")}}}}}
     for argv, lock in (([], ["--lock-image", "--lock-image-unlocked-groups", "0"]),
                        (["--pretrain-unlocked-groups", "2"], ["--lock-image", "--lock-image-unlocked-groups", "2"])):
-        schedule = _scale(build_parser("pretrain").parse_args(argv))["schedule"]
+        schedule = _scale(build_parser("pretrain").parse_args(["--scale", "v3-host", *argv]))["schedule"]
         args = benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, schedule, "local-dir:x").args
         at = args.index("--lock-image")
         assert args[at:at + 3] == lock and "--lock-image-freeze-bn-stats" not in args
@@ -303,3 +326,22 @@ def test_v3_pretraining_locks_the_image_trunk_unless_told_how_many_groups_to_lea
     assert "--lock-image" not in benchmark.pretrain(str(tmp_path), manifest, "shared-s0", 0, v2, "local-dir:x").args
     with pytest.raises(StarftError, match="--pretrain-unlocked-groups 1: .*locks the image trunk"):
         _scale(build_parser("pretrain").parse_args(["--scale", "v2", "--pretrain-unlocked-groups", "1"]))
+
+
+def test_lit_pretraining_caches_exactly_what_the_model_computes(tmp_path):
+    """The cached tower outputs LiT pre-training trains on, passed through the projections, are the model's own
+    ``encode_image`` (eval mode) and ``encode_text``: caching changes no value."""
+    import open_clip
+    from open_clip_starft.studies.waterbirds_lite import lit
+    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    name = write_clip_lite(str(tmp_path / "m"), seed=3, vision_tower="efficientnet-lite0", image_size=32,
+                           embed_dim=64, context_length=16)
+    model, _, _ = open_clip.create_model_and_transforms(name)
+    model.eval()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.get_tokenizer(name)(["a photo of a duck.", "a photo of a landbird, a robin on a lawn.", "x"])
+    with torch.no_grad():
+        assert torch.allclose(model.visual.head(lit.trunk_features(model, images, batch_size=4)),
+                              model.encode_image(images), atol=1e-6)
+        assert torch.allclose(model.text.proj(lit.text_pooled(model, tokens, batch_size=2)), model.encode_text(tokens),
+                              atol=1e-6)

@@ -68,6 +68,21 @@ def matched_worst_group(curve: Sequence[dict], in_dist: float) -> tuple[float, b
     return end["worst_group"], True
 
 
+def nearest_point_worst_group(curve: Sequence[dict], in_dist: float) -> float:
+    """WiSE-FT's worst-group accuracy at the evaluated point nearest in in-distribution accuracy to ``in_dist``
+    (ties: the higher worst group): the estimator that reads no value between two evaluated α."""
+    if not curve:
+        raise StarftError("an empty WiSE-FT curve: evaluate at least one α")
+    return max(curve, key=lambda p: (-abs(p["in_dist"] - in_dist), p["worst_group"]))["worst_group"]
+
+
+def dominated_by(curve: Sequence[dict], point: dict) -> bool:
+    """Whether some point of ``curve`` is at least as good as ``point`` in both in-distribution and worst-group
+    accuracy and better in one."""
+    return any(p["in_dist"] >= point["in_dist"] and p["worst_group"] >= point["worst_group"]
+               and (p["in_dist"] > point["in_dist"] or p["worst_group"] > point["worst_group"]) for p in curve)
+
+
 def wise_curve(zero_shot: dict, fine_tuned: dict, alphas: Sequence[float],
                evaluate: Callable[[float, dict], dict]) -> list[dict]:
     """Evaluate θ(α) for each α: ``evaluate(alpha, state_dict) -> dict`` of metrics (e.g.

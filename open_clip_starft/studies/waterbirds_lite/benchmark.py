@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from open_clip_starft.data.files import merge_json, write_text
+from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
 from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
 from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
 from open_clip_starft.errors import StarftError
@@ -43,6 +44,8 @@ from open_clip_starft.tools.sweep import Setting, select
 
 PROTOCOLS = {"P1": "source-train", "P2": "wb-train"}
 WISE_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+WISE_ALPHAS_FINE = tuple(round(0.05 * i, 2) for i in range(1, 20))  # v3: α every 0.05 (0 and 1 are the ends)
+MACHINE = f"{os.cpu_count()} CPU cores ({platform.machine()}, {platform.processor() or 'unknown CPU'})"
 TEMPLATE = "a photo of a {}."
 
 
@@ -63,6 +66,9 @@ class Schedule:
     # locked) learn. Fine-tunes (FLYP, StarFT) unlock the whole image tower, as CLIP fine-tuning does.
     pretrain_lock_image: bool = False
     pretrain_unlocked_groups: int = 0
+    # "host": pre-training through ``open_clip_starft.main`` (``pretrain``); "lit-cached": both towers locked, only
+    # the projections learn, on trunk and MiniLM outputs computed once (``lit.pretrain``; the trunk in eval mode)
+    pretrain_recipe: str = "host"
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -168,6 +174,14 @@ def pretrain(out: str, manifest: dict, split: str, pretrain_seed: int, schedule:
         pre["pattern"], os.path.join(out, "logs"), f"pretrain-{unit}", pretrain_seed, schedule.pretrain_epochs,
         schedule.pretrain_lr, schedule.pretrain_batch_size, 4 * schedule.warmup, _classnames_path(pre["pattern"])),
         *lock, "--starft-lambda", "0"], os.path.join(out, "logs"))
+
+
+def unit_seed(unit: str) -> int:
+    """The seed of unit ``{variant}-s{N}-p{M}``'s LiT pre-training (its projections' initialisation and batch
+    order), drawn from ``SeedSequence([N, M])``: units of different splits or pre-training seeds never share it."""
+    split, pretrain_seed = parse_unit(unit)
+    split_seed = int(split.rpartition("-s")[2])
+    return int(np.random.SeedSequence([split_seed, pretrain_seed]).generate_state(1)[0])
 
 
 def zero_shot_check(model: str, info: dict) -> dict:
@@ -426,6 +440,7 @@ def record(protocol: str, method: str, unit: str, metrics: dict, info: dict, *, 
         "groups": {WB_GROUP_NAMES[g]: acc for g, acc in sorted(test["groups"].items())},
         "in_dist": in_dist, "val_avg": val["top1"], "val_worst_group": val["worst_group"], "val_in_dist": val_in_dist,
         "heldout": metrics["heldout-test"]["top1"], "selected": False, "train_seconds": seconds,
+        "fine_tune_seed": seed, "wall_s": seconds, "machine": MACHINE,
     }
 
 
@@ -472,6 +487,26 @@ def evaluate_unit(out: str, info: dict, unit: str, protocols, seeds, grid: list[
                         records.append(record(protocol, f"wise-{setting.method}", unit, ev.evaluate(mixed), info,
                                               seed=s, setting=setting, alpha=a, epochs=epochs))
                         tick()
+    return records
+
+
+def unit_records(out: str, info: dict, unit: str, protocols, seeds, grid: list[Setting], schedule: Schedule,
+                 p1_epochs: dict, seconds: dict, progress=None) -> list[dict]:
+    """``evaluate_unit``'s records, kept in ``OUT/records/UNIT.json`` with the settings that made them: a unit
+    evaluated once is read back, never evaluated again, while its protocols, seeds, grid, WiSE-FT α and P1
+    lengths stay the same (any change evaluates it afresh)."""
+    key = {"protocols": list(protocols), "seeds": list(seeds), "grid": [g.name for g in grid],
+           "wise_alphas": list(schedule.wise_alphas), "p1_epochs": {str(s): p1_epochs.get(unit, {}).get(str(s), {})
+                                                                     .get("chosen") for s in seeds}}
+    path = os.path.join(out, "records", f"{unit}.json")
+    kept = read_json(path, None)
+    if kept is not None and kept.get("key") == key:
+        if progress is not None:
+            progress.update(evaluations_per_unit(protocols, seeds, grid, schedule))
+        return kept["records"]
+    records = evaluate_unit(out, info, unit, protocols, seeds, grid, schedule, p1_epochs, seconds, progress)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json(path, {"key": key, "records": records})
     return records
 
 

