@@ -40,14 +40,14 @@ SCALES = {
     # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk and MiniLM's text tower, both locked in pre-training
     # (LiT on cached tower outputs: only the projections learn), composites drawn at 64 px and seen at 128 px (the
     # recipe chosen on shared-s0's validation: docs/waterbirds-lite-v3-probe.json)
-    "full": dict(competent_val_avg=0.75,
+    "full": dict(competent_val_avg=0.75, title="v3",
                  sizes=build.Sizes(pretrain=8000, wb_test=4000, source_train=1500, source_val=400, source_test=5000,
                                    heldout_test=400),
                  schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
                                              wise_alphas=benchmark.WISE_ALPHAS_FINE, pretrain_recipe="lit-cached"),
                  model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3 at the v2 study's set sizes (1000 test, 600 source-test images): a pilot unit's cost, ~5x less evaluation
-    "pilot": dict(competent_val_avg=0.75,
+    "pilot": dict(competent_val_avg=0.75, title="v3 pilot (v2's set sizes: 1000 test, 600 source-test images)",
                   sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
                                     heldout_test=400),
                   schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3),
@@ -55,7 +55,7 @@ SCALES = {
                                               pretrain_recipe="lit-cached"),
                   model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3's first probe: the trunk locked in pre-training through open_clip_starft.main, 64 px
-    "v3-host": dict(competent_val_avg=0.75,
+    "v3-host": dict(competent_val_avg=0.75, title="v3, pre-trained through open_clip_starft.main",
                     sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
                                       heldout_test=400),
                     schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=1e-3, p1_epochs=(1, 3),
@@ -63,13 +63,13 @@ SCALES = {
                                                 pretrain_lock_image=True),
                     model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
     # v2 (docs/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
-    "v2": dict(competent_val_avg=0.75,
+    "v2": dict(competent_val_avg=0.75, title="v2",
                sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
                schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
                                            wise_alphas=(0.2, 0.4, 0.6, 0.8)),
                model=dict(image_size=64, vision_width=32, vision_layers=(1, 1, 1, 1), context_length=24)),
     # a few images and steps: the test suite's miniature of the whole v3 pipeline (the pretrained tower included)
-    "mini": dict(competent_val_avg=0.0, sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
+    "mini": dict(competent_val_avg=0.0, title="miniature (plumbing only)", sizes=build.Sizes(image_size=32, pretrain=128, wb_train=64, wb_val=32, wb_test=64, source_train=64,
                                    source_val=32, source_test=32, heldout_test=32),
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
@@ -118,11 +118,13 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
                    "128 px), pilot (full at v2's set sizes), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
                    "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
-    p.add_argument("--splits", default="crops:0,1,2,3,4,5,6",
-                   help="VARIANT:SEEDS;... (crops: species and background photographs in every part, new crops, the "
-                   "headline; shared: photographs split; identity: species and photographs split)")
+    p.add_argument("--splits", default="shared:0,1,2,3,4,5,6,7",
+                   help="VARIANT:SEEDS;... (shared: background photographs split, v3's headline; identity: species and "
+                   "photographs split; crops: species and photographs in every part, new crops; default shared:0..7)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
-    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 4 at full)")
+    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 10 at full)")
+    p.add_argument("--image-size", type=int, help="the model's input size in px; the composites keep the scale's "
+                   "size and are resized (default: the scale's, 128 at full; a recipe probe, in its own --out)")
     p.add_argument("--pretrain-unlocked-groups", type=int,
                    help="v3 pre-training: leave the image trunk's last N layer groups trainable (default 0: the "
                    "whole trunk locked, LiT)")
@@ -253,7 +255,8 @@ def competent_units(out: str, units: list[str], bar: float, log) -> tuple[list[s
 
 
 def _scale(args) -> dict:
-    """The ``--scale`` settings with ``--pretrain-epochs`` and ``--pretrain-unlocked-groups`` applied."""
+    """The ``--scale`` settings with ``--pretrain-epochs``, ``--pretrain-unlocked-groups`` and ``--image-size``
+    applied."""
     scale, changes = SCALES[args.scale], {}
     if args.pretrain_epochs is not None:
         if args.pretrain_epochs < 1:
@@ -262,8 +265,12 @@ def _scale(args) -> dict:
     if args.pretrain_unlocked_groups is not None:
         if args.pretrain_unlocked_groups < 0 or not scale["schedule"].pretrain_lock_image:
             raise ConfigError(f"--pretrain-unlocked-groups {args.pretrain_unlocked_groups}: give 0 or more, with a "
-                              "scale whose pre-training locks the image trunk (full, mini)")
+                              "scale whose pre-training locks the image trunk through open_clip_starft.main (v3-host)")
         changes["pretrain_unlocked_groups"] = args.pretrain_unlocked_groups
+    if args.image_size is not None:
+        if args.image_size < 32:
+            raise ConfigError(f"--image-size {args.image_size}: give at least 32 (px)")
+        scale = {**scale, "model": {**scale["model"], "image_size": args.image_size}}
     return {**scale, "schedule": dataclasses.replace(scale["schedule"], **changes)} if changes else scale
 
 
@@ -428,12 +435,13 @@ def _write_report(args, records, manifest, grid, failed: dict) -> None:
         f"Real photographs from Debian packages ({', '.join(build.PACKAGES)}): {manifest['stamps']} photographic "
         f"cut-outs (birds labelled waterbird/landbird and by species, objects with their natural place) pasted on crops "
         f"of {manifest['scenes']} scene photographs labelled water/land "
-        f"(`open_clip_starft/studies/waterbirds_lite/labels.json`), {sizes['image_size']} px. `crops` splits (the "
-        "headline) keep every bird species and every scene photograph in every part, each part drawing its own random "
-        "crops and pastes: the backgrounds are in-distribution for the zero-shot model, as Waterbirds' Places "
-        "backgrounds are for CLIP, and the test shifts only the bird–background pairing. `shared` splits split the "
-        "scene photographs 50/20/30 % per place into train/val/test, `identity` splits the bird species too (all "
-        "stamps of a species on one side). Tux Paint has one cut-out for most species, so outside `identity` the "
+        f"(`open_clip_starft/studies/waterbirds_lite/labels.json`), {sizes['image_size']} px. `shared` splits (v3's "
+        "headline, the faithful analogue: Waterbirds' bird species are in every split, its Places backgrounds shift) "
+        "split the scene photographs 50/20/30 % per place into train/val/test, so no validation or test photograph "
+        "is seen in pre-training or fine-tuning; `identity` splits split the bird species too (all stamps of a "
+        "species on one side). `crops` splits (v2's headline, secondary) keep every bird species and every scene "
+        "photograph in every part, each part drawing its own random crops and pastes: they test re-pairing of "
+        "photographs the model has seen. Tux Paint has one cut-out for most species, so outside `identity` the "
         "bird cut-outs themselves are in every part. "
         f"Waterbirds-lite train: {sizes['wb_train']} images, {100 * sizes['p_aligned']:.0f} % of birds on their own "
         f"place; validation {sizes['wb_val']} and test {sizes['wb_test']}, balanced over the four groups. Source task "
@@ -468,7 +476,7 @@ def _write_report(args, records, manifest, grid, failed: dict) -> None:
         commands = f.read().strip()
     meta = {"command": commands,
             "wall_seconds": sum(timing.values()), "stage_seconds": timing,
-            "machine": benchmark.MACHINE, "setup": setup}
+            "machine": benchmark.MACHINE, "setup": setup, "title": SCALES[args.scale]["title"]}
     write_text(os.path.join(docs, "waterbirds-lite.md"), report.markdown(records, meta))
     print(f"report: {os.path.join(docs, 'waterbirds-lite.md')} (records: .json, figure: .png)", flush=True)
 
