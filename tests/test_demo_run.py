@@ -120,6 +120,18 @@ def test_summarise_hand_computed():
     json.dumps(s)  # the summary is plain JSON
 
 
+def test_the_demo_default_is_the_setting_the_shipped_study_chose():
+    """``demo_run.DEFAULT`` is the pooled validation choice of the records in docs/demo.json, and those records
+    come from independent units (one data seed each, no unit twice)."""
+    import os
+    records = json.load(open(os.path.join(os.path.dirname(__file__), "..", "docs", "demo.json")))
+    s = study.summarise(records)
+    assert (s["pooled_choice"]["lam"], s["pooled_choice"]["schedule"]) == (demo_run.DEFAULT["lam"],
+                                                                          demo_run.DEFAULT["schedule"])
+    zero_shot = [r for r in records if r["method"] == "zero-shot"]
+    assert len({r["unit"] for r in zero_shot}) == len(zero_shot) and len(s["units"]) >= 5
+
+
 @pytest.mark.slow
 def test_the_full_demo_as_readme_runs_it(tmp_path):
     """README's first command, end to end (about 5 minutes on 2 cores): exit 0, a competent zero-shot

@@ -214,3 +214,39 @@ def test_every_process_stops_at_the_same_step_when_one_finds_a_data_error(tmp_pa
     assert outcomes[1].startswith("1 sample(s) in") and "saved" in outcomes[1]
     assert outcomes[0].startswith("another process stopped the run") and "saved" in outcomes[0]
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_0_step_1.pt"]  # written once, by rank 0
+
+
+def _resnet_clip():
+    """A tiny CLIP whose image tower (OpenCLIP's ModifiedResNet) has BatchNorm layers."""
+    torch.manual_seed(0)
+    return open_clip.model.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": (1, 1, 1, 1), "width": 16},
+                                text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                          "layers": 1})
+
+
+def test_a_batch_statistics_teacher_starts_equal_to_a_train_mode_student_and_keeps_its_statistics():
+    from open_clip_starft.host.teacher import Teacher
+    from open_clip_starft.method.loss import star_loss
+    tokenizer = open_clip.get_tokenizer("RN50", context_length=16)
+    captions = ["a photo of a dog on the beach.", "a photo of a cat in the snow.", "a photo of a dog in a forest.",
+                "a photo of a cat on grass."]
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(torch.randn(4, 3, 32, 32, generator=g), tokenizer(captions), tokenizer(captions),
+                  torch.tensor([0, 1, 0, 1]))
+    terms = {}
+    for mode in ("running", "batch"):
+        student = _resnet_clip().train()
+        teacher = Teacher(student, batchnorm=mode)
+        buffers = {k: v.clone() for k, v in teacher.model.state_dict().items() if "running" in k}
+        t = teacher.features(batch)
+        x = student.encode_image(batch.images, normalize=True)
+        s = student.encode_text(batch.spurious, normalize=True)
+        terms[mode] = float(star_loss(x, s, t.image, t.spurious, batch.labels, logit_scale=float(t.scale)))
+        assert all(torch.equal(teacher.model.state_dict()[k], v) for k, v in buffers.items())  # never updated
+        if mode == "batch":
+            assert torch.allclose(x, t.image, atol=1e-6)
+    # running statistics (eval mode) against the student's batch statistics: the Star term is not 0 at step 0
+    assert terms["batch"] < 1e-6 < 1e-3 < terms["running"]
+    with pytest.raises(ValueError, match="choose running or batch"):
+        Teacher(_resnet_clip(), batchnorm="frozen")
+    assert "--starft-teacher-batchnorm" in build_parser().format_help()

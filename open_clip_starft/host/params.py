@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "un-augmented image (eval transform) and reused every epoch, instead of on each step's "
                         "augmented view. Saves the teacher's image forward after the first epoch; memory: images × "
                         "embed dim × 2 bytes on the device.")
+    g.add_argument("--starft-teacher-batchnorm", choices=("running", "batch"), default="running",
+                   help="for image towers with BatchNorm (ResNets, EfficientNets; CLIP's ViTs have none): the "
+                        "teacher normalises with its running statistics (running, the zero-shot model as it "
+                        "predicts) or, like the student in train mode, with the batch's (batch: the Star term is 0 "
+                        "at the first step; the teacher's statistics never change). Default running.")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,

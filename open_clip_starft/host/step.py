@@ -99,7 +99,7 @@ class StarftStep:
         self.teacher = None
         if args.starft_lambda > 0:
             self.teacher = Teacher(
-                model, image_cache=args.starft_teacher_image_cache,
+                model, image_cache=args.starft_teacher_image_cache, batchnorm=args.starft_teacher_batchnorm,
                 text_cache_mb=args.starft_teacher_text_cache_mb if args.starft_suffix != "random" else 0)
             logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = "
                          f"{self.teacher.fingerprint():.10g})")

@@ -13,12 +13,28 @@ import torch
 from open_clip_starft.host.text_prefix import install_prefix_encoding, prefix_length
 
 
-def make_teacher(model: torch.nn.Module) -> torch.nn.Module:
+BATCHNORM_MODES = ("running", "batch")
+
+
+def make_teacher(model: torch.nn.Module, batchnorm: str = "running") -> torch.nn.Module:
     """An exact, frozen copy of ``model`` in eval mode. Take it right after model creation:
-    before locking, grad checkpointing, DDP, compile or resume, so it stays the zero-shot model."""
+    before locking, grad checkpointing, DDP, compile or resume, so it stays the zero-shot model.
+
+    ``batchnorm``: what the teacher's BatchNorm layers (if any: CLIP's ViTs have none) normalise with.
+    ``running``: their running statistics (eval mode, the zero-shot model as it predicts). ``batch``: the
+    batch's own statistics, as the student's layers do in train mode, so that at the first step the student
+    and the teacher give the same features and the Star term is 0; the teacher's running statistics never
+    change (momentum 0). Written by hand: neither torch nor timm has a "batch statistics, frozen buffers" mode."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"teacher batchnorm {batchnorm!r}: choose {' or '.join(BATCHNORM_MODES)}")
     teacher = copy.deepcopy(model)
     teacher.eval()
     teacher.requires_grad_(False)
+    if batchnorm == "batch":
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.train()
+                module.momentum = 0.0  # running = (1 - 0)·running + 0·batch: unchanged
     return teacher
 
 
@@ -105,11 +121,12 @@ class Teacher:
     batch's longest caption when the architecture allows (``text_prefix``; exact).
     ``text_cache_mb > 0``: the teacher's features of each spurious caption computed once
     (``TeacherTextCache``, exact). ``image_cache``: its image features once per image on the
-    un-augmented view (``TeacherImageCache``, an approximation).
+    un-augmented view (``TeacherImageCache``, an approximation). ``batchnorm``: see ``make_teacher``.
     """
 
-    def __init__(self, model: torch.nn.Module, *, text_cache_mb: float = 0.0, image_cache: bool = False):
-        self.model = make_teacher(model)
+    def __init__(self, model: torch.nn.Module, *, text_cache_mb: float = 0.0, image_cache: bool = False,
+                 batchnorm: str = "running"):
+        self.model = make_teacher(model, batchnorm)
         install_prefix_encoding(self.model)
         self.text_cache = TeacherTextCache(text_cache_mb) if text_cache_mb > 0 else None
         self.image_cache = TeacherImageCache() if image_cache else None

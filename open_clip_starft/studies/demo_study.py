@@ -142,10 +142,15 @@ def reading(records: list[dict], summary: dict) -> str:
     zero_best = all(next(r for r in records if r["unit"] == u and r["method"] == "zero-shot")["val_worst_group"]
                     > max(r["val_worst_group"] for r in records if r["unit"] == u and r["method"] in ("flyp", "starft"))
                     for u in units)
-    if all(r["lam"] == top for r in chosen):
+    at_edge = sum(r["lam"] == top for r in chosen)
+    if at_edge == len(chosen):
         text += f" Every unit chose the grid's largest λ ({top:g}), the edge of the grid"
+    elif 2 * at_edge > len(chosen):
+        text += f" {at_edge} of {len(chosen)} units chose the grid's largest λ ({top:g}), the edge of the grid"
+    if 2 * at_edge > len(chosen):
         text += (f": validation worst group alone rewards staying close to the zero-shot model, whose validation worst "
-                 f"group (mean {100 * zs:.1f} %) is above every fine-tune's in every unit." if zero_best else ".")
+                 f"group (mean {100 * zs:.1f} %) is above every fine-tune's in every unit, so a wider grid would "
+                 "move the choice, not make it interior." if zero_best else ".")
     return text
 
 

@@ -69,6 +69,9 @@ class Schedule:
     # "host": pre-training through ``open_clip_starft.main`` (``pretrain``); "lit-cached": both towers locked, only
     # the projections learn, on trunk and MiniLM outputs computed once (``lit.pretrain``; the trunk in eval mode)
     pretrain_recipe: str = "host"
+    # StarFT's teacher's BatchNorm statistics (``--starft-teacher-batchnorm``): "running" (the host's default), or
+    # "batch", as the train-mode student's, so that the Star term is 0 at the first step with a BatchNorm tower
+    teacher_batchnorm: str = "running"
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -215,8 +218,9 @@ def finetune_job(out: str, info: dict, unit: str, protocol: str, seed: int, sett
     name = f"{protocol}-{unit}-seed{seed}-{setting.name}-e{epochs}"
     return Job(name, ["--model", f"local-dir:{os.path.join(out, 'models', unit, 'zero-shot')}", *_train_args(
         data["pattern"], os.path.join(out, "logs"), name, seed, epochs, schedule.finetune_lr,
-        schedule.finetune_batch_size, schedule.warmup, _classnames_path(data["pattern"])), *setting.train_args()],
-        os.path.join(out, "logs"))
+        schedule.finetune_batch_size, schedule.warmup, _classnames_path(data["pattern"])), *setting.train_args(),
+        *(["--starft-teacher-batchnorm", schedule.teacher_batchnorm] if setting.lam and
+          schedule.teacher_batchnorm != "running" else [])], os.path.join(out, "logs"))
 
 
 def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule: Schedule, parallel: int,
