@@ -227,6 +227,8 @@ def test_units_whose_zero_shot_model_is_below_the_bar_are_left_out_with_a_line(t
     assert len(lines) == 1 and "b-p0 left out" in lines[0] and "60.0 %" in lines[0]
     with pytest.raises(StarftError, match="no unit's zero-shot model reached a validation average of 90 %"):
         competent_units(str(tmp_path), ["a-p0", "b-p0"], 0.9, lines.append)
+    # 'all' goes one unit at a time: a unit left out is named, and the study goes on to the next
+    assert competent_units(str(tmp_path), ["b-p0"], 0.75, lines.append, allow_none=True) == ([], {"b-p0": {"val_avg": 0.6}})
     with pytest.raises(StarftError, match="unit c-p0 has no zero-shot check"):
         competent_units(str(tmp_path), ["c-p0"], 0.5, lines.append)
 

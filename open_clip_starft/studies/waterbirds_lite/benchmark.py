@@ -37,6 +37,7 @@ import torch
 from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
 from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
 from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
+from open_clip_starft.studies.waterbirds_lite.lit import text_pooled
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import checkpoint_state, interpolate_state_dicts, run_checkpoints
 from open_clip_starft.eval.progress import Progress
@@ -292,10 +293,7 @@ class _LockedTextModel:
         rows = [tuple(row.tolist()) for row in tokens]
         missing = [r for r in dict.fromkeys(rows) if r not in ev._pooled]
         if missing:
-            batch = torch.tensor(missing, dtype=tokens.dtype)
-            mask = (batch != text.config.pad_token_id).long()
-            pooled = text.pooler(text.transformer(input_ids=batch, attention_mask=mask), mask)
-            ev._pooled.update(zip(missing, pooled))
+            ev._pooled.update(zip(missing, text_pooled(ev.model, torch.tensor(missing, dtype=tokens.dtype))))
         features = text.proj(torch.stack([ev._pooled[r] for r in rows]))
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
