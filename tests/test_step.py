@@ -62,9 +62,9 @@ def make_batch(seed, n=8):
 class Run:
     """A StarftStep with its model, optimizer and data, driven as the epoch loop drives it."""
 
-    def __init__(self, args, loss=None, resumed=None):
+    def __init__(self, args, loss=None, resumed=None, model=None):
         self.args = args
-        self.model, _ = build_tiny_model(seed=0)
+        self.model = model if model is not None else build_tiny_model(seed=0)[0]
         self.state = RunState(settings=starft_settings(args), num_classes=len(CLASSES), resumed=resumed)
         self.state.start(args)
         self.step = StarftStep(args, self.model, self.state)
@@ -216,12 +216,12 @@ def test_every_process_stops_at_the_same_step_when_one_finds_a_data_error(tmp_pa
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_0_step_1.pt"]  # written once, by rank 0
 
 
-def _resnet_clip():
+def _resnet_clip(context_length=16):
     """A tiny CLIP whose image tower (OpenCLIP's ModifiedResNet) has BatchNorm layers."""
     torch.manual_seed(0)
     return open_clip.model.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": (1, 1, 1, 1), "width": 16},
-                                text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                                          "layers": 1})
+                                text_cfg={"context_length": context_length, "vocab_size": 49408, "width": 32, "heads": 2,
+                                          "layers": 1}, output_dict=True)
 
 
 def test_a_batch_statistics_teacher_starts_equal_to_a_train_mode_student_and_keeps_its_statistics():
@@ -250,3 +250,34 @@ def test_a_batch_statistics_teacher_starts_equal_to_a_train_mode_student_and_kee
     with pytest.raises(ValueError, match="choose running or batch"):
         Teacher(_resnet_clip(), batchnorm="frozen")
     assert "--starft-teacher-batchnorm" in build_parser().format_help()
+
+
+def test_frozen_batchnorm_statistics_stay_the_zero_shot_models_through_training_steps(tmp_path):
+    """--starft-freeze-bn-stats: after the loop's model.train(), every BatchNorm layer still normalises
+    with, and keeps, the zero-shot running statistics, while its scale and shift train; the Star term
+    is 0 at step 0 against the default (running-statistics) teacher. Without the flag the statistics move."""
+    from open_clip_starft.errors import ConfigError
+    from open_clip_starft.host.params import check
+    moved = {}
+    for frozen in (True, False):
+        args = step_args(tmp_path / str(frozen), starft_lambda=1, starft_schedule="constant")
+        args.starft_freeze_bn_stats = frozen
+        run = Run(args, model=_resnet_clip(context_length=32).train())
+        bn = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        stats = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k}
+        scales = [m.weight.detach().clone() for m in bn]
+        run.start()
+        run.model.train()  # what the epoch loop does before the first step
+        logs = [run.train(i)[1] for i in range(3)]
+        after = run.model.state_dict()
+        moved[frozen] = any(not torch.equal(after[k], v) for k, v in stats.items())
+        if frozen:
+            assert len(bn) > 5 and not any(m.training for m in bn)
+            assert logs[0]["star_term"] < 1e-6 < logs[2]["star_term"]
+            assert any(not torch.equal(m.weight, w) for m, w in zip(bn, scales))  # affine weights train
+        else:
+            assert logs[0]["star_term"] > 1e-3  # train-mode student, eval-mode teacher
+    assert moved == {True: False, False: True}
+    flags = build_parser().parse_args(["--starft-freeze-bn-stats", "--starft-teacher-batchnorm", "batch"])
+    with pytest.raises(ConfigError, match="drop --starft-teacher-batchnorm batch"):
+        check(flags)

@@ -7,6 +7,7 @@
   the settings history), handed to the step and the checkpoint writer by construction
 - ``loop``: the generic epoch loop around a step: the one source of the loop patches/0003 adds
 - ``teacher``: the frozen zero-shot model (``Teacher.features(batch)``) and its caches
+- ``batchnorm``: ``FrozenBatchNormStats``, BatchNorm layers held in eval mode (``--starft-freeze-bn-stats``)
 - ``batch``: ``Batch``, one training batch as a named structure
 - ``checkpoint``: the one checkpoint writer (``"starft"`` entry, atomic write, ``epoch_E_step_K.pt``),
   ``--resume latest``'s choice and the ``--resume`` reader

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "teacher normalises with its running statistics (running, the zero-shot model as it "
                         "predicts) or, like the student in train mode, with the batch's (batch: the Star term is 0 "
                         "at the first step; the teacher's statistics never change). Default running.")
+    g.add_argument("--starft-freeze-bn-stats", action="store_true",
+                   help="for image towers with BatchNorm: every BatchNorm layer of the model being fine-tuned "
+                        "normalises with the zero-shot model's running statistics and never updates them (eval "
+                        "mode; its scale and shift still train), for FLYP (λ 0) and StarFT alike, so the model "
+                        "evaluated is the model trained and the Star term is 0 at the first step with the default "
+                        "--starft-teacher-batchnorm running. Unlike OpenCLIP's --lock-image-freeze-bn-stats it "
+                        "needs no --lock-image. Off by default.")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
@@ -119,5 +126,8 @@ def check(starft: argparse.Namespace) -> None:
         raise ConfigError(f"unknown --starft-suffix {starft.starft_suffix!r}: use one of {', '.join(list_suffix_modes())}")
     if starft.starft_random_words < 1:
         raise ConfigError(f"--starft-random-words {starft.starft_random_words} must be ≥ 1")
+    if starft.starft_freeze_bn_stats and starft.starft_teacher_batchnorm == "batch":
+        raise ConfigError("--starft-freeze-bn-stats keeps the student on running statistics, but --starft-teacher-"
+                          "batchnorm batch puts the teacher on the batch's: drop --starft-teacher-batchnorm batch")
     if not 0 <= starft.starft_max_skipped_fraction <= 1:
         raise ConfigError(f"--starft-max-skipped-fraction {starft.starft_max_skipped_fraction:g} must be within 0..1")

@@ -31,6 +31,7 @@ from open_clip_train.precision import get_autocast
 
 from open_clip_starft.errors import ConfigError, NumericError, StarftError
 from open_clip_starft.host.batch import Batch
+from open_clip_starft.host.batchnorm import FrozenBatchNormStats
 from open_clip_starft.host.checkpoint import save_best, save_mid_epoch, weights_are_finite
 from open_clip_starft.host.preemption import FLAG, Preempted
 from open_clip_starft.host.state import RunState
@@ -103,6 +104,12 @@ class StarftStep:
                 text_cache_mb=args.starft_teacher_text_cache_mb if args.starft_suffix != "random" else 0)
             logging.info(f"StarFT teacher: a frozen copy of the initial model (fingerprint Σ|θ| = "
                          f"{self.teacher.fingerprint():.10g})")
+        self.frozen_batchnorm = FrozenBatchNormStats(model) if args.starft_freeze_bn_stats else None
+        if self.frozen_batchnorm is not None:
+            logging.info(f"StarFT: {len(self.frozen_batchnorm.layers)} BatchNorm layers keep the zero-shot model's "
+                         "running statistics (--starft-freeze-bn-stats)")
+            if not self.frozen_batchnorm.layers:
+                logging.warning("--starft-freeze-bn-stats: the model has no BatchNorm layer; the flag changes nothing")
         self.device = torch.device(args.device)
         self.autocast = get_autocast(args.precision, device_type=self.device.type)
         self.input_dtype = get_input_dtype(args.precision)
@@ -143,6 +150,8 @@ class StarftStep:
         """``(losses {"contrastive_loss", "star_loss" = λ·L_star}, logit_scale, log {"star_lambda",
         "step", "star_term" = L_star when λ > 0})`` for one batch (as the dataloader gave it)."""
         self.loop_model = model
+        if self.frozen_batchnorm is not None:
+            self.frozen_batchnorm.hold()  # after the loop's model.train() and any mid-epoch evaluation
         batch = Batch.of(batch)
         lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
         teacher = self.teacher if lam else None

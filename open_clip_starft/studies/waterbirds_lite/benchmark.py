@@ -73,6 +73,9 @@ class Schedule:
     # StarFT's teacher's BatchNorm statistics (``--starft-teacher-batchnorm``): "running" (the host's default), or
     # "batch", as the train-mode student's, so that the Star term is 0 at the first step with a BatchNorm tower
     teacher_batchnorm: str = "running"
+    # every fine-tune (FLYP and StarFT) keeps the zero-shot BatchNorm statistics (``--starft-freeze-bn-stats``), so
+    # the model evaluated (eval mode) is the model trained and the Star term is 0 at the first step
+    freeze_bn_stats: bool = False
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -221,7 +224,8 @@ def finetune_job(out: str, info: dict, unit: str, protocol: str, seed: int, sett
         data["pattern"], os.path.join(out, "logs"), name, seed, epochs, schedule.finetune_lr,
         schedule.finetune_batch_size, schedule.warmup, _classnames_path(data["pattern"])), *setting.train_args(),
         *(["--starft-teacher-batchnorm", schedule.teacher_batchnorm] if setting.lam and
-          schedule.teacher_batchnorm != "running" else [])], os.path.join(out, "logs"))
+          schedule.teacher_batchnorm != "running" else []),
+        *(["--starft-freeze-bn-stats"] if schedule.freeze_bn_stats else [])], os.path.join(out, "logs"))
 
 
 def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule: Schedule, parallel: int,

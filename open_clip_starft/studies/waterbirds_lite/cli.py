@@ -57,6 +57,15 @@ SCALES = {
                                               finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
                                               pretrain_recipe="lit-cached"),
                   model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
+    # the pilot with every fine-tune's BatchNorm statistics frozen at the zero-shot model's (--starft-freeze-bn-stats;
+    # the teacher on running statistics, so the Star term is 0 at step 0): the recipe compared with "pilot" on validation
+    "pilot-frozen-bn": dict(competent_val_avg=0.75, title="v3 pilot, BatchNorm statistics frozen in fine-tuning",
+                            sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
+                                              heldout_test=400),
+                            schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3),
+                                                        finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
+                                                        pretrain_recipe="lit-cached", freeze_bn_stats=True),
+                            model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3's first probe: the trunk locked in pre-training through open_clip_starft.main, 64 px
     "v3-host": dict(competent_val_avg=0.75, title="v3, pre-trained through open_clip_starft.main",
                     sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
@@ -120,7 +129,7 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
     p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
-                   "128 px), pilot (full at v2's set sizes), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
+                   "128 px), pilot (full at v2's set sizes), pilot-frozen-bn (pilot, BatchNorm statistics frozen in fine-tuning), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
                    "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
     p.add_argument("--splits", default="shared:0,1,2,3,4,5,6,7",
                    help="VARIANT:SEEDS;... (shared: background photographs split, v3's headline; identity: species and "
