@@ -147,6 +147,10 @@ def reading(records: list[dict], summary: dict) -> str:
         text += f" Every unit chose the grid's largest λ ({top:g}), the edge of the grid"
     elif 2 * at_edge > len(chosen):
         text += f" {at_edge} of {len(chosen)} units chose the grid's largest λ ({top:g}), the edge of the grid"
+    else:
+        inside = sorted({r["lam"] for r in chosen if r["lam"] != top})
+        text += (f" {len(chosen) - at_edge} of {len(chosen)} units chose a λ inside the grid "
+                 f"({', '.join(f'{v:g}' for v in inside)}) and {at_edge} its largest ({top:g}).")
     if 2 * at_edge > len(chosen):
         text += (f": validation worst group alone rewards staying close to the zero-shot model, whose validation worst "
                  f"group (mean {100 * zs:.1f} %) is above every fine-tune's in every unit, so a wider grid would "
@@ -263,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="starft-demo", help="folder for data, models, logs and results (default ./starft-demo)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="pre-training seeds, one independent unit each: its own "
                         "data (seeds derived from (unit, part), disjoint between units) and model (default 0,1,2,3,4)")
-    parser.add_argument("--lambdas", default="0.5,1,2,4,8,16,32", help="λ grid, wide enough for an interior choice "
-                        "(default 0.5,1,2,4,8,16,32)")
+    parser.add_argument("--lambdas", default="0.5,1,2,4,8,16,32,64,128", help="λ grid, wide enough for an interior "
+                        "choice (default 0.5,1,2,4,8,16,32,64,128)")
     parser.add_argument("--schedules", default="linear,staircase,constant", help="schedule grid (default all three)")
     parser.add_argument("--docs", default="docs", help="where demo.json, demo.md and demo.png go (default ./docs)")
     return parser
