@@ -168,7 +168,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         assert len(starft) == 1 and starft[0]["selected"] and (starft[0]["lam"], starft[0]["schedule"]) == (2, "constant")
         assert starft[0]["descriptors"] == "background" and starft[0]["alpha"] is None
         # the Star term at step 0 is 0: the student starts as the teacher. With v3's BatchNorm tower that needs the
-        # teacher on batch statistics as the train-mode student (--starft-teacher-batchnorm batch, the scale's)
+        # student on the teacher's running statistics (--starft-freeze-bn-stats, the scale's)
         assert math.isfinite(starft[0]["star_loss_step0"]) and abs(starft[0]["star_loss_step0"]) < 1e-4
         for wise in ("wise-flyp", "wise-starft"):
             alphas = [r["alpha"] for r in records if r["protocol"] == protocol and r["method"] == wise]
@@ -181,6 +181,15 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         assert set(flyp["margin_by_background"]) == set(build.PLACES)
     p1_flyp = next(r for r in records if r["protocol"] == "P1" and r["method"] == "flyp")
     assert p1_flyp["epochs"] == p1["chosen"]
+    # FLYP and StarFT alike kept the zero-shot BatchNorm statistics, trained in channels-last layout
+    name = "P2-identity-s0-p0-seed0-flyp-e1"  # the mini scale's one P2 epoch
+    flyp_state = torch.load(str(out / "logs" / name / "checkpoints" / "epoch_1.pt"),
+                            map_location="cpu", weights_only=True)["state_dict"]
+    stats = [k for k in zero_shot if "running_" in k]
+    assert len(stats) > 40 and all(torch.equal(flyp_state[k], zero_shot[k]) for k in stats)
+    flyp_log = (out / "logs" / name / "out.log").read_text()
+    assert "BatchNorm layers keep the zero-shot model's running statistics" in flyp_log
+    assert "weights in channels-last memory layout" in flyp_log
     text = (docs / "waterbirds-lite.md").read_text()
     assert "## Every run" in text and "StarFT (selected) − FLYP: worst group" in text
     assert "StarFT (selected) − WiSE-FT(FLYP) at its in-dist" in text and (docs / "waterbirds-lite.png").stat().st_size > 1000

@@ -181,6 +181,9 @@ class StarftHooks:
 
     def create_model_and_transforms(self, *a, **kw):
         model, preprocess_train, preprocess_val = self.original("create_model_and_transforms")(*a, **kw)
+        if self.args.starft_channels_last:  # before the teacher's copy, the optimizer and DDP see the parameters
+            model.to(memory_format=torch.channels_last)
+            logging.info("StarFT: weights in channels-last memory layout (--starft-channels-last)")
         self.model = model
         self.args.save_most_recent = self.args.save_most_recent or self._save_most_recent
         self.state.start(self.args)  # the settings history from step 0 (a resumed checkpoint's replaces it)

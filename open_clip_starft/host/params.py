@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated is the model trained and the Star term is 0 at the first step with the default "
                         "--starft-teacher-batchnorm running. Unlike OpenCLIP's --lock-image-freeze-bn-stats it "
                         "needs no --lock-image. Off by default.")
+    g.add_argument("--starft-channels-last", action="store_true",
+                   help="the model's (and the teacher's) weights in channels-last memory layout, as timm's "
+                        "--channels-last, for convolutional image towers (ResNets, EfficientNets, ConvNeXts): the "
+                        "layout the fast convolution kernels of oneDNN (CPU) and cuDNN (GPU, AMP) use; ViTs are unaffected. The same numbers up to "
+                        "float summation order; checkpoints load into either layout. Off by default.")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,

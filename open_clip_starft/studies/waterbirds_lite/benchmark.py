@@ -76,6 +76,9 @@ class Schedule:
     # every fine-tune (FLYP and StarFT) keeps the zero-shot BatchNorm statistics (``--starft-freeze-bn-stats``), so
     # the model evaluated (eval mode) is the model trained and the Star term is 0 at the first step
     freeze_bn_stats: bool = False
+    # every fine-tune's weights in channels-last layout (``--starft-channels-last``): the layout of oneDNN's fast CPU
+    # convolutions, with the same numbers up to float summation order
+    channels_last: bool = False
 
 
 def _train_args(data: str, logs: str, name: str, seed: int, epochs: int, lr: float, batch_size: int, warmup: int,
@@ -225,7 +228,8 @@ def finetune_job(out: str, info: dict, unit: str, protocol: str, seed: int, sett
         schedule.finetune_batch_size, schedule.warmup, _classnames_path(data["pattern"])), *setting.train_args(),
         *(["--starft-teacher-batchnorm", schedule.teacher_batchnorm] if setting.lam and
           schedule.teacher_batchnorm != "running" else []),
-        *(["--starft-freeze-bn-stats"] if schedule.freeze_bn_stats else [])], os.path.join(out, "logs"))
+        *(["--starft-freeze-bn-stats"] if schedule.freeze_bn_stats else []),
+        *(["--starft-channels-last"] if schedule.channels_last else [])], os.path.join(out, "logs"))
 
 
 def choose_p1_epochs(out: str, manifest: dict, units: list[str], seeds, schedule: Schedule, parallel: int,

@@ -86,7 +86,7 @@ SCALES = {
                  schedule=benchmark.Schedule(pretrain_epochs=1, pretrain_batch_size=32, finetune_epochs=1,
                                              p1_epochs=(1, 2), finetune_batch_size=32, warmup=1,
                                              wise_alphas=(0.5,), pretrain_recipe="lit-cached",
-                                             teacher_batchnorm="batch"),
+                                             freeze_bn_stats=True, channels_last=True),
                  model=dict(vision_tower="efficientnet-lite0", image_size=32, embed_dim=64, context_length=16)),
 }
 STAGES = ("build", "pretrain", "run", "report")
