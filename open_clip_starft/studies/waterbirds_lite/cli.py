@@ -43,10 +43,12 @@ SCALES = {
     "full": dict(competent_val_avg=0.75, title="v3",
                  sizes=build.Sizes(pretrain=8000, wb_test=4000, source_train=1500, source_val=400, source_test=5000,
                                    heldout_test=400),
-                 # P1: 3 of (1, 3) epochs was chosen on shared-s0's source-val (66.2 vs 51.7 %), the range's edge
+                 # P1: 3 of (1, 3) epochs was chosen on shared-s0's source-val in both pilots, the range's edge.
+                 # Fine-tunes keep the zero-shot BatchNorm statistics: on shared-s0's validation every fine-tuned
+                 # model of pilot-frozen-bn beat pilot's (docs/waterbirds-lite-v3-pilot{,-frozen-bn})
                  schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3, 6),
                                              finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
-                                             pretrain_recipe="lit-cached", teacher_batchnorm="batch"),
+                                             pretrain_recipe="lit-cached", freeze_bn_stats=True, channels_last=True),
                  model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3 at the v2 study's set sizes (1000 test, 600 source-test images): a pilot unit's cost, ~5x less evaluation;
     # its teacher used running BatchNorm statistics (docs/waterbirds-lite-v3-pilot: the Star term 1.83 at step 0)
@@ -129,7 +131,7 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
     p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
-                   "128 px), pilot (full at v2's set sizes), pilot-frozen-bn (pilot, BatchNorm statistics frozen in fine-tuning), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
+                   "128 px), pilot (v3 at v2's set sizes, BatchNorm in train mode: the first pilot's recipe), pilot-frozen-bn (pilot with BatchNorm statistics frozen in fine-tuning), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
                    "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
     p.add_argument("--splits", default="shared:0,1,2,3,4,5,6,7",
                    help="VARIANT:SEEDS;... (shared: background photographs split, v3's headline; identity: species and "
@@ -466,14 +468,22 @@ def _write_report(args, records, manifest, grid, failed: dict) -> None:
         "place); captions name the "
         f"object, half of them the scene, and {100 * sizes['p_pretrain_superclass']:.0f} % of the birds' name the "
         "superclass, with the species or alone (\"a photo of a waterbird, a duck on the beach.\", \"a photo of a "
-        "waterbird.\"), through `open_clip_starft.main --starft-lambda 0`. A unit whose zero-shot validation average "
+        "waterbird.\"), " + ("by `studies/waterbirds_lite/lit.py`" if schedule.pretrain_recipe == "lit-cached" else
+                             "through `open_clip_starft.main --starft-lambda 0`") + ". A unit whose zero-shot validation average "
         f"is below {100 * _scale(args)['competent_val_avg']:.0f} % is left out before any fine-tune"
         + (": " + ", ".join(f"{u} ({100 * c['val_avg']:.1f} %)" for u, c in sorted(failed.items())) + " were left out. "
            if failed else " (none was). ")
         + "In `crops` splits pre-training saw other crops of the validation and test photographs (never the same "
         "images); in `shared` and `identity` splits no validation or test photograph is in pre-training. "
         f"Fine-tunes: batch {schedule.finetune_batch_size}, AdamW lr {schedule.finetune_lr:g}, "
-        f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32; P2 {schedule.finetune_epochs} epochs; P1 "
+        f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32"
+        + ("; every BatchNorm layer kept on the zero-shot model's running statistics (`--starft-freeze-bn-stats`)"
+           if schedule.freeze_bn_stats else "; BatchNorm layers in train mode (batch statistics, running statistics "
+           "updated)" if schedule.pretrain_recipe == "lit-cached" or schedule.pretrain_lock_image else "")
+        + ("; StarFT's teacher on batch statistics (`--starft-teacher-batchnorm batch`)"
+           if schedule.teacher_batchnorm == "batch" else "")
+        + ("; weights in channels-last layout (`--starft-channels-last`)" if schedule.channels_last else "")
+        + f"; P2 {schedule.finetune_epochs} epochs; P1 "
         f"{' or '.join(map(str, schedule.p1_epochs))} epochs, chosen per unit by FLYP's source-val accuracy "
         f"(chosen: {_p1_text(p1)}). Grid: FLYP and StarFT over {', '.join(sorted({g.name for g in grid if g.lam}))}; "
         f"WiSE-FT α {', '.join(f'{a:g}' for a in schedule.wise_alphas)} for FLYP and the chosen StarFT.",
