@@ -355,3 +355,20 @@ def test_lit_pretraining_caches_exactly_what_the_model_computes(tmp_path):
                               model.encode_image(images), atol=1e-6)
         assert torch.allclose(model.text.proj(lit.text_pooled(model, tokens, batch_size=2)), model.encode_text(tokens),
                               atol=1e-6)
+
+
+def test_a_run_folder_started_with_other_flags_is_refused(tmp_path):
+    """Another scale or recipe in the same OUT: a fine-tune folder started with other flags is neither
+    reused nor resumed; the same flags under a moved OUT are the same run."""
+    from open_clip_starft.studies.waterbirds_lite.benchmark import Job, run_job
+    logs = tmp_path / "out" / "logs"
+    logs.mkdir(parents=True)
+    flags = ["--epochs", "3", "--model", f"local-dir:{tmp_path / 'out' / 'models' / 'u' / 'zero-shot'}"]
+    job = Job("P1-u-seed0-flyp-e3", [*flags, "--starft-freeze-bn-stats"], str(logs))
+    (logs / "P1-u-seed0-flyp-e3.flags.json").write_text(json.dumps(["--epochs", "3", "--model",
+                                                                    "local-dir:OUT/models/u/zero-shot"]))
+    with pytest.raises(StarftError, match="started with other flags.*--starft-freeze-bn-stats.*fresh --out"):
+        run_job(job)
+    moved = Job(job.name, flags, str(logs))
+    assert moved.portable_flags() == json.loads((logs / "P1-u-seed0-flyp-e3.flags.json").read_text())
+    moved.check_flags()  # the recorded flags: no refusal

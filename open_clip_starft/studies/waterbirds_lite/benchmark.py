@@ -29,7 +29,7 @@ import platform
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -115,13 +115,34 @@ class Job:
     def done(self) -> bool:
         return self.checkpoint.endswith(f"epoch_{self.epochs}.pt")
 
+    @property
+    def flags_path(self) -> str:
+        """``LOGS/NAME.flags.json``: the flags the run was started with, OUT written as ``OUT``."""
+        return os.path.join(self.logs, f"{self.name}.flags.json")
+
+    def portable_flags(self) -> list[str]:
+        out = os.path.dirname(os.path.abspath(self.logs))
+        return [a.replace(out, "OUT") for a in self.args]
+
+    def check_flags(self) -> None:
+        """Refuse a run folder started with other flags (another scale or recipe in the same OUT): reusing or
+        resuming it would mix recipes without a word. Run folders from before this check have no record."""
+        recorded = read_json(self.flags_path, None)
+        if recorded is not None and recorded != self.portable_flags():
+            changed = sorted(set(recorded) ^ set(self.portable_flags()))
+            raise StarftError(f"Waterbirds-lite run {self.name} in {self.logs} was started with other flags "
+                              f"(differing: {' '.join(changed[:6])}): use a fresh --out for another scale or recipe")
+
 
 def run_job(job: Job, threads: int = 1, log=None) -> float:
     """Run one training through ``open_clip_starft.main`` (skipped when its last checkpoint exists, resumed
-    from its latest checkpoint when it has one); seconds. ``log``: a line with the run's epoch and percent
-    every 30 s while it runs."""
+    from its latest checkpoint when it has one; refused when its folder was started with other flags);
+    seconds. ``log``: a line with the run's epoch and percent every 30 s while it runs."""
+    job.check_flags()
     if job.done:
         return 0.0
+    if not os.path.exists(job.flags_path):
+        write_json(job.flags_path, job.portable_flags())
     resume = ["--resume", "latest"] if os.path.isdir(os.path.join(job.logs, job.name)) else []
     poll = None if log is None else (lambda console: log(f"    {job.name}: {training_progress(console) or 'starting'}"))
     return run_stage("open_clip_starft.main", [*job.args, *resume], os.path.join(job.logs, f"{job.name}.console.txt"),
@@ -507,9 +528,10 @@ def evaluate_unit(out: str, info: dict, unit: str, protocols, seeds, grid: list[
 def unit_records(out: str, info: dict, unit: str, protocols, seeds, grid: list[Setting], schedule: Schedule,
                  p1_epochs: dict, seconds: dict, progress=None) -> list[dict]:
     """``evaluate_unit``'s records, kept in ``OUT/records/UNIT.json`` with the settings that made them: a unit
-    evaluated once is read back, never evaluated again, while its protocols, seeds, grid, WiSE-FT α and P1
-    lengths stay the same (any change evaluates it afresh)."""
+    evaluated once is read back, never evaluated again, while its protocols, seeds, grid, schedule (WiSE-FT α
+    included) and P1 lengths stay the same (any change evaluates it afresh)."""
     key = {"protocols": list(protocols), "seeds": list(seeds), "grid": [g.name for g in grid],
+           "schedule": json.loads(json.dumps(asdict(schedule))),
            "wise_alphas": list(schedule.wise_alphas), "p1_epochs": {str(s): p1_epochs.get(unit, {}).get(str(s), {})
                                                                      .get("chosen") for s in seeds}}
     path = os.path.join(out, "records", f"{unit}.json")
