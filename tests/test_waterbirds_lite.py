@@ -372,3 +372,5 @@ def test_a_run_folder_started_with_other_flags_is_refused(tmp_path):
     moved = Job(job.name, flags, str(logs))
     assert moved.portable_flags() == json.loads((logs / "P1-u-seed0-flyp-e3.flags.json").read_text())
     moved.check_flags()  # the recorded flags: no refusal
+    fresh = Job("P1-u-seed0-flyp-e1", flags, str(tmp_path / "new-out" / "logs"))  # a first call: no logs folder yet
+    fresh.check_flags()

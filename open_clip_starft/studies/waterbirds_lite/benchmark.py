@@ -142,6 +142,7 @@ def run_job(job: Job, threads: int = 1, log=None) -> float:
     if job.done:
         return 0.0
     if not os.path.exists(job.flags_path):
+        os.makedirs(job.logs, exist_ok=True)
         write_json(job.flags_path, job.portable_flags())
     resume = ["--resume", "latest"] if os.path.isdir(os.path.join(job.logs, job.name)) else []
     poll = None if log is None else (lambda console: log(f"    {job.name}: {training_progress(console) or 'starting'}"))
