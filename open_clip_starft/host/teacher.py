@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from open_clip_starft.host.batchnorm import batchnorm_layers
 from open_clip_starft.host.text_prefix import install_prefix_encoding, prefix_length
 
 
@@ -31,10 +32,9 @@ def make_teacher(model: torch.nn.Module, batchnorm: str = "running") -> torch.nn
     teacher.eval()
     teacher.requires_grad_(False)
     if batchnorm == "batch":
-        for module in teacher.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.train()
-                module.momentum = 0.0  # running = (1 - 0)·running + 0·batch: unchanged
+        for module in batchnorm_layers(teacher):
+            module.train()
+            module.momentum = 0.0  # running = (1 - 0)·running + 0·batch: unchanged
     return teacher
 
 

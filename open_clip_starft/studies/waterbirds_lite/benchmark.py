@@ -533,8 +533,7 @@ def unit_records(out: str, info: dict, unit: str, protocols, seeds, grid: list[S
     included) and P1 lengths stay the same (any change evaluates it afresh)."""
     key = {"protocols": list(protocols), "seeds": list(seeds), "grid": [g.name for g in grid],
            "schedule": json.loads(json.dumps(asdict(schedule))),
-           "wise_alphas": list(schedule.wise_alphas), "p1_epochs": {str(s): p1_epochs.get(unit, {}).get(str(s), {})
-                                                                     .get("chosen") for s in seeds}}
+           "p1_epochs": {str(s): p1_epochs.get(unit, {}).get(str(s), {}).get("chosen") for s in seeds}}
     path = os.path.join(out, "records", f"{unit}.json")
     kept = read_json(path, None)
     if kept is not None and kept.get("key") == key:

@@ -479,7 +479,7 @@ def _write_report(args, records, manifest, grid, failed: dict) -> None:
         f"wd 0.1, cosine with {schedule.warmup} warm-up steps, fp32"
         + ("; every BatchNorm layer kept on the zero-shot model's running statistics (`--starft-freeze-bn-stats`)"
            if schedule.freeze_bn_stats else "; BatchNorm layers in train mode (batch statistics, running statistics "
-           "updated)" if schedule.pretrain_recipe == "lit-cached" or schedule.pretrain_lock_image else "")
+           "updated)")
         + ("; StarFT's teacher on batch statistics (`--starft-teacher-batchnorm batch`)"
            if schedule.teacher_batchnorm == "batch" else "")
         + ("; weights in channels-last layout (`--starft-channels-last`)" if schedule.channels_last else "")
