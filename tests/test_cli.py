@@ -33,32 +33,33 @@ def test_help_lists_every_command_and_unknown_ones_are_one_line(capsys):
     assert "error: unknown command 'benchh'" in err
 
 
-def test_renamed_commands_keep_their_old_names(capsys):
-    # eval-bench is bench eval; bench waterbirds-lite is the top-level accuracy study
+def test_renamed_commands_keep_their_old_names_and_the_studies_are_not_commands(capsys):
+    # eval-bench is bench eval; the accuracy studies left the installed package for the checkout's studies/
     assert COMMANDS["eval-bench"][0] == bench_cli.SUBCOMMANDS["eval"][0]
-    assert COMMANDS["waterbirds-lite"][0] == bench_cli.SUBCOMMANDS["waterbirds-lite"][0]
     for argv in (["eval-bench", "--help"], ["bench", "eval", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0 and "eval throughput" in capsys.readouterr().out
-    for argv in (["waterbirds-lite", "--help"], ["bench", "waterbirds-lite", "--help"]):  # one dispatch style
-        assert main(argv) == 0
-        out = capsys.readouterr().out
-        assert "accuracy study" in out and all(stage in out for stage in ("build", "pretrain", "run", "report"))
+    assert not any(module.startswith("studies") for module, _ in [*COMMANDS.values(), *bench_cli.SUBCOMMANDS.values()])
+    for argv in (["waterbirds-lite", "--help"], ["demo-study"], ["demo", "--study"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "python -m studies." in err[0], err
+
+
+def test_the_studies_run_from_a_checkout(capsys):
+    from studies.waterbirds_lite.cli import main as wbl_main
+    assert wbl_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy study" in out and all(stage in out for stage in ("build", "pretrain", "run", "report"))
     with pytest.raises(SystemExit) as e:
-        main(["waterbirds-lite", "pretrain", "--help"])
+        wbl_main(["pretrain", "--help"])
     assert e.value.code == 0 and "--pretrain-epochs" in capsys.readouterr().out
-    assert main(["bench", "--help"]) == 0
-    assert "not a speed benchmark" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:  # the study left the demo: the old form warns and runs demo-study
-        main(["demo", "--study", "--help"])
-    out = capsys.readouterr()
-    assert e.value.code == 0 and "open-clip-starft demo-study" in out.out and "is now 'demo-study'" in out.err
 
 
 def test_bench_defaults_device_and_writes_nothing_without_out():
     from open_clip_starft.bench import data, eval_throughput, step
-    from open_clip_starft.studies.waterbirds_lite import cli as wbl
+    from studies.waterbirds_lite import cli as wbl
 
     assert step.build_parser().parse_args([]).device == DEVICE
     assert eval_throughput.build_parser().parse_args([]).device == DEVICE
@@ -78,7 +79,8 @@ def test_bench_errors_are_one_line(capsys):
 
 
 def test_waterbirds_lite_stage_out_of_order_is_one_line(tmp_path, capsys):
-    assert main(["waterbirds-lite", "report", "--out", str(tmp_path / "wbl")]) == 2
+    from studies.waterbirds_lite.cli import main as wbl_main
+    assert wbl_main(["report", "--out", str(tmp_path / "wbl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run the build stage first" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wbl"]  # nothing written outside --out
@@ -102,7 +104,7 @@ def _all_parsers():
     parsers = {name: importlib.import_module(module).build_parser() for name, (module, _) in COMMANDS.items()
                if name not in ("train", "eval-bench")}
     parsers.update({f"bench {name}": importlib.import_module(module).build_parser()
-                    for name, (module, _) in bench_cli.SUBCOMMANDS.items() if name != "waterbirds-lite"})
+                    for name, (module, _) in bench_cli.SUBCOMMANDS.items()})
     parsers.update({f"descriptors {name}": fn() for name, fn in (
         ("generate", descriptors._generate_parser), ("show", descriptors._show_parser),
         ("validate", descriptors._validate_parser), ("stats", descriptors._stats_parser))})

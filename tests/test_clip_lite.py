@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from open_clip_starft.studies.waterbirds_lite.clip_lite import (
+from studies.waterbirds_lite.clip_lite import (
     ClipLiteError, check_clip_lite, minilm_state_dict, write_clip_lite)
 from runs import log_of, make_workspace, metric, run, train_args
 
@@ -93,7 +93,7 @@ def _stamp_on_white(name: str, size: int = 224) -> torch.Tensor:
     """Tux Paint's photographic cut-out ``name`` composited on white, centred, ``[3, size, size]``,
     normalised as the EfficientNet weights expect (mean = std = 0.5)."""
     import numpy as np
-    from open_clip_starft.studies.waterbirds_lite.efficientnet import MEAN, STD
+    from studies.waterbirds_lite.efficientnet import MEAN, STD
     img = Image.open(os.path.join(BIRDS, f"{name}.png")).convert("RGBA")
     white = Image.new("RGBA", img.size, (255, 255, 255, 255))
     white.alpha_composite(img)
@@ -109,7 +109,7 @@ def _stamp_on_white(name: str, size: int = 224) -> torch.Tensor:
 def test_efficientnet_weights_recognise_real_photographs(stamp, imagenet_class):
     """The mapped weights are ImageNet's: a flamingo photograph is class 130 (flamingo), Tux Paint's duck 97
     (drake), its penguin 145 (king penguin), each with probability > 0.5 (random weights: ~0.001)."""
-    from open_clip_starft.studies.waterbirds_lite.efficientnet import imagenet_classifier
+    from studies.waterbirds_lite.efficientnet import imagenet_classifier
     with torch.no_grad():
         p = imagenet_classifier()(_stamp_on_white(stamp)[None]).softmax(-1)[0]
     assert int(p.argmax()) == imagenet_class and p[imagenet_class] > 0.5, (stamp, int(p.argmax()), float(p.max()))
@@ -117,7 +117,7 @@ def test_efficientnet_weights_recognise_real_photographs(stamp, imagenet_class):
 
 def test_efficientnet_mapping_refuses_a_shape_mismatch_in_one_line():
     from open_clip_starft.errors import DataError
-    from open_clip_starft.studies.waterbirds_lite import efficientnet
+    from studies.waterbirds_lite import efficientnet
     import timm
     source = efficientnet.source_state_dict()
     target = timm.create_model(efficientnet.TIMM_NAME, pretrained=False).state_dict()  # with the ImageNet head
@@ -133,7 +133,7 @@ def test_efficientnet_mapping_refuses_a_shape_mismatch_in_one_line():
 def test_v3_folder_carries_the_imagenet_trunk_and_its_normalisation(tmp_path):
     """CLIP-lite v3 as OpenCLIP loads it from the folder: a CustomTextCLIP whose TimmModel trunk computes
     exactly the ImageNet classifier's pooled features, inputs normalised with mean = std = 0.5."""
-    from open_clip_starft.studies.waterbirds_lite.efficientnet import imagenet_classifier
+    from studies.waterbirds_lite.efficientnet import imagenet_classifier
     model_name = write_clip_lite(str(tmp_path / "v3"), seed=0, image_size=64, embed_dim=32,
                                  vision_tower="efficientnet-lite0")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from open_clip_starft.demo import run as demo_run
-from open_clip_starft.studies import demo_study as study
+from studies import demo_study as study
 
 
 def test_competence_threshold_names_what_failed():

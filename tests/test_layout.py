@@ -8,7 +8,7 @@
 - tar shards are written by one module; λ is picked per step in one module;
 - ``host/`` has no module-level ``NAME = None`` slot carrying a run's state;
 - layers, for every subpackage: a module imports only its own subpackage or a lower layer (errors < method
-  < data < eval, host < tools < bench, demo, studies < main, cli); eval and host never import each other;
+  < data < eval, host < tools < bench, demo < main, cli); eval and host never import each other;
   the top-layer subpackages never import each other in a circle, and no file reaches itself through imports;
 - one atomic writer (``os.replace`` only in ``data.files``), one zero-shot head builder
   (``build_zero_shot_classifier`` called only in ``eval.metrics``).
@@ -61,7 +61,7 @@ ALL = list(modules())
 
 
 def test_the_subpackages_exist_and_say_what_they_hold():
-    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo", "studies"):
+    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo"):
         init = os.path.join(PKG_DIR, sub, "__init__.py")
         assert os.path.exists(init), sub
         with open(init, encoding="utf-8") as f:
@@ -96,6 +96,28 @@ def test_one_shard_writer_and_one_lambda_call_site():
     assert lam == ["open_clip_starft.host.step"]
 
 
+def test_the_package_never_imports_the_studies():
+    """``studies/`` (a checkout's accuracy studies) uses the package; the package never imports it."""
+    for name, path, source in ALL:
+        for module, _ in imports(name, path, source):
+            assert module != "studies" and not module.startswith("studies."), f"{name} imports {module}"
+
+
+def test_the_wheel_holds_the_plugin_and_no_study(tmp_path):
+    """``pip install .`` installs no study code: build the wheel and list its files."""
+    import subprocess
+    import sys
+    import zipfile
+    root = os.path.dirname(PKG_DIR)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), root], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("open_clip_starft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "open_clip_starft/method/loss.py" in names and "open_clip_starft/demo/run.py" in names
+    assert "open_clip_starft/_descriptors/background.txt" in names
+    assert not [n for n in names if "studies" in n or "waterbirds_lite" in n], names
+
+
 def test_no_module_level_run_slot_in_host():
     for name, _, source in ALL:
         if subpackage(name) == "host":
@@ -113,7 +135,7 @@ def test_every_subpackage_is_installed():
 
 
 LAYER = {"errors": 0, "method": 1, "data": 2, "eval": 3, "host": 3, "tools": 4, "main": 6, "cli": 7}
-TOP = 5  # bench, demo, studies
+TOP = 5  # bench, demo
 
 
 def package_edges():

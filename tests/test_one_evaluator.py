@@ -8,7 +8,7 @@ import pytest
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
 from open_clip_starft.eval.cli import main as eval_main
 from open_clip_starft.eval.wise import main as wise_main
-from open_clip_starft.studies.waterbirds_lite.benchmark import Evaluator as WaterbirdsEvaluator
+from studies.waterbirds_lite.benchmark import Evaluator as WaterbirdsEvaluator
 from open_clip_starft.tools.sweep import WeightsScorer
 from open_clip_starft.tools.tiny_model import write_tiny_model
 

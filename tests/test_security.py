@@ -16,7 +16,7 @@ from open_clip_starft.eval import cli as eval_cli, wise
 from open_clip_starft.eval.models import UntrustedCheckpoint, checkpoint_state, local_dir_weights, read_checkpoint
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
 from open_clip_starft.eval.sets.cifar import read_cifar_batch
-from open_clip_starft.studies.waterbirds_lite.benchmark import Evaluator as WaterbirdsEvaluator
+from studies.waterbirds_lite.benchmark import Evaluator as WaterbirdsEvaluator
 from open_clip_starft.tools import export
 from open_clip_starft.tools.sweep import WeightsScorer as SweepEvaluator
 from open_clip_starft.tools.tiny_model import build_tiny_model, write_tiny_model

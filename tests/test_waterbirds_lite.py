@@ -10,8 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from open_clip_starft.errors import DataError, StarftError
-from open_clip_starft.studies.waterbirds_lite import build, report
-from open_clip_starft.studies.waterbirds_lite.cli import main as wbl_main
+from studies.waterbirds_lite import build, report
+from studies.waterbirds_lite.cli import main as wbl_main
 
 
 def test_labels_cover_both_places_and_both_bird_kinds():
@@ -141,7 +141,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     # v3's LiT pre-training on cached outputs locked both towers: the whole trunk (weights and BatchNorm statistics)
     # is as mapped from the package, while both projections learnt
     from safetensors.torch import load_file
-    from open_clip_starft.studies.waterbirds_lite import efficientnet
+    from studies.waterbirds_lite import efficientnet
     init = load_file(str(out / "models" / "identity-s0-p0" / "init" / "open_clip_model.safetensors"))
     zero_shot = load_file(str(out / "models" / "identity-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
     import timm  # the trunk's keys in module order (a safetensors file sorts them)
@@ -228,7 +228,7 @@ def test_pretraining_shows_birds_and_names_their_superclass_at_the_set_rates(tmp
 
 
 def test_units_whose_zero_shot_model_is_below_the_bar_are_left_out_with_a_line(tmp_path):
-    from open_clip_starft.studies.waterbirds_lite.cli import competent_units
+    from studies.waterbirds_lite.cli import competent_units
     (tmp_path / "zero_shot.json").write_text(json.dumps({"a-p0": {"val_avg": 0.8}, "b-p0": {"val_avg": 0.6}}))
     lines = []
     kept, failed = competent_units(str(tmp_path), ["a-p0", "b-p0"], 0.75, lines.append)
@@ -322,8 +322,8 @@ def test_shared_split_never_composes_a_training_image_on_a_validation_or_test_ph
 
 
 def test_v3_pretraining_locks_the_image_trunk_unless_told_how_many_groups_to_leave_open(tmp_path):
-    from open_clip_starft.studies.waterbirds_lite import benchmark
-    from open_clip_starft.studies.waterbirds_lite.cli import SCALES, _scale, build_parser
+    from studies.waterbirds_lite import benchmark
+    from studies.waterbirds_lite.cli import SCALES, _scale, build_parser
     assert SCALES["full"]["model"]["vision_tower"] == "efficientnet-lite0"
     manifest = {"splits": {"shared-s0": {"sets": {"pretrain": {"pattern": str(tmp_path / "pretrain-000000.tar")}}}}}
     for argv, lock in (([], ["--lock-image", "--lock-image-unlocked-groups", "0"]),
@@ -342,8 +342,8 @@ def test_lit_pretraining_caches_exactly_what_the_model_computes(tmp_path):
     """The cached tower outputs LiT pre-training trains on, passed through the projections, are the model's own
     ``encode_image`` (eval mode) and ``encode_text``: caching changes no value."""
     import open_clip
-    from open_clip_starft.studies.waterbirds_lite import lit
-    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    from studies.waterbirds_lite import lit
+    from studies.waterbirds_lite.clip_lite import write_clip_lite
     name = write_clip_lite(str(tmp_path / "m"), seed=3, vision_tower="efficientnet-lite0", image_size=32,
                            embed_dim=64, context_length=16)
     model, _, _ = open_clip.create_model_and_transforms(name)
@@ -360,7 +360,7 @@ def test_lit_pretraining_caches_exactly_what_the_model_computes(tmp_path):
 def test_a_run_folder_started_with_other_flags_is_refused(tmp_path):
     """Another scale or recipe in the same OUT: a fine-tune folder started with other flags is neither
     reused nor resumed; the same flags under a moved OUT are the same run."""
-    from open_clip_starft.studies.waterbirds_lite.benchmark import Job, run_job
+    from studies.waterbirds_lite.benchmark import Job, run_job
     logs = tmp_path / "out" / "logs"
     logs.mkdir(parents=True)
     flags = ["--epochs", "3", "--model", f"local-dir:{tmp_path / 'out' / 'models' / 'u' / 'zero-shot'}"]

@@ -4,7 +4,6 @@
 - ``data``: our training data pipeline vs upstream's ``get_wds_dataset`` (samples/s);
 - ``eval``: eval throughput and zero-shot head cost per model (also ``open-clip-starft eval-bench``).
 
-``bench waterbirds-lite`` is kept as an alias of ``open-clip-starft waterbirds-lite``, the accuracy study.
 Every subcommand has its own ``--help``; none writes a file unless given ``--out``.
 """
 from __future__ import annotations
@@ -19,8 +18,6 @@ SUBCOMMANDS = {
     "step": ("open_clip_starft.bench.step", "training step: FLYP vs StarFT vs naive port (s/step, images/s, FLOPs, peak memory)"),
     "data": ("open_clip_starft.bench.data", "data pipeline: ours vs upstream's get_wds_dataset (samples/s)"),
     "eval": ("open_clip_starft.bench.eval_throughput", "eval throughput (images/s) and zero-shot head cost, per model"),
-    "waterbirds-lite": ("open_clip_starft.studies.waterbirds_lite.cli",
-                        "alias of 'open-clip-starft waterbirds-lite' (an accuracy study, not a speed benchmark)"),
 }
 
 

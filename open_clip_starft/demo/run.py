@@ -17,7 +17,7 @@
 4. Evaluates each model zero-shot: accuracy and worst-group accuracy on validation and test,
    in-distribution accuracy on the in-distribution sets; prints where everything went.
 
-``open-clip-starft demo-study`` (``studies.demo_study``) runs the evidence behind ``DEFAULT`` (``docs/demo.json``, ``docs/demo.md``): for each
+``python -m studies.demo_study`` (a checkout's ``studies/demo_study.py``) runs the evidence behind ``DEFAULT`` (``docs/demo.json``, ``docs/demo.md``): for each
 ``--seeds`` pre-training seed, the sweep over ``--lambdas`` × ``--schedules`` chosen on
 validation, WiSE-FT curves, and the frontier comparison over seeds (``eval.frontier``).
 """

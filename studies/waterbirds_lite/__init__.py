@@ -1,4 +1,4 @@
-"""Waterbirds-lite: a real-image, CPU-sized test of StarFT (``open-clip-starft waterbirds-lite``; ``bench waterbirds-lite`` is an alias).
+"""Waterbirds-lite: a real-image, CPU-sized test of StarFT (``python -m studies.waterbirds_lite``; ``bench waterbirds-lite`` is an alias).
 
 ``build`` composes the data from Debian packages' photographs, ``clip_lite`` makes the zero-shot
 model (real MiniLM text tower + small ViT), ``benchmark`` runs the protocols and methods,

@@ -47,7 +47,7 @@ import torch
 from open_clip_starft.data.files import write_json
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import save_local_dir
-from open_clip_starft.studies.waterbirds_lite import efficientnet
+from studies.waterbirds_lite import efficientnet
 
 MODEL_CONFIG = "open_clip_config.json"
 WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -181,7 +181,7 @@ def check_clip_lite(model: str) -> str:
     ``hf_model_name`` still exists; returns ``local-dir:DIR``. Raises ``ClipLiteError`` saying what
     is wrong (OpenCLIP's own error for a vanished ``hf_model_name`` is a Hub look-up failure)."""
     folder = os.path.abspath(model.removeprefix("local-dir:"))
-    rebuild = "rebuild it with open_clip_starft.studies.waterbirds_lite.clip_lite.write_clip_lite"
+    rebuild = "rebuild it with studies.waterbirds_lite.clip_lite.write_clip_lite"
     config_path = os.path.join(folder, MODEL_CONFIG)
     if not os.path.isfile(config_path) or not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
         raise ClipLiteError(f"{folder} is not a CLIP-lite folder (needs {MODEL_CONFIG} and {WEIGHTS[0]}): {rebuild}")

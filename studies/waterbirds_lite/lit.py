@@ -40,11 +40,11 @@ def read_captioned(pattern: str, preprocess) -> tuple[torch.Tensor, list[str]]:
     for sample in wds.WebDataset(_shard_files(pattern), shardshuffle=False).decode("pil"):
         if "jpg" not in sample or "txt" not in sample:
             raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or a .txt: "
-                            "rebuild the pre-training set (waterbirds-lite build)")
+                            "rebuild the pre-training set (python -m studies.waterbirds_lite build)")
         images.append(preprocess(sample["jpg"]))
         captions.append(sample["txt"])
     if not images:
-        raise DataError(f"{pattern}: no samples: rebuild the pre-training set (waterbirds-lite build)")
+        raise DataError(f"{pattern}: no samples: rebuild the pre-training set (python -m studies.waterbirds_lite build)")
     return torch.stack(images), captions
 
 

@@ -36,8 +36,8 @@ import torch
 
 from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
 from open_clip_starft.tools.stages import OFFLINE_ENV, run_stage, training_progress
-from open_clip_starft.studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
-from open_clip_starft.studies.waterbirds_lite.lit import text_pooled
+from studies.waterbirds_lite.build import PLACES, WB_CLASSNAMES, WB_GROUP_NAMES
+from studies.waterbirds_lite.lit import text_pooled
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.models import checkpoint_state, interpolate_state_dicts, run_checkpoints
 from open_clip_starft.eval.progress import Progress

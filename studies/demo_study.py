@@ -1,4 +1,4 @@
-"""``open-clip-starft demo-study``: the evidence behind the demo's StarFT setting.
+"""``python -m studies.demo_study``: the evidence behind the demo's StarFT setting.
 
 For each pre-training seed (one independent unit: its own data draws and its own zero-shot
 model), the demo's data and zero-shot model, the competence check, then an ``open-clip-starft
@@ -162,9 +162,9 @@ def markdown(records: list[dict], summary: dict, meta: dict) -> str:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     units = summary["units"]
     lines = ["# The demo's evidence: StarFT settings chosen on validation, and the frontier against WiSE-FT", "",
-             f"Made by `open-clip-starft demo-study --seeds {meta['seeds']} --lambdas {meta['lambdas']} "
+             f"Made by `python -m studies.demo_study --seeds {meta['seeds']} --lambdas {meta['lambdas']} "
              f"--schedules {meta['schedules']}` ({meta['note']}). Every number below is computed from "
-             "`docs/demo.json` (one record per evaluated model) by `open_clip_starft.studies.demo_study.summarise`.", "",
+             "`docs/demo.json` (one record per evaluated model) by `studies.demo_study.summarise`.", "",
              "**Data.** Per pre-training seed (one *unit*: its own data draws and zero-shot model), the demo's "
              f"fine-tuning set ({demo_run.FINETUNE_SAMPLES} images, {demo_run.P_SPURIOUS:.0%} of each shape on its own "
              f"background), balanced validation and test sets ({demo_run.EVAL_SAMPLES} images each, every background "
@@ -260,7 +260,7 @@ def run(out_root: str, seeds: list[int], lambdas: str, schedules: str, docs: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="open-clip-starft demo-study",
+    parser = argparse.ArgumentParser(prog="python -m studies.demo_study",
                                      description="the study behind the demo's default setting (tens of minutes): "
                                                  "sweep --lambdas × --schedules for every --seeds seed, with WiSE-FT "
                                                  "curves, and write the records and report into --docs")

@@ -1,4 +1,4 @@
-"""``open-clip-starft waterbirds-lite``: an accuracy study on real photographs, not a speed benchmark.
+"""``python -m studies.waterbirds_lite``: an accuracy study on real photographs, not a speed benchmark.
 
 Does StarFT keep zero-shot robustness that plain fine-tuning loses, beyond what WiSE-FT's weight interpolation
 gives? Builds Waterbirds-lite (bird cut-outs pasted on water and land photographs from Debian packages),
@@ -6,8 +6,8 @@ pre-trains one CLIP-lite per unit (split × pre-training seed) as the zero-shot 
 tower and EfficientNet-Lite0's real ImageNet trunk, aligned LiT style with the trunk locked), fine-tunes it by
 FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
 
-    open-clip-starft waterbirds-lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
-    open-clip-starft waterbirds-lite build --out wbl                # only the data
+    python -m studies.waterbirds_lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
+    python -m studies.waterbirds_lite build --out wbl                # only the data
 
 Stages (``all`` runs them in order; each reuses what an earlier call finished, so an interrupted
 study continues where it stopped): ``build`` (Debian packages → shards, per split), ``pretrain`` (per unit:
@@ -27,7 +27,7 @@ import time
 from open_clip_starft.tools.stages import export_checkpoint
 from open_clip_starft.data.files import merge_json, read_json, write_json, write_text
 from open_clip_starft.tools.commands import add_alias, dispatch
-from open_clip_starft.studies.waterbirds_lite import benchmark, build, report
+from studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
@@ -123,7 +123,7 @@ STAGE_HELP = {"build": "write the data (Debian's photographs and cut-outs) and i
 
 def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     """The flags every stage shares (each stage is a subcommand, ``tools.commands.dispatch``)."""
-    p = argparse.ArgumentParser(prog=f"open-clip-starft waterbirds-lite {stage}", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog=f"python -m studies.waterbirds_lite {stage}", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.set_defaults(stage=stage)
@@ -166,10 +166,10 @@ STAGE_COMMANDS = {stage: (functools.partial(_stage_main, stage), STAGE_HELP[stag
 
 
 def _main(argv=None) -> int:
-    return dispatch("open-clip-starft waterbirds-lite", STAGE_COMMANDS, argv, description=DESCRIPTION)
+    return dispatch("python -m studies.waterbirds_lite", STAGE_COMMANDS, argv, description=DESCRIPTION)
 
 
-main = one_line_errors(_main, "open-clip-starft waterbirds-lite")
+main = one_line_errors(_main, "python -m studies.waterbirds_lite")
 
 
 def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) -> dict:
@@ -188,7 +188,7 @@ def _load_manifest(out: str, splits: list[tuple[str, int]], splits_text: str) ->
 
 def _zero_shot(out: str, unit: str) -> str:
     """Unit ``unit``'s pre-trained CLIP-lite (``local-dir:``), checked: its text tower's config path is absolute."""
-    from open_clip_starft.studies.waterbirds_lite.clip_lite import check_clip_lite
+    from studies.waterbirds_lite.clip_lite import check_clip_lite
     folder = os.path.join(out, "models", unit, "zero-shot")
     if not os.path.isdir(folder):
         raise StarftError(f"{folder} does not exist: run the pretrain stage first (or 'all')")
@@ -220,7 +220,7 @@ def _pretrain(out: str, manifest: dict, pretrain_seeds: list[int], scale: dict, 
 def _pretrain_host(out: str, manifest: dict, checks: dict, path: str, split: str, ps: int, scale: dict, log) -> None:
     """Pre-train unit (``split``, ``ps``) through ``open_clip_starft.main`` (v2, and v3's first probe), export it
     and check it on validation into ``checks`` and ``path``."""
-    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    from studies.waterbirds_lite.clip_lite import write_clip_lite
     unit = benchmark.unit_name(split, ps)
     folder = os.path.join(out, "models", unit)
     init = write_clip_lite(os.path.join(folder, "init"), seed=ps, **scale["model"])
@@ -238,8 +238,8 @@ def _pretrain_lit(out: str, info: dict, unit: str, scale: dict, log) -> dict:
     """Unit ``unit``'s zero-shot model by LiT pre-training on cached tower outputs (``lit.pretrain``), seeded by
     ``benchmark.unit_seed``, written to ``OUT/models/UNIT/zero-shot``; returns its pre-training record."""
     from open_clip_starft.eval.models import save_local_dir
-    from open_clip_starft.studies.waterbirds_lite import lit
-    from open_clip_starft.studies.waterbirds_lite.clip_lite import write_clip_lite
+    from studies.waterbirds_lite import lit
+    from studies.waterbirds_lite.clip_lite import write_clip_lite
     folder, seed, schedule = os.path.join(out, "models", unit), benchmark.unit_seed(unit), scale["schedule"]
     init = write_clip_lite(os.path.join(folder, "init"), seed=seed, **scale["model"])
     model, record = lit.pretrain(init, info["sets"]["pretrain"]["pattern"], seed=seed, epochs=schedule.pretrain_epochs,
@@ -373,7 +373,7 @@ def _run(args, argv) -> int:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "commands.txt"), "a") as f:  # the report quotes every call that made the results
-        f.write("open-clip-starft waterbirds-lite " + " ".join(argv) + "\n")
+        f.write("python -m studies.waterbirds_lite " + " ".join(argv) + "\n")
     log = lambda text: print(text, flush=True)  # noqa: E731
 
     if args.stage in ("build", "all"):
@@ -443,7 +443,7 @@ def _write_report(args, records, manifest, grid, failed: dict) -> None:
         f"Real photographs from Debian packages ({', '.join(build.PACKAGES)}): {manifest['stamps']} photographic "
         f"cut-outs (birds labelled waterbird/landbird and by species, objects with their natural place) pasted on crops "
         f"of {manifest['scenes']} scene photographs labelled water/land "
-        f"(`open_clip_starft/studies/waterbirds_lite/labels.json`), {sizes['image_size']} px. `shared` splits (v3's "
+        f"(`studies/waterbirds_lite/labels.json`), {sizes['image_size']} px. `shared` splits (v3's "
         "headline, the faithful analogue: Waterbirds' bird species are in every split, its Places backgrounds shift) "
         "split the scene photographs 50/20/30 % per place into train/val/test, so no validation or test photograph "
         "is seen in pre-training or fine-tuning; `identity` splits split the bird species too (all stamps of a "
