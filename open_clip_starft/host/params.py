@@ -13,10 +13,9 @@ from open_clip_starft.method.descriptors import CONCEPTS
 from open_clip_starft.method.schedule import list_schedules
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="open_clip_starft.main", add_help=False, allow_abbrev=False,
-                                     description="StarFT fine-tuning; all other flags are open_clip_train's.")
-    g = parser.add_argument_group("StarFT")
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the StarFT objective: λ, its schedule, the spurious captions and the mask (method/)."""
+    g = parser.add_argument_group("StarFT objective")
     g.add_argument("--starft-lambda", type=float, default=0.5,
                    help="weight λ of the Star term at the start of the run (0: plain contrastive fine-tuning, FLYP). Default 0.5.")
     g.add_argument("--starft-schedule", default="linear",
@@ -31,11 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="words appended by --starft-suffix random. Default 3.")
     g.add_argument("--starft-no-mask", action="store_true",
                    help="keep same-class pairs in the Star softmax (ablation; the default masks them).")
+
+
+def add_caption_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the clean captions: class names by class id and their templates."""
+    g = parser.add_argument_group("StarFT captions")
     g.add_argument("--starft-classnames", default="imagenet",
                    help="class names by class id: imagenet (OpenCLIP's 1000) or a file (one per line, JSON list, or JSON id→name).")
     g.add_argument("--starft-templates", default="single",
                    help=f"caption templates: {', '.join(CAPTION_TEMPLATE_SETS)} ('a photo of a {{}}.'; OpenCLIP's 80), "
                         "or a file with one '{}' template per line. Default single.")
+
+
+def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the frozen zero-shot teacher: its caches and its BatchNorm statistics."""
+    g = parser.add_argument_group("StarFT teacher")
     g.add_argument("--starft-teacher-text-cache-mb", type=float, default=1024,
                    help="memory for the teacher's features of spurious captions, each computed once (exact; "
                         "58,000 captions × 512 dims ≈ 113 MB for ImageNet + background); 0 turns it off. Default 1024.")
@@ -49,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "teacher normalises with its running statistics (running, the zero-shot model as it "
                         "predicts) or, like the student in train mode, with the batch's (batch: the Star term is 0 "
                         "at the first step; the teacher's statistics never change). Default running.")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the model being fine-tuned: BatchNorm statistics and memory layout."""
+    g = parser.add_argument_group("StarFT model")
     g.add_argument("--starft-freeze-bn-stats", action="store_true",
                    help="for image towers with BatchNorm: every BatchNorm layer of the model being fine-tuned "
                         "normalises with the zero-shot model's running statistics and never updates them (eval "
@@ -61,32 +75,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "--channels-last, for convolutional image towers (ResNets, EfficientNets, ConvNeXts): the "
                         "layout the fast convolution kernels of oneDNN (CPU) and cuDNN (GPU, AMP) use; ViTs are unaffected. The same numbers up to "
                         "float summation order; checkpoints load into either layout. Off by default.")
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the training labels: where they are read and how many may be missing."""
+    g = parser.add_argument_group("StarFT training data")
     g.add_argument("--starft-csv-label-key", default="label",
                    help="label column of a --dataset-type csv training file. Default label.")
     g.add_argument("--starft-max-skipped-fraction", type=float, default=0.01,
                    help="stop when more than this share of training samples lack a usable label. Default 0.01.")
+
+
+def add_resume_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of how a --resume may continue a checkpoint."""
+    g = parser.add_argument_group("StarFT resume")
     g.add_argument("--starft-allow-changed-settings", action="store_true",
                    help="with --resume: continue a checkpoint with other StarFT settings, batch size (mid-epoch) or "
                         "--epochs than it was trained with (refused by default, naming each difference); the change "
                         "is recorded in the checkpoint's settings history.")
-    v = parser.add_argument_group("StarFT evaluation during training")
-    v.add_argument("--starft-val", action="append", default=[], metavar="NAME=ROOT",
+
+
+def add_validation_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the eval sets scored during training and the checkpoint kept by them."""
+    g = parser.add_argument_group("StarFT evaluation during training")
+    g.add_argument("--starft-val", action="append", default=[], metavar="NAME=ROOT",
                    help="an eval set scored during training (repeatable): ROOT in any layout `open-clip-starft eval "
                         "--set` reads (shards with a 'group' key give worst-group accuracy). Logged as val/NAME/top1, "
                         "val/NAME/worst_group, val/NAME/avg_group, val/NAME/ece, … to the log, tensorboard, wandb and "
                         "checkpoints/results.jsonl; the zero-shot model is scored first (epoch 0).")
-    v.add_argument("--starft-val-frequency", type=int, default=1, metavar="N",
+    g.add_argument("--starft-val-frequency", type=int, default=1, metavar="N",
                    help="score the --starft-val sets every N epochs (and after the last). Default 1.")
-    v.add_argument("--starft-val-steps", type=int, default=0, metavar="K",
+    g.add_argument("--starft-val-steps", type=int, default=0, metavar="K",
                    help="also score them every K optimizer steps within an epoch. Default 0 (off).")
-    v.add_argument("--starft-val-classnames", default=None, metavar="imagenet|FILE",
+    g.add_argument("--starft-val-classnames", default=None, metavar="imagenet|FILE",
                    help="class names of the --starft-val sets (default: --starft-classnames).")
-    v.add_argument("--starft-val-templates", default=None, metavar="single|openai|FILE",
+    g.add_argument("--starft-val-templates", default=None, metavar="single|openai|FILE",
                    help="zero-shot head templates of the --starft-val sets (default: --starft-templates).")
-    v.add_argument("--starft-select", default=None, metavar="NAME:METRIC",
+    g.add_argument("--starft-select", default=None, metavar="NAME:METRIC",
                    help="keep checkpoints/best.pt: the epoch whose --starft-val set NAME scores best on METRIC "
                         "(top1, top5, worst_group, avg_group, per_class_mean, ece; ties broken by top-1), e.g. "
                         "val:worst_group. A choice on validation data: never name a test set here.")
+
+
+# one function per flag group, in --help's order
+FLAG_GROUPS = (add_method_flags,
+               add_caption_flags,
+               add_teacher_flags,
+               add_model_flags,
+               add_data_flags,
+               add_resume_flags,
+               add_validation_flags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``--starft-*`` flags (``parse_known_args`` leaves upstream's flags to upstream)."""
+    parser = argparse.ArgumentParser(prog="open_clip_starft.main", add_help=False, allow_abbrev=False,
+                                     description="StarFT fine-tuning; all other flags are open_clip_train's.")
+    for add_flags in FLAG_GROUPS:
+        add_flags(parser)
     return parser
 
 
