@@ -48,9 +48,10 @@ def test_the_listing_helpers_make_shards_uses_are_public(tmp_path):
     classes, samples = sets.list_class_folders(spec, spec.root)
     assert classes == ["a", "b_c"] and [c for _, c in samples] == [0, 1]
     assert sets.folder_classnames(classes) == ["a", "b c"]
-    assert sets.folder_labels(spec, ["3", "1"], 4, "tree", "names") == [3, 1]
-    with pytest.raises(StarftError, match="has 2 class folders but there are 3 class names"):
-        sets.folder_labels(spec, classes, 3, "tree", "names")
+    assert sets.folder_labels(spec, ["3", "1"], list("wxyz"), "tree", "names") == [3, 1]
+    assert sets.folder_labels(spec, classes, ["B C", "x", "a"], "tree", "names") == [2, 0]  # by name, not position
+    with pytest.raises(StarftError, match="1 class folder.* name no class of the 2 class names.*'b_c'"):
+        sets.folder_labels(spec, classes, ["a", "x"], "tree", "names")
     (tmp_path / "t.csv").write_text("img,target,domain\na.png,dog,1\nb.png,cat,0\n")
     items, names, group_column = sets.csv_items(EvalSetSpec(name="c", root=str(tmp_path / "t.csv")), str(tmp_path / "t.csv"), None)
     assert names == ["cat", "dog"] and group_column == "domain"

@@ -7,6 +7,10 @@ renamed over the target only when complete. A crash leaves the target as it was;
 removes its temporary file; a full disk is reported in one line (``StorageError``) naming the device,
 the file and the space it needed, instead of a library's traceback.
 
+Every JSON the package writes is strict (RFC 8259): ``json_text`` is the one encoder (non-finite
+numbers, which Python's ``json`` would write as the non-standard ``NaN``/``Infinity`` that strict
+parsers reject, become ``null``); ``write_json`` and ``json_line`` use it.
+
 ``merge_json`` is the one merge-on-write (read, update, write back under a lock), for records that
 several processes add to.
 """
@@ -16,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 from typing import Iterator
@@ -129,11 +134,32 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def strict_json_value(obj):
+    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by None, in dicts, lists and tuples
+    at any depth (an undefined metric is ``null``, never the ``NaN`` strict JSON parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = None, sort_keys: bool = False) -> str:
+    """``obj`` as strict JSON text (``strict_json_value``; non-ASCII kept): the package's one JSON encoder."""
+    return json.dumps(strict_json_value(obj), indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+
+
+def json_line(obj) -> str:
+    """``obj`` as one line of a JSON-lines file (strict JSON, ending in a newline)."""
+    return json_text(obj) + "\n"
+
+
 def write_json(path: str, obj, indent: int | None = 1, sort_keys: bool = False) -> None:
-    """``obj`` as JSON at ``path``, atomically (UTF-8, non-ASCII kept)."""
+    """``obj`` as strict JSON (``json_text``) at ``path``, atomically (UTF-8, non-ASCII kept)."""
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
-        f.write("\n")
+        f.write(json_text(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: str, default=None):

@@ -171,7 +171,8 @@ def run(args) -> int:
     print(f"evaluating {len(checkpoints)} checkpoint(s) × {len(prepared)} set(s) on {args.device}")
     for p in prepared:
         n = len(p.items) if p.items is not None else f"{len(p.shards)} shard(s)"
-        print(f"  set {p.name}: {p.settings['format']}, {p.num_classes} classes, {len(p.templates)} template(s), {n}")
+        print(f"  set {p.name}: {p.settings['format']}, {p.num_classes} classes, {len(p.templates)} template(s), {n}"
+              + p.describe_missing_classes())
     cache, records, start = ModelCache(args.device, trust=args.trust_checkpoint), [], time.time()
     stem = os.path.splitext(table_path)[0]
     reporter = reporter_from_args(args, stem, os.path.basename(stem))

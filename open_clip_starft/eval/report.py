@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from open_clip_starft.data.files import atomic_open, atomic_path, write_json, write_text
+from open_clip_starft.data.files import atomic_open, atomic_path, json_line, write_json, write_text
 from open_clip_starft.errors import StarftError
 
 
@@ -15,7 +15,7 @@ def write_jsonl(records: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_open(path) as f:
         for r in records:
-            f.write(json.dumps(r, sort_keys=False) + "\n")
+            f.write(json_line(r))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -160,12 +160,12 @@ CLIP_BENCHMARK_TASK = "zeroshot_classification"
 def clip_benchmark_result(record: dict, model: str, pretrained: str) -> dict:
     """One eval record as CLIP_benchmark's result JSON (what its ``clip_benchmark build`` aggregates):
     ``dataset``, ``model``, ``pretrained``, ``task``, ``language`` and ``metrics`` with its ``acc1``, ``acc5``
-    (NaN with fewer than 5 classes, as CLIP_benchmark writes it) and ``mean_per_class_recall`` (balanced
+    (None with fewer than 5 classes: CLIP_benchmark writes a NaN there, which strict JSON parsers reject) and ``mean_per_class_recall`` (balanced
     accuracy over the classes present), plus our ``worst_group_acc``, ``avg_group_acc``, ``ece`` and ``n``."""
     return {
         "dataset": record["dataset"], "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASK,
         "language": "en",
-        "metrics": {"acc1": record["top1"], "acc5": float("nan") if record["top5"] is None else record["top5"],
+        "metrics": {"acc1": record["top1"], "acc5": record["top5"],
                     "mean_per_class_recall": record["per_class_mean"], "worst_group_acc": record["worst_group"],
                     "avg_group_acc": record["avg_group"], "ece": record["ece"], "n": record["n"]},
     }

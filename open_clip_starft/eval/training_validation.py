@@ -25,7 +25,6 @@ restored around each evaluation, so a run with ``--starft-val`` trains exactly a
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ import numpy as np
 import open_clip
 import torch
 
-from open_clip_starft.data.files import read_json, write_json
+from open_clip_starft.data.files import json_line, read_json, write_json
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.report import ScalarReporter, record_scalars
@@ -117,6 +116,9 @@ class TrainingValidation:
         templates = args.starft_val_templates or args.starft_templates
         self.prepared = [prepare_set(EvalSetSpec(name=name, root=root, classnames=classnames, templates=templates))
                          for name, root in self.sets]
+        for p in self.prepared:
+            if p.describe_missing_classes():
+                logging.info(f"StarFT: --starft-val set {p.name!r}{p.describe_missing_classes()}")
         self.evaluator = Evaluator(model, open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir),
                                    preprocess or eval_transform(model), device=args.device, precision=args.precision,
                                    batch_size=args.batch_size, workers=min(args.workers, 2))
@@ -177,7 +179,7 @@ class TrainingValidation:
                 for name, r in records.items():
                     line = {"epoch": epoch, "step": step, "set": name, **{m: r[m] for m in METRICS},
                             "groups": r["groups"], "n": r["n"], "skipped": r["skipped"]}
-                    f.write(json.dumps(line) + "\n")
+                    f.write(json_line(line))
         if self._reporter is None:  # upstream has set up tensorboard's folder and wandb's run by now
             self._reporter = ScalarReporter(",".join(t for t in ("tensorboard", "wandb") if getattr(args, t, False)),
                                             getattr(args, "tensorboard_path", None), filename_suffix=".starft-val")

@@ -154,7 +154,7 @@ def list_source(source: str, classnames_spec: str | None = None, path_key=None, 
         classes, samples, left_out = list_tree(source)
         if names is None:
             names = folder_classnames(classes)
-        labels = folder_labels(spec, classes, len(names), source, classnames_spec or "the class folder names")
+        labels = folder_labels(spec, classes, names, source, classnames_spec or "the class folder names")
         items = [Item(p, labels[c], 0) for p, c in samples]
         has_group = False
     samples = [(str(it.ref), int(it.label), int(it.group) if has_group else None) for it in items]

@@ -6,7 +6,7 @@ import os
 
 from open_clip_starft.eval.sets.builtin import apply_builtin
 from open_clip_starft.eval.sets.classes import load_subset, resolve_classnames, resolve_templates
-from open_clip_starft.eval.sets.folder import folder_labels
+from open_clip_starft.eval.sets.folder import folder_labels, missing_classes
 from open_clip_starft.eval.sets.registry import detect_format, get_layout, list_layouts
 from open_clip_starft.eval.sets.spec import EvalSetSpec, Item, PreparedSet, set_error
 
@@ -78,7 +78,7 @@ def prepare_set(spec: EvalSetSpec) -> PreparedSet:
     if spec.subset_labels == "full" and class_map is not None and set_names is None:
         label_of = {ids[0]: j for j, ids in enumerate(class_map)}.get
     if found.folder_classes is not None:
-        labels = folder_labels(spec, found.folder_classes, len(head_names) if label_of else num_classes, spec.root,
+        labels = folder_labels(spec, found.folder_classes, list(head_names) if label_of else set_classnames, spec.root,
                                class_source)
         items = [Item(it.ref, labels[it.label], it.group) for it in items]
     if items is not None:
@@ -86,10 +86,14 @@ def prepare_set(spec: EvalSetSpec) -> PreparedSet:
 
     template_spec = spec.templates if spec.templates is not None else found.templates
     templates, templates_source = resolve_templates(template_spec if template_spec is not None else "single")
+    settings = _settings(spec, fmt, found, class_source, num_classes, templates, templates_source, class_map, set_names)
+    if items is not None:
+        absent = missing_classes(set_classnames, (it.label for it in items))
+        if absent:  # a set may hold some of the classes: said, and scored over the classes it holds
+            settings["classes_without_images"] = absent
     return PreparedSet(
         name=spec.name, format=fmt, root=spec.root, head_classnames=list(head_names), templates=templates,
         class_map=class_map, classnames=set_classnames, items=items, shards=found.shards,
         shard_sizes=found.shard_sizes, crop_border=found.crop_border, label_of=label_of,
         group_names=list(spec.group_names) if spec.group_names is not None else found.group_names,
-        settings=_settings(spec, fmt, found, class_source, num_classes, templates, templates_source, class_map,
-                           set_names))
+        settings=settings)

@@ -68,6 +68,15 @@ class PreparedSet:
             return len(self.items)
         return sum(self.shard_sizes.values()) if self.shard_sizes is not None else None
 
+    def describe_missing_classes(self) -> str:
+        """``"; no image of 3 of its 4 classes: circle, square, triangle"`` when the set holds only some of
+        its classes (``settings["classes_without_images"]``), else ``""``."""
+        absent = self.settings.get("classes_without_images") or []
+        if not absent:
+            return ""
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        return f"; no image of {len(absent)} of its {self.num_classes} classes: {shown}"
+
     def group_name(self, group: int) -> str:
         if self.group_names is not None and 0 <= group < len(self.group_names):
             return self.group_names[group]

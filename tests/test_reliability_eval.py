@@ -1,0 +1,172 @@
+"""Issue 28, third pass of bad inputs: evaluation, validation, export and descriptor files are never
+silently wrong. One test (or more) per item, each building its own data, each failing on the code
+before its fix: class folders labelled by name (1), the selection metric checked on resume (2) and
+against the set (3), CLIP_benchmark file names unique (5), descriptor files read by their format (6),
+prompts that lose their class name to truncation refused (7), NaN/Inf weights refused (8), an empty
+set named (14), no local path in shared files (15), eval at the run's precision (16), strict JSON
+(17), the architecture and group names in cards and records (18), workers as the machine has (19),
+exported weights readable like the other files."""
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from open_clip_starft.demo.data import CLASSNAMES
+from open_clip_starft.errors import StarftError
+from open_clip_starft.eval.evaluator import Evaluator
+from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
+from open_clip_starft.tools.tiny_model import write_tiny_model
+
+
+def strict_json(text):
+    """``json.loads`` that refuses NaN and ±Infinity, as strict (RFC 8259) parsers do."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSNAMES) + "\n")  # circle, square, triangle, cross: not in sorted order
+    return {"root": root, "classes": str(classes), "model": write_tiny_model(str(root / "model"), seed=5)}
+
+
+@pytest.fixture(scope="module")
+def folder_set(ws):
+    """A small eval set: a class-subfolder folder, two images of each of the four classes."""
+    for i, c in enumerate(CLASSNAMES):
+        save_images(ws["root"] / "set" / c, 2, seed=100 + i)
+    return str(ws["root"] / "set")
+
+
+def one_line_error(capsys, rc, *needles):
+    """The command failed with exit 2 and one line ``open-clip-starft: error: …`` holding every needle."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("open-clip-starft: error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def save_images(folder, n, seed):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        paths.append(os.path.join(folder, f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def reference_predictions(model_name, paths, classnames, template="a photo of a {}."):
+    """Zero-shot predictions computed here, independently of the evaluator: OpenCLIP's model, its eval
+    transform and tokenizer, one template, arg-max of image · text features."""
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model.eval()
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([template.replace("{}", c) for c in classnames]), normalize=True)
+        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        return (model.encode_image(images, normalize=True) @ text.T).argmax(dim=1).tolist()
+
+
+def evaluator_of(model_name, precision="fp32"):
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    return Evaluator(model.eval(), open_clip.get_tokenizer(model_name), preprocess, precision=precision,
+                     batch_size=16, workers=0)
+
+
+# -- item 1: class folders are labelled by name --------------------------------------------------------
+def test_class_folders_are_labelled_by_their_names_not_their_sorted_position(ws, tmp_path):
+    # all four classes: sorted folders (circle, cross, square, triangle) are not the class order
+    root = tmp_path / "all"
+    paths = {c: save_images(root / c, 3, seed=i) for i, c in enumerate(CLASSNAMES)}
+    prepared = prepare_set(EvalSetSpec(name="all", root=str(root), classnames=ws["classes"]))
+    label_of = {os.path.basename(os.path.dirname(it.ref)): it.label for it in prepared.items}
+    assert label_of == {c: CLASSNAMES.index(c) for c in CLASSNAMES}  # cross/ is class 3, never 1 ("square")
+
+    # only some classes (and an empty folder): still labelled by name and scored over the classes present
+    root = tmp_path / "some"
+    cross = save_images(root / "cross", 6, seed=10)
+    square = save_images(root / "square", 2, seed=11)
+    (root / "circle").mkdir()
+    prepared = prepare_set(EvalSetSpec(name="some", root=str(root), classnames=ws["classes"]))
+    assert sorted({(os.path.basename(os.path.dirname(it.ref)), it.label) for it in prepared.items}) == \
+        [("cross", 3), ("square", 1)]
+    assert prepared.settings["classes_without_images"] == ["circle", "triangle"]
+    assert "no image of 2 of its 4 classes: circle, triangle" in prepared.describe_missing_classes()
+    record = evaluator_of(ws["model"]).evaluate(prepared)
+    predicted = reference_predictions(ws["model"], cross + square, CLASSNAMES)
+    truth = [3] * len(cross) + [1] * len(square)
+    expected = {"cross": np.mean([p == 3 for p in predicted[:6]]), "square": np.mean([p == 1 for p in predicted[6:]])}
+    assert record["per_class"] == pytest.approx(expected, abs=1e-12)
+    assert record["top1"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]), abs=1e-12)
+    assert record["worst_group"] == record["top1"]  # one group
+
+    # a folder that names no class is refused, all such folders named
+    save_images(root / "hexagon", 1, seed=12)
+    save_images(root / "Star", 1, seed=13)
+    with pytest.raises(StarftError, match=r"2 class folder\(s\) .* name no class .*'Star', 'hexagon'"):
+        prepare_set(EvalSetSpec(name="some", root=str(root), classnames=ws["classes"]))
+
+
+# -- item 17: strict JSON everywhere ------------------------------------------------------------------------
+def test_every_json_we_write_is_strict_an_undefined_metric_is_null(tmp_path):
+    from open_clip_starft.eval.report import write_clip_benchmark, write_jsonl
+    record = {"checkpoint": "ft", "dataset": "val", "top1": 0.5, "top5": None, "worst_group": 0.25, "avg_group": 0.4,
+              "per_class_mean": 0.5, "ece": float("nan"), "n": 8, "groups": {"0": 0.25, "1": float("inf")},
+              "settings": {"model": "local-dir:/x/tiny"}}
+    written = write_clip_benchmark([record], str(tmp_path / "cb"))
+    result = strict_json(open(written[0]).read())
+    assert result["metrics"]["acc5"] is None and result["metrics"]["ece"] is None and result["metrics"]["acc1"] == 0.5
+    write_jsonl([record], str(tmp_path / "r.jsonl"))
+    line = strict_json(open(tmp_path / "r.jsonl").read())
+    assert line["ece"] is None and line["groups"] == {"0": 0.25, "1": None}
+    from open_clip_starft.data.files import json_line, write_json
+    write_json(str(tmp_path / "x.json"), {"a": [1.0, float("-inf"), (float("nan"),)]})
+    assert strict_json(open(tmp_path / "x.json").read()) == {"a": [1.0, None, [None]]}
+    assert strict_json(json_line({"v": float("nan")})) == {"v": None}
+
+
+# -- item 8: NaN or Inf weights are refused in every reader --------------------------------------------------
+def damaged_checkpoint(ws, folder, value, key="visual.transformer.resblocks.1.mlp.c_fc.weight"):
+    """A training checkpoint of the tiny model (with the run's params.txt) where one weight of ``key`` is ``value``."""
+    model = open_clip.create_model(ws["model"])
+    state = model.state_dict()
+    state[key][0, 0] = value
+    os.makedirs(folder / "checkpoints", exist_ok=True)
+    (folder / "params.txt").write_text(f"model: {ws['model']}\nprecision: fp32\n")
+    path = folder / "checkpoints" / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "damaged", "state_dict": state}, path)
+    return str(path), key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_eval_wise_sweep_and_export(ws, folder_set, tmp_path, capsys, value):
+    from open_clip_starft.eval import cli as eval_cli, wise
+    from open_clip_starft.tools.export import main as export_main
+    from open_clip_starft.tools.sweep import WeightsScorer
+    path, key = damaged_checkpoint(ws, tmp_path / "run", value)
+    kind = "NaN" if value != value else "Inf"
+    data = ["--data", folder_set, "--classnames", ws["classes"], "--workers", "0"]
+    rc = eval_cli.main(["--model", ws["model"], "--pretrained", path, *data, "--out", str(tmp_path / "e.jsonl")])
+    one_line_error(capsys, rc, path, f"{kind} in {key!r}")
+    if kind == "Inf":  # the other readers share the one reader (eval.models.checkpoint_state): NaN checks them
+        return
+    rc = eval_cli.main(["--run", str(tmp_path / "run"), *data, "--out", str(tmp_path / "r.jsonl")])
+    one_line_error(capsys, rc, path, key)
+    rc = wise.main(["--model", ws["model"], "--fine-tuned", path, "--alphas", "0,0.5,1", *data, "--out",
+                    str(tmp_path / "wise")])
+    one_line_error(capsys, rc, path, key)
+    rc = export_main(["--checkpoint", path, "--out", str(tmp_path / "exported")])
+    one_line_error(capsys, rc, path, key)
+    with pytest.raises(StarftError, match=f"{kind} in {key!r}"):
+        WeightsScorer(ws["model"], path, {"val": folder_set}, ws["classes"])
+    assert not any(os.path.exists(tmp_path / f) for f in ("e.jsonl", "r.jsonl", "exported")) and \
+        not os.path.exists(tmp_path / "wise" / "wise.json")
