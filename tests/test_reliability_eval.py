@@ -170,3 +170,12 @@ def test_non_finite_weights_are_refused_by_eval_wise_sweep_and_export(ws, folder
         WeightsScorer(ws["model"], path, {"val": folder_set}, ws["classes"])
     assert not any(os.path.exists(tmp_path / f) for f in ("e.jsonl", "r.jsonl", "exported")) and \
         not os.path.exists(tmp_path / "wise" / "wise.json")
+
+
+# -- item 19: data-loader workers default to what the machine has ---------------------------------------------
+@pytest.mark.parametrize("cpus, expected", [(2, 2), (1, 1), (64, 4)])
+def test_workers_default_to_the_cpus_this_process_has(monkeypatch, cpus, expected):
+    from open_clip_starft.eval import cli as eval_cli, wise
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert eval_cli.build_parser().parse_args(["--out", "x"]).workers == expected
+    assert wise.build_parser().parse_args(["--model", "m", "--fine-tuned", "f", "--out", "x"]).workers == expected
