@@ -15,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from open_clip_starft.demo.data import CLASSNAMES
+from open_clip_starft.demo.data import BACKGROUNDS, CLASSNAMES, brace_pattern, write_shards
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
 from open_clip_starft.tools.tiny_model import write_tiny_model
+
+from runs import make_workspace, one_line_error as run_refused, run, train_args
 
 
 def strict_json(text):
@@ -170,3 +172,118 @@ def test_non_finite_weights_are_refused_by_eval_wise_sweep_and_export(ws, folder
         WeightsScorer(ws["model"], path, {"val": folder_set}, ws["classes"])
     assert not any(os.path.exists(tmp_path / f) for f in ("e.jsonl", "r.jsonl", "exported")) and \
         not os.path.exists(tmp_path / "wise" / "wise.json")
+
+
+# -- item 19: data-loader workers default to what the machine has ---------------------------------------------
+@pytest.mark.parametrize("cpus, expected", [(2, 2), (1, 1), (64, 4)])
+def test_workers_default_to_the_cpus_this_process_has(monkeypatch, cpus, expected):
+    from open_clip_starft.eval import cli as eval_cli, wise
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert eval_cli.build_parser().parse_args(["--out", "x"]).workers == expected
+    assert wise.build_parser().parse_args(["--model", "m", "--fine-tuned", "f", "--out", "x"]).workers == expected
+
+
+# -- a trained run with --starft-val and --starft-select, at OpenCLIP's amp (items 2, 15, 16, 18) ----------------
+GROUP_NAMES = [f"{c} on {b}" for c in CLASSNAMES for b in BACKGROUNDS]  # the demo's group id: class × 4 + background
+
+
+@pytest.fixture(scope="module")
+def amp_run(tmp_path_factory):
+    """A 2-epoch run at ``--precision amp`` validated on shards whose 16 groups (class × background) are named
+    by a ``group_names.txt`` beside them, keeping best.pt by val:top1."""
+    root = tmp_path_factory.mktemp("amp-run")
+    w = make_workspace(root, n=64, shards=2)
+    w["val"] = brace_pattern(write_shards(str(root / "val"), 32, seed=21, biased=False, image_size=32,
+                                          samples_per_shard=16))
+    (root / "val" / "group_names.txt").write_text("\n".join(GROUP_NAMES) + "\n")
+    w["val_args"] = ["--starft-val", f"val={w['val']}", "--precision", "amp"]
+    done = run(train_args(w, "amp-run", *w["val_args"], "--starft-select", "val:top1", epochs=2, batch_size=16,
+                          workers=0))
+    assert done.returncode == 0, done.stderr[-3000:]
+    w["run"] = os.path.join(str(root), "logs", "amp-run")
+    with open(os.path.join(w["run"], "checkpoints", "results.jsonl")) as f:
+        w["logged"] = [strict_json(line) for line in f]  # item 17: strict JSON lines
+    return w
+
+
+def test_eval_of_a_run_is_at_its_precision_and_its_card_says_so_names_its_architecture_and_no_path(amp_run, tmp_path):
+    from open_clip_starft.eval import cli as eval_cli
+    from open_clip_starft.tools.export import main as export_main
+    out = tmp_path / "r.jsonl"
+    assert eval_cli.main(["--run", amp_run["run"], "--epochs", "2", "--data", amp_run["val"], "--classnames",
+                          amp_run["classes"], "--batch-size", "16", "--workers", "0", "--out", str(out),
+                          "--no-plots", "--no-progress"]) == 0
+    (record,) = [strict_json(line) for line in open(out)]
+    assert record["settings"]["precision"] == "amp"  # item 16: the run's precision, recorded in the row
+    logged = next(r for r in amp_run["logged"] if r["epoch"] == 2 and r["set"] == "val")
+    assert (record["top1"], record["worst_group"], record["ece"]) == (logged["top1"], logged["worst_group"], logged["ece"])
+    # item 18: groups named by the set's group_names.txt, in training's log and in eval's records
+    assert set(logged["groups"]) <= set(GROUP_NAMES) and len(logged["groups"]) > 1
+    assert set(record["groups"]) == set(logged["groups"])
+
+    ckpt = os.path.join(amp_run["run"], "checkpoints", "epoch_2.pt")
+    folder = tmp_path / "exported"
+    assert export_main(["--checkpoint", ckpt, "--out", str(folder), "--results", str(out)]) == 0
+    card = (folder / "README.md").read_text()
+    # item 15: --starft-val's pattern by its folder's name, no path of this machine anywhere
+    assert str(amp_run["root"]) not in card and os.path.expanduser("~") + "/" not in card
+    assert "val=val" in card
+    # item 18: the architecture from the model's config, not the model folder's name ("model")
+    assert "**Architecture:** custom CLIP: image tower ViT (2 layers, width 64, patch 8, 32 px); text tower transformer " \
+           "(2 layers, width 64, 32 tokens); embedding 32" in card
+    # item 16: the card's table says the precision of its rows; the training's is labelled as such
+    assert "**Training precision:** amp" in card
+    row = next(line for line in card.splitlines() if line.startswith("| shard "))
+    assert row.endswith("| 32 | amp |"), row
+    # also seen: the weights are readable like the other files (safetensors writes 0600)
+    modes = {name: os.stat(folder / name).st_mode & 0o777 for name in os.listdir(folder)}
+    assert len(set(modes.values())) == 1 and modes["open_clip_model.safetensors"] & 0o044 == 0o044 & ~_umask(), modes
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# -- item 2: resuming with another selection is refused ----------------------------------------------------
+def test_resuming_with_another_selection_metric_is_refused_in_one_line(amp_run, tmp_path):
+    import shutil
+    more = ["--resume", "latest", "--starft-allow-changed-settings"]
+    refused = run(train_args(amp_run, "amp-run", *amp_run["val_args"], "--starft-select", "val:ece", *more, epochs=3,
+                             batch_size=16, workers=0))
+    run_refused(refused, "--starft-select val:ece", "kept best.pt by val:top1", "resume with --starft-select val:top1",
+                status=2)
+    assert not os.path.exists(os.path.join(amp_run["run"], "checkpoints", "epoch_3.pt"))
+    best = json.load(open(os.path.join(amp_run["run"], "checkpoints", "best.json")))
+    assert (best["set"], best["metric"]) == ("val", "top1")
+
+    # a selection added on resume: the epochs already validated would never be candidates
+    copy = os.path.join(str(amp_run["root"]), "logs", "no-select")
+    shutil.copytree(amp_run["run"], copy)
+    for name in ("best.pt", "best.json"):
+        os.remove(os.path.join(copy, "checkpoints", name))
+    refused = run(train_args(amp_run, "no-select", *amp_run["val_args"], "--starft-select", "val:top1", *more,
+                             epochs=3, batch_size=16, workers=0))
+    run_refused(refused, "validated after epoch(s) 1, 2 without a selection", status=2)
+
+
+# -- item 3: a group metric on a set without groups is refused before the first step ------------------------
+def test_selecting_a_group_metric_on_a_set_without_groups_is_refused_before_training(amp_run, folder_set):
+    result = run(train_args(amp_run, "plain-wg", "--starft-val", f"plain={folder_set}", "--starft-select",
+                            "plain:worst_group", epochs=1, batch_size=16, workers=0))
+    run_refused(result, "--starft-select plain:worst_group", "'plain' has no groups", "select on top1", status=2)
+    folder = os.path.join(str(amp_run["root"]), "logs", "plain-wg", "checkpoints")
+    assert not [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.startswith("epoch_")]
+
+
+# -- item 14: an empty set is named as empty -------------------------------------------------------------------
+def test_an_empty_shard_is_named_as_an_empty_set(ws, tmp_path, capsys):
+    import tarfile
+    from open_clip_starft.eval import cli as eval_cli
+    empty = tmp_path / "empty" / "shard-000000.tar"
+    empty.parent.mkdir()
+    tarfile.open(empty, "w").close()
+    rc = eval_cli.main(["--model", ws["model"], "--data", str(empty), "--classnames", ws["classes"], "--workers", "0",
+                        "--out", str(tmp_path / "e.jsonl"), "--no-progress"])
+    one_line_error(capsys, rc, "eval set 'shard-000000' is empty", "1 file(s) hold no samples", str(empty))

@@ -68,9 +68,33 @@ def _storage_error(error: BaseException, path: str, written: int) -> StorageErro
     return None
 
 
+def _umask() -> int:
+    """This process's umask (read from ``/proc/self/status`` where Linux gives it, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_mode(partial: str) -> None:
+    """A regular file gets the permissions ``open()`` gives a new file (``0o666`` less the umask): some
+    writers (safetensors) create theirs readable by the owner only, though the file is meant to be shared."""
+    if os.path.isfile(partial) and not os.path.islink(partial):
+        mode = 0o666 & ~_umask()
+        if os.stat(partial).st_mode & 0o777 != mode:
+            os.chmod(partial, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield the temporary path to write ``path``'s content to; on success it is renamed to ``path``.
+    """Yield the temporary path to write ``path``'s content to; on success it is renamed to ``path``
+    with the permissions of a newly created file (``0o666`` less the umask), whichever library wrote it.
 
     On any failure the temporary file is removed and ``path`` is untouched; a full disk, a read-only
     folder or a permission error become a one-line ``StorageError``."""
@@ -78,6 +102,7 @@ def atomic_path(path: str) -> Iterator[str]:
     partial = partial_name(path)
     try:
         yield partial
+        _give_default_mode(partial)
         os.replace(partial, path)
     except BaseException as e:
         written = os.path.getsize(partial) if os.path.exists(partial) else 0

@@ -24,10 +24,11 @@ import time
 import torch
 
 from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.models import ModelCache, UntrustedCheckpoint, checkpoints_from_args
+from open_clip_starft.eval.models import EVAL_PRECISIONS, ModelCache, UntrustedCheckpoint, checkpoints_from_args
 from open_clip_starft.eval.report import (ScalarReporter, plot_groups, record_scalars, write_clip_benchmark, write_jsonl,
                                          write_table)
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
+from open_clip_starft.eval.sets.dataset import default_workers
 from open_clip_starft.eval.evaluator import Evaluator
 
 
@@ -56,9 +57,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, default=4, help="data-loader workers (default 4)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loader workers (default: the CPUs this process has, at most 4)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp_bf16"))
+    g.add_argument("--precision", default=None, choices=EVAL_PRECISIONS,
+                   help="autocast precision of the forward passes (default: a --run's own precision, from its "
+                        "params.txt, so the numbers match its training log; fp32 otherwise)")
     g.add_argument("--ece-bins", type=int, default=15, help="bins of the expected calibration error (default 15)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: a bar per set on a terminal, a line every 30 s in logs)")
@@ -178,7 +182,8 @@ def run(args) -> int:
     reporter = reporter_from_args(args, stem, os.path.basename(stem))
     for position, ckpt in enumerate(checkpoints):
         model, preprocess, tokenizer = cache.load(ckpt)
-        evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
+        precision = args.precision or ckpt.precision or "fp32"  # a run's numbers at the precision it trained at
+        evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=precision,
                               batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
         records += evaluator.evaluate_sets(
             prepared, label=ckpt.label, log=print, progress=not args.no_progress,

@@ -123,6 +123,11 @@ class Evaluator:
         local = SampleScores.from_logits(logits.reshape(len(labels), -1) if len(labels) else
                                          torch.zeros(0, max(prepared.num_classes, 1)), labels, groups)
         scores, skipped = _gather(local, skipped, world)
+        if not scores.labels.numel() and not skipped:
+            files = prepared.shards or [str(it.ref) for it in prepared.items or ()]
+            raise DataError(f"eval set {prepared.name!r} is empty: its {len(files)} file(s) hold no samples "
+                            f"({', '.join(files[:3])}{', …' if len(files) > 3 else ''}): check that the files were "
+                            "written whole, or leave the set out")
         if not scores.labels.numel():
             raise DataError(f"eval set {prepared.name!r}: no readable image ({len(skipped)} skipped, e.g. "
                             f"{skipped[0] if skipped else 'none'}): check the data")
@@ -167,8 +172,9 @@ class Evaluator:
 
 
 def summary_line(record: dict) -> str:
-    """``  LABEL × SET: top-1 …  top-5 …  worst-group …  ECE …  n=…`` (percentages)."""
+    """``  LABEL × SET: top-1 …  top-5 …  worst-group …  ECE …  n=…  (PRECISION)`` (percentages)."""
     top5 = "n/a" if record["top5"] is None else f"{100 * record['top5']:.2f}"
     return (f"  {record['checkpoint']} × {record['dataset']}: top-1 {100 * record['top1']:.2f}  top-5 {top5}  "
-            f"worst-group {100 * record['worst_group']:.2f}  ECE {record['ece']:.4f}  n={record['n']}"
+            f"worst-group {100 * record['worst_group']:.2f}  ECE {record['ece']:.4f}  n={record['n']}  "
+            f"({record['settings'].get('precision', '?')})"
             + (f"  skipped {record['skipped']}" if record["skipped"] else ""))

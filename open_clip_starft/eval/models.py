@@ -39,6 +39,22 @@ class Checkpoint:
     label: str
     model: str
     pretrained: str | None = None   # a weights file, an OpenCLIP tag, or None (the model's own weights)
+    precision: str | None = None    # the precision its run trained at (--run), else None
+
+
+EVAL_PRECISIONS = ("fp32", "amp", "amp_bf16")
+"""The precisions ``eval`` scores at (autocast over fp32 weights, as upstream's evaluation does)."""
+
+
+def run_precision(run_dir: str) -> str | None:
+    """The precision a training run used, as an ``EVAL_PRECISIONS`` value (upstream's ``amp_bfloat16`` is
+    ``amp_bf16``), from its ``params.txt``; None when it records none or one eval cannot run (pure fp16/bf16)."""
+    path = os.path.join(run_dir, "params.txt")
+    if not os.path.isfile(path):
+        return None
+    precision = str(read_params(path).get("precision", "") or "")
+    precision = {"amp_bfloat16": "amp_bf16"}.get(precision, precision)
+    return precision if precision in EVAL_PRECISIONS else None
 
 
 def local_dir_weights(model: str) -> str | None:
@@ -159,7 +175,8 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
         run = run.rstrip("/")
         run_model = model or model_of_run(run)
         for path in run_checkpoints(run, epochs):
-            out.append(Checkpoint(f"{os.path.basename(run)}/{os.path.splitext(os.path.basename(path))[0]}", run_model, path))
+            out.append(Checkpoint(f"{os.path.basename(run)}/{os.path.splitext(os.path.basename(path))[0]}", run_model, path,
+                                  run_precision(run)))
     if not out:
         if not model:
             raise StarftError("no checkpoint to evaluate: pass --model (with --pretrained FILE) or --run DIR")
@@ -211,6 +228,8 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None, tr
         raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
+    if pretrained_tag:  # weights OpenCLIP loaded itself (a pretrained tag)
+        check_finite(created.state_dict(), f"the {pretrained_tag} weights of --model {model}")
     if weights and own_weights:
         load_weights(created, weights, model, trust=trust)
     created.eval()
@@ -281,7 +300,9 @@ def read_checkpoint(path: str, trust: bool = False):
 def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
     """``(state dict without DDP's "module." prefix, the checkpoint's other entries: epoch, name,
     starft, ...)`` of a weights file (see ``read_checkpoint``), as OpenCLIP's ``load_state_dict`` takes
-    them: a training checkpoint's ``state_dict``, a bare state dict, a TorchScript model's weights."""
+    them: a training checkpoint's ``state_dict``, a bare state dict, a TorchScript model's weights.
+    The one reader of weights files (eval, wise, sweep, export): weights holding NaN or ±Inf are a
+    one-line DataError naming the file and the first bad tensor (``check_finite``)."""
     raw = read_checkpoint(path, trust)
     meta = {}
     if isinstance(raw, torch.jit.ScriptModule):  # only with trust
@@ -294,7 +315,30 @@ def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
                         "training checkpoint")
     if next(iter(raw)).startswith("module."):  # as OpenCLIP's load_state_dict does
         raw = {k[len("module."):]: v for k, v in raw.items()}
+    check_finite(raw, f"checkpoint {path}")
     return dict(raw), meta
+
+
+def first_non_finite(tensors) -> tuple[str, str, int] | None:
+    """``(name, "NaN" or "Inf", how many tensors hold either)`` of the first floating tensor of
+    ``tensors`` (name -> tensor, in order) holding a NaN or ±Inf; None when all are finite."""
+    bad = [(name, v) for name, v in tensors.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return None
+    name, v = bad[0]
+    return name, "NaN" if bool(torch.isnan(v).any()) else "Inf", len(bad)
+
+
+def check_finite(tensors, where: str) -> None:
+    """Refuse weights holding NaN or ±Inf (a diverged run or a damaged file: they would be scored, interpolated
+    or exported as if they were a model) in one line naming ``where`` and the first bad tensor."""
+    found = first_non_finite(tensors)
+    if found is not None:
+        name, kind, count = found
+        raise DataError(f"{where} holds non-finite weights ({kind} in {name!r}"
+                        + (f", and {count - 1} more tensor(s)" if count > 1 else "") + "): the training diverged or "
+                        "the file is damaged; use an earlier checkpoint")
 
 
 _LOAD_ERROR = re.compile(r"(size mismatch for [^:]+|Missing key\(s\)[^:]*: \S+|Unexpected key\(s\)[^:]*: \S+)")
@@ -356,6 +400,7 @@ def load_weights(model: torch.nn.Module, path: str, model_name: str, trust: bool
         except (*_CORRUPT, AssertionError) as e:
             raise DataError(f"checkpoint {path!r} is not a {model_name} checkpoint ({one_line(e)}): pass the --model "
                             "it was trained with") from None
+        check_finite(model.state_dict(), f"checkpoint {path}")
         return
     state, _ = checkpoint_state(path, trust)
     try:

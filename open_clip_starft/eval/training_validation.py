@@ -17,7 +17,8 @@ with its one checkpoint writer when ``end_epoch`` reports a new best.
 - with ``--starft-select NAME:METRIC``, an epoch-end evaluation that beats the best so far (ties broken by
   the set's top-1) is returned by ``end_epoch`` (the step saves ``checkpoints/best.pt`` with ``starft_best``
   inside: the epoch, step, metric and value) and recorded in ``checkpoints/best.json``; a resumed run reads
-  the best so far back.
+  the best so far back. A group metric on a set without groups is refused before the first step; a resumed run
+  with another selection than the one that kept ``best.pt`` is refused in one line.
 
 Every process scores its share of each set and the scores are gathered (N processes give the numbers of
 one); only the master process writes. The training's random state (Python, NumPy, torch) is saved and
@@ -25,6 +26,7 @@ restored around each evaluation, so a run with ``--starft-val`` trains exactly a
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,9 +41,12 @@ from open_clip_starft.errors import ConfigError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.report import ScalarReporter, record_scalars
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
+from open_clip_starft.eval.sets.dataset import default_workers
 
 METRICS = ("top1", "top5", "worst_group", "avg_group", "per_class_mean", "ece")
 """The metrics logged per set; all are higher-is-better but ``ece``."""
+GROUP_METRICS = ("worst_group", "avg_group")
+"""The metrics that equal top-1 on a set with one group: selecting on them needs a set with groups."""
 BEST_FILE, BEST_RECORD = "best.pt", "best.json"
 """Names in the run's checkpoints folder: the best epoch's weights (written by the step) and its record."""
 
@@ -121,11 +126,12 @@ class TrainingValidation:
                 logging.info(f"StarFT: --starft-val set {p.name!r}{p.describe_missing_classes()}")
         self.evaluator = Evaluator(model, open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir),
                                    preprocess or eval_transform(model), device=args.device, precision=args.precision,
-                                   batch_size=args.batch_size, workers=min(args.workers, 2))
+                                   batch_size=args.batch_size, workers=min(args.workers, default_workers(2)))
         self.model, self.frequency, self.every_steps = model, args.starft_val_frequency, args.starft_val_steps
         self.args = args  # upstream's: its log folders are set after the model is created
         self.best: dict | None = None
         self._reporter: ScalarReporter | None = None
+        self._started = False
 
     @property
     def folder(self) -> str | None:
@@ -138,11 +144,62 @@ class TrainingValidation:
 
     # -- when ---------------------------------------------------------------------------------------
     def start(self, epoch: int, start_batch: int, args) -> None:
-        """Before the first step of a new run (not a resumed one): the zero-shot model, epoch 0."""
-        if self.best is None:  # a resumed run continues from the best so far: the master's, on every process
+        """At the start of every epoch; the first time: a resumed run reads back its best so far and its
+        selection is checked against the run's (``check_resumed_selection``); a new run scores the zero-shot
+        model (epoch 0) and checks that the selected set has the groups its metric needs, before the first step."""
+        if self._started:
+            return
+        self._started = True
+        if args.resume:  # a resumed run continues from the best so far: the master's, on every process
             self.best = _from_master(read_json(os.path.join(self.folder, BEST_RECORD)) if self.folder else None, args)
-        if self.active and epoch == 0 and start_batch == 0 and not args.resume:
-            self.evaluate(epoch=0, step=0, args=args)
+            if self.active:
+                self.check_resumed_selection(_from_master(self._history(), args))
+        elif self.active and epoch == 0 and start_batch == 0:
+            records = self.evaluate(epoch=0, step=0, args=args)
+            if self.select is not None:
+                self._check_groups(records[self.select[0]]["groups"])
+
+    def _history(self) -> list[dict]:
+        """The run's logged evaluations (``results.jsonl``, this process's folder), oldest first."""
+        path = os.path.join(self.folder, "results.jsonl") if self.folder else None
+        if not path or not os.path.isfile(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def check_resumed_selection(self, history: list[dict]) -> None:
+        """Refuse, in one line, a resumed run whose ``--starft-select`` differs from the one that kept its
+        ``best.pt`` (another set or metric: its stored best value is not comparable, and the epochs already
+        done would never be compared on the new metric), or that adds a selection to a run already validated
+        at an epoch's end without one; refuse a group metric when the logged evaluations of its set had one group."""
+        if self.select is None:
+            return
+        name, metric = self.select
+        wanted = f"{name}:{metric}"
+        remedy = ("to choose an epoch on another metric, read checkpoints/results.jsonl (every evaluation is logged) "
+                  "and score that epoch with `open-clip-starft eval --run DIR --epochs N`")
+        if self.best is not None and (self.best.get("set"), self.best.get("metric")) != (name, metric):
+            kept = f"{self.best.get('set')}:{self.best.get('metric')}"
+            raise ConfigError(f"--starft-select {wanted}: this run kept best.pt by {kept} (epoch {self.best.get('epoch')}, "
+                              f"{self.best.get('value')}), a value another metric cannot be compared with: resume with "
+                              f"--starft-select {kept}, or {remedy}")
+        ends = sorted({r["epoch"] for r in history if r.get("set") == name and isinstance(r.get("epoch"), int)
+                       and r["epoch"] >= 1})
+        if self.best is None and ends:
+            raise ConfigError(f"--starft-select {wanted}: this run was validated after epoch(s) {', '.join(map(str, ends))} "
+                              "without a selection, so those epochs would never be candidates for best.pt: resume "
+                              f"without --starft-select, or {remedy}")
+        logged = [r for r in history if r.get("set") == name and isinstance(r.get("groups"), dict)]
+        if logged:
+            self._check_groups(logged[-1]["groups"])
+
+    def _check_groups(self, groups: dict) -> None:
+        """A group metric (worst or average group) needs a set with more than one group: with one it is top-1."""
+        name, metric = self.select
+        if metric in GROUP_METRICS and len(groups) <= 1:
+            raise ConfigError(f"--starft-select {name}:{metric}: the --starft-val set {name!r} has no groups (every image "
+                              f"in one group), where {metric} is top-1: give its samples groups (a 'group' key in "
+                              "shards, a CSV group column, domain folders) or select on top1")
 
     def after_step(self, step: int, epoch: int, batches_done: int, num_batches: int, args) -> None:
         """Every ``--starft-val-steps`` optimizer steps (``step``: steps done), not at an epoch's end."""
@@ -187,6 +244,7 @@ class TrainingValidation:
 
     def _new_best(self, records: dict, epoch: int, step: int, args) -> dict | None:
         name, metric = self.select
+        self._check_groups(records[name]["groups"])
         value, top1 = records[name][metric], records[name]["top1"]
         if value is None or not math.isfinite(value) or not better(value, top1, self.best, metric):
             return None

@@ -187,7 +187,7 @@ def run(args) -> int:
     print(f"WiSE-FT: {len(alphas)} α × {len(prepared)} set(s) on {args.device}")
     records, start = [], time.time()
     settings = {"model": args.model, "zero_shot": zero_shot_file, "fine_tuned": args.fine_tuned, "batch_size": args.batch_size}
-    evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision,
+    evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=args.precision or "fp32",
                           batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
     reporter = reporter_from_args(args, os.path.join(args.out, "wise"), os.path.basename(os.path.abspath(args.out)))
     with Progress(len(alphas), "WiSE-FT", unit="α", enabled=not args.no_progress, interval_s=0) as bar:

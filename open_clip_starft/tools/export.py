@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import open_clip
@@ -34,7 +35,7 @@ from open_clip.push_to_hf_hub import generate_readme
 from open_clip_starft.data import files
 from open_clip_starft.errors import ConfigError, StarftError, one_line_errors
 from open_clip_starft.eval.cli import trust_flag
-from open_clip_starft.eval.models import checkpoint_state, read_params, save_local_dir
+from open_clip_starft.eval.models import checkpoint_state, model_config, read_params, save_local_dir
 from open_clip_starft.host.params import build_parser as training_parser
 from open_clip_starft.eval.report import layout, markdown_table, read_jsonl
 
@@ -43,7 +44,7 @@ TRAINING_KEYS = (
     ("Base weights (--pretrained)", "pretrained"), ("Training data", "train_data"), ("Dataset type", "dataset_type"),
     ("Samples per epoch", "train_num_samples"), ("Batch size per process", "batch_size"), ("Processes", "world_size"),
     ("Learning rate", "lr"), ("Weight decay", "wd"), ("Warm-up steps", "warmup"), ("LR schedule", "lr_scheduler"),
-    ("Precision", "precision"), ("Seed", "seed"), ("Augmentation", "aug_cfg"),
+    ("Training precision", "precision"), ("Seed", "seed"), ("Augmentation", "aug_cfg"),
 )
 PAPER = "StarFT: Robust Fine-tuning of Zero-shot Models via Spuriousity Alignment (Kim et al., IJCAI 2025)"
 
@@ -116,14 +117,17 @@ def robustness_section(records: list[dict], checkpoint: str, path: str) -> str:
     mine = [r for r in mine if r["checkpoint"] == label]
     id_set, _, group_sets = layout(records)
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines = [f"Zero-shot classification with `open-clip-starft eval` (checkpoint `{label}`; accuracies in %):", "",
-             "| set | top-1 | top-5 | worst group | average group | ECE | images |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Zero-shot classification with `open-clip-starft eval` (checkpoint `{label}`; accuracies in %; "
+             "precision: the autocast precision each row was computed at):", "",
+             "| set | top-1 | top-5 | worst group | average group | ECE | images | precision |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in mine:
         kind = " (ID)" if r["dataset"] == id_set else ""
         grouped = r["dataset"] in group_sets
+        ece = "–" if r.get("ece") is None else f"{r['ece']:.3f}"
         lines.append(f"| {r['dataset']}{kind} | {pct(r['top1'])} | {pct(r.get('top5'))} | "
                      f"{pct(r['worst_group']) if grouped else '–'} | {pct(r['avg_group']) if grouped else '–'} | "
-                     f"{r['ece']:.3f} | {r['n']} |")
+                     f"{ece} | {r['n']} | {r.get('settings', {}).get('precision', 'not recorded')} |")
     if len({r["checkpoint"] for r in records}) > 1:
         lines += ["", f"All checkpoints of `{os.path.basename(path)}` (WG: worst group; Avg: top-1 of a group set):", "",
                   markdown_table(records).rstrip("\n")]
@@ -135,18 +139,22 @@ def public_name(value: str) -> str:
     pattern's or ``.tar``'s folder; ``local-dir:DIR``'s folder); other text unchanged."""
     path = value.removeprefix("local-dir:").split("::")[0].rstrip("/")
     if os.sep not in path:
-        return value
+        return "home" if path == "~" else value
     base = os.path.basename(path)
     if any(c in base for c in "{*?[") or base.endswith(".tar"):
         base = os.path.basename(os.path.dirname(path))
     return base or value
 
 
+# an absolute or home-relative path anywhere in a text (``val=/data/val-{0..3}.tar``, ``local-dir:/m``), not a URL's
+_LOCAL_PATH = re.compile(r"(?<![\w.~:/-])(?:local-dir:)?(?:~|/)[^\s,;'\"()\[\]]*")
+
+
 def _public(value):
-    """``value`` with every absolute path replaced by its ``public_name`` (strings, lists and dicts)."""
+    """``value`` with every absolute (or ``~``) path in it replaced by its ``public_name``, wherever it stands in
+    a text (``NAME=/path`` items, comma lists), in strings, lists and dicts."""
     if isinstance(value, str):
-        first = value.removeprefix("local-dir:").split("::")[0]
-        return public_name(value) if os.path.isabs(first) else value
+        return _LOCAL_PATH.sub(lambda m: public_name(m[0]) if len(m[0]) > 1 else m[0], value)
     if isinstance(value, (list, tuple)):
         return [_public(v) for v in value]
     if isinstance(value, dict):
@@ -173,6 +181,44 @@ def model_index(records: list[dict], checkpoint: str, path: str, name: str) -> l
     return [{"name": name, "results": results}]
 
 
+def _tower(cfg: dict, kind: str) -> str:
+    """One tower of a ``model_cfg`` in words (``ViT: 12 layers, width 768, patch 16, 224 px``)."""
+    if kind == "image":
+        if cfg.get("timm_model_name"):
+            return f"timm {cfg['timm_model_name']}"
+        layers = cfg.get("layers")
+        if isinstance(layers, (list, tuple)):
+            return f"ModifiedResNet ({'-'.join(map(str, layers))} blocks, width {cfg.get('width')}, {cfg.get('image_size')} px)"
+        return (f"ViT ({layers} layers, width {cfg.get('width')}, patch {cfg.get('patch_size')}, "
+                f"{cfg.get('image_size')} px)")
+    if cfg.get("hf_model_name"):
+        return f"Hugging Face {public_name(str(cfg['hf_model_name']))}"
+    return f"transformer ({cfg.get('layers')} layers, width {cfg.get('width')}, {cfg.get('context_length', 77)} tokens)"
+
+
+def architecture(model_cfg: dict) -> str:
+    """The architecture of a ``model_cfg``, named from the config itself (never a folder's name): the OpenCLIP
+    model name whose registered config it equals, else its towers in words."""
+    for name in open_clip.list_models():
+        if open_clip.get_model_config(name) == model_cfg:
+            return f"{name} (OpenCLIP config)"
+    return (f"custom CLIP: image tower {_tower(model_cfg.get('vision_cfg') or {}, 'image')}; text tower "
+            f"{_tower(model_cfg.get('text_cfg') or {}, 'text')}; embedding {model_cfg.get('embed_dim')}")
+
+
+def check_public(text: str, what: str, paths: list[str]) -> None:
+    """Refuse to write ``text`` (a file meant for sharing) if it still holds one of ``paths`` (this machine's
+    folders: home, the working folder, the checkpoint's) or the host name; a one-line StarftError."""
+    import socket
+    host = socket.gethostname()
+    found = [p for p in paths if p and len(p) > 1 and p in text]
+    if host and len(host) > 3 and re.search(rf"(?<![\w.-]){re.escape(host)}(?![\w-])", text):
+        found.append(f"host name {host}")
+    if found:
+        raise StarftError(f"{what} would show {found[0]}, a name of this machine: report this (the card must name "
+                          "only base names)")
+
+
 def _front_matter(readme: str, extra: dict) -> str:
     """``readme`` (``generate_readme``'s text) with ``extra`` added to its YAML front matter."""
     end = readme.index("---\n", 4)
@@ -180,7 +226,8 @@ def _front_matter(readme: str, extra: dict) -> str:
 
 
 def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: dict, params_path: str | None,
-               results: str | None, license_id: str, base_model: str | None = None, data_name: str | None = None) -> str:
+               results: str | None, license_id: str, base_model: str | None = None, data_name: str | None = None,
+               model_cfg: dict | None = None) -> str:
     """The README.md of the folder (OpenCLIP's ``generate_readme`` layout; Hub front matter with
     ``base_model``, ``datasets`` and, with ``results``, a ``model-index``). Paths are shown by their
     base names only (``public_name``): the card names no folder of this machine."""
@@ -196,7 +243,8 @@ def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: di
         trained += f" (a mid-epoch checkpoint: {batches_done} batches of epoch {epoch + 1} also done)"
     base_model = base_model or public_name(model)
     data_name = data_name or (public_name(str(params["train_data"])) if params.get("train_data") else None)
-    details = {"Architecture": public_name(model), "Base model": base_model, "Method": PAPER,
+    details = {"Architecture": architecture(model_cfg) if model_cfg else public_name(model), "Base model": base_model,
+               "Method": PAPER,
                "Checkpoint": f"{os.path.basename(checkpoint)} (run {meta.get('name', '?')})", "Epochs trained": trained}
     details.update({label: _public(params[key]) for label, key in TRAINING_KEYS if params.get(key) not in (None, "None", "", {}, [])})
     if data_name:
@@ -288,7 +336,10 @@ def export(checkpoint: str, out: str, *, model: str | None = None, results: str 
         _, meta, params, model = export_model(checkpoint, partial, model=model, trust=trust)
         card = model_card(name=name, model=model, checkpoint=checkpoint, meta=meta, params=params,
                           params_path=run_params(checkpoint)[1], results=results, license_id=license_id,
-                          base_model=base_model, data_name=data_name)
+                          base_model=base_model, data_name=data_name,
+                          model_cfg=model_config(f"local-dir:{partial}")["model_cfg"])
+        check_public(card, "the model card", [os.path.expanduser("~"), os.getcwd(),
+                                              os.path.dirname(os.path.abspath(checkpoint))])
         files.write_text(os.path.join(partial, "README.md"), card)
     saved = f"local-dir:{out}"
     log(f"exported {checkpoint} as {saved} (model card {os.path.join(out, 'README.md')})")

@@ -20,6 +20,10 @@ each, registered by name with ``registry.register_layout``:
 - ``objectnet``: the ObjectNet release: the 113 classes that map to ImageNet, scored by the
   maximum ImageNet logit of each (as WiSE-FT does); the 2-pixel border of every image is cropped.
 
+Group ids are named by the set's ``group_names`` setting, the layout's own names (Waterbirds, PACS,
+CIFAR-10.02), or a ``group_names.txt`` beside the data (one name per line, in id order; e.g. the
+class × attribute groups of shards); unnamed groups keep their numbers.
+
 Labels index the set's classes: with a class subset, label ``j`` is the subset's ``j``-th class
 (as the sorted WordNet-id folders of ImageNet-R/-A give), or a head class id with
 ``subset_labels: full``.

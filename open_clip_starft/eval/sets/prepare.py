@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.sets.builtin import apply_builtin
 from open_clip_starft.eval.sets.classes import load_subset, resolve_classnames, resolve_templates
 from open_clip_starft.eval.sets.folder import folder_labels, missing_classes
 from open_clip_starft.eval.sets.registry import detect_format, get_layout, list_layouts
 from open_clip_starft.eval.sets.spec import EvalSetSpec, Item, PreparedSet, set_error
+from open_clip_starft.method.descriptors import read_lines_or_json_list
 
 
 def _layout_of(spec: EvalSetSpec):
@@ -59,6 +61,29 @@ def _settings(spec: EvalSetSpec, fmt: str, found, class_source: str, num_classes
     return settings
 
 
+GROUP_NAMES_FILE = "group_names.txt"
+"""Names of a set's group ids, one per line in id order (``circle on water``, …), beside its data: the root
+folder, or the folder of its CSV or shards; used when neither the set's settings nor its layout name them."""
+
+
+def _group_names_beside(spec: EvalSetSpec, found) -> list[str] | None:
+    """The names in ``GROUP_NAMES_FILE`` beside the set's data, or None when there is none."""
+    if os.path.isdir(spec.root):
+        folder = spec.root
+    elif found.shards:
+        folder = os.path.dirname(found.shards[0])
+    else:
+        folder = os.path.dirname(os.path.abspath(spec.root))
+    path = os.path.join(folder, GROUP_NAMES_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        names = read_lines_or_json_list(path, "group-names file", comments=False, blank_lines="refuse")
+    except StarftError as e:
+        raise set_error(spec, str(e)) from None
+    return names or None
+
+
 def prepare_set(spec: EvalSetSpec) -> PreparedSet:
     """Check and list an eval set: its layout, class names, templates, class map and samples.
     Every problem is a one-line StarftError naming the set and the input."""
@@ -95,5 +120,6 @@ def prepare_set(spec: EvalSetSpec) -> PreparedSet:
         name=spec.name, format=fmt, root=spec.root, head_classnames=list(head_names), templates=templates,
         class_map=class_map, classnames=set_classnames, items=items, shards=found.shards,
         shard_sizes=found.shard_sizes, crop_border=found.crop_border, label_of=label_of,
-        group_names=list(spec.group_names) if spec.group_names is not None else found.group_names,
+        group_names=list(spec.group_names) if spec.group_names is not None else
+        (found.group_names if found.group_names is not None else _group_names_beside(spec, found)),
         settings=settings)
