@@ -20,64 +20,100 @@ from open_clip_starft.errors import StarftError
 PRESCAN_ALL_SHARDS, PRESCAN_ALL_BYTES = 4, 256 << 20  # the pre-scan reads every shard up to these, else the first
 
 
+SKIP_CAUSES = {
+    "no_label": "without a usable 'cls' label",
+    "no_image": "without an image",
+    "undecodable": "with an unreadable image (or a failed augmentation)",
+    "out_of_range": "with a class id beyond the class names",
+}
+"""Why a training sample is dropped: the ``LabelStats`` counter of each cause, and its words in the summary."""
+
+
 class LabelStats:
     """Counts shared with data-loader workers (multiprocessing values, like upstream's SharedEpoch).
 
-    ``seen``: samples read; ``kept``: of them with an image and an in-range label; ``no_label``,
-    ``no_image``, ``out_of_range`` (last such id in ``bad_id``): skipped; ``read_errors``:
-    unreadable shards and samples (the last one's description in ``last_error``), of them
-    ``undecodable``: kept samples dropped later (image or augmentation failed); ``horizon``: an
-    upper bound of ``kept - undecodable`` (the samples batched) at the end of the current epoch
-    (``start_epoch``), -1 when unknown."""
+    ``seen``: samples read; ``kept``: of them with an image and an in-range label; one counter per
+    ``SKIP_CAUSES`` entry for the samples dropped (``skip``, the one way to count one: ``no_label``,
+    ``no_image``, ``out_of_range`` (the last such id in ``bad_id``) and ``undecodable``, kept samples
+    whose image cannot be decoded or augmented); ``broken_shards``: shard reads that stopped at damage
+    (their later samples are never read, so never counted); ``last_error``: the last unreadable sample or
+    shard, in one line; ``horizon``: an upper bound of ``kept - undecodable`` (the samples batched) at
+    the end of the current epoch (``start_epoch``), -1 when unknown.
 
-    def __init__(self):
+    With a ``position`` (the pipeline's ``WorkerPass``: ``pass_index``) only a worker's first pass over
+    its shards in an epoch is counted: an epoch needs more passes when samples are dropped, and the
+    repeats would count the same sample twice (32 unreadable of 64 read as 64)."""
+
+    def __init__(self, position=None):
+        self.position = position
         self.seen = Value("l", 0)
         self.kept = Value("l", 0)
-        self.no_label = Value("l", 0)
-        self.no_image = Value("l", 0)
-        self.out_of_range = Value("l", 0)
+        for cause in SKIP_CAUSES:
+            setattr(self, cause, Value("l", 0))
         self.bad_id = Value("l", 0)
-        self.read_errors = Value("l", 0)
-        self.undecodable = Value("l", 0)
+        self.broken_shards = Value("l", 0)
         self.last_error = Array("c", 400)
         self.horizon = Value("l", -1)
 
-    def add(self, counter, amount=1):
-        with counter.get_lock():
-            counter.value += amount
+    @property
+    def counting(self) -> bool:
+        """False in a worker's repeat passes over the samples it counted already this epoch."""
+        return self.position is None or self.position.pass_index == 0
 
-    def note_error(self, message: str, sample: bool = False):
-        """Count an unreadable shard or (``sample``) a kept sample that cannot be decoded or
-        augmented, and keep its one-line description for the summary."""
-        self.add(self.read_errors)
-        if sample:
-            self.add(self.undecodable)
+    def add(self, counter, amount=1):
+        """Count ``amount`` samples read (``seen``) or kept (``kept``); a dropped one goes through ``skip``."""
+        if self.counting:
+            with counter.get_lock():
+                counter.value += amount
+
+    def skip(self, cause: str, amount: int = 1, *, message: str | None = None, label: int | None = None):
+        """Count ``amount`` dropped samples under ``cause`` (a ``SKIP_CAUSES`` key), whatever the stage that
+        drops them: every one counts toward ``--starft-max-skipped-fraction`` and is named in ``summary``.
+        ``message``: the unreadable sample's one-line description; ``label``: the out-of-range class id."""
+        if message is not None:
+            self.last_error.value = message.encode("utf-8", "replace")[:399]
+        if label is not None:
+            self.bad_id.value = label
+        self.add(getattr(self, cause), amount)
+
+    def broken_shard(self, message: str):
+        """Count a shard whose reading stopped at damage, and keep its description for the summary."""
         self.last_error.value = message.encode("utf-8", "replace")[:399]
+        self.add(self.broken_shards)
+
+    @property
+    def skipped(self) -> int:
+        """Samples dropped so far, every cause together."""
+        return sum(getattr(self, cause).value for cause in SKIP_CAUSES)
 
     def start_epoch(self, labelled_budget: int):
         """The epoch about to run batches at most ``labelled_budget`` more labelled samples."""
         self.horizon.value = self.kept.value - self.undecodable.value + labelled_budget
 
     def summary(self) -> str:
-        text = (f"so far: samples read {self.seen.value}, skipped without a usable 'cls' label {self.no_label.value}, "
-                f"without an image {self.no_image.value}, unreadable shards/samples {self.read_errors.value}")
-        if self.read_errors.value:
+        causes = ", ".join(f"{getattr(self, cause).value} {words}" for cause, words in SKIP_CAUSES.items())
+        text = f"so far: samples read {self.seen.value}, skipped {self.skipped} ({causes})"
+        if self.broken_shards.value:
+            text += (f"; {self.broken_shards.value} unreadable shard read(s), whose samples after the damage "
+                     "were never read")
+        if self.undecodable.value or self.broken_shards.value:
             text += f" (last: {self.last_error.value.decode('utf-8', 'replace')})"
         return text
 
     def check(self, max_skipped_fraction: float, num_classes: int, source: str, final: bool = False):
         """Raise StarftError when a class id was out of range or too many samples were skipped.
 
-        ``final`` (the end of an epoch): when the skipped share of the samples read passes
-        ``max_skipped_fraction``. Before that only when the end is certain to fail: ``skipped /
-        (seen + labelled samples still to come) > max_skipped_fraction``, with the labelled samples
-        still to come bounded by ``horizon`` (more skipped samples only raise the share), so a run
-        whose share ends under the threshold is never stopped, however early its bad samples come."""
+        ``final`` (the end of an epoch): when the skipped share of the samples read (every cause of
+        ``SKIP_CAUSES``) passes ``max_skipped_fraction``. Before that only when the end is certain to
+        fail: ``skipped / (seen + labelled samples still to come) > max_skipped_fraction``, with the
+        labelled samples still to come bounded by ``horizon`` (more skipped samples only raise the
+        share), so a run whose share ends under the threshold is never stopped, however early its bad
+        samples come."""
         if self.out_of_range.value:
             raise StarftError(
                 f"{self.out_of_range.value} sample(s) in {source} have class ids outside the {num_classes} class names "
                 f"(e.g. {self.bad_id.value}): pass --starft-classnames with a file that names every class id")
-        seen, skipped = self.seen.value, self.no_label.value + self.no_image.value
+        seen, skipped = self.seen.value, self.skipped
         if not seen or not skipped:
             return
         if final:
@@ -87,12 +123,12 @@ class LabelStats:
         else:
             bound = seen + max(0, self.horizon.value - (self.kept.value - self.undecodable.value))
         if skipped / bound > max_skipped_fraction:
-            broken = (f"; {self.read_errors.value} shard(s)/sample(s) were unreadable, so check the shards too"
-                      if self.read_errors.value else "")
+            broken = (f"; {self.broken_shards.value} shard read(s) stopped at damage, so check the shards too"
+                      if self.broken_shards.value else "")
             raise StarftError(
-                f"{skipped} of {seen} samples in {source} were skipped ({self.summary()}): every sample needs an "
-                f"image and an integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, now "
-                f"{max_skipped_fraction}){broken}")
+                f"{skipped} of {seen} samples in {source} were skipped ({self.summary()}): every sample needs a "
+                f"readable image and an integer class id under the key 'cls' (or raise --starft-max-skipped-fraction, "
+                f"now {max_skipped_fraction}){broken}")
 
 
 def check_shards_exist(pattern: str) -> list[str]:

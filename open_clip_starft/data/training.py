@@ -15,7 +15,8 @@ after its first ``k`` (step-exact resume); the skipped samples are dropped befor
 
 Before training, ``data.checks.prescan_shards`` reads the first shard (all shards when they are
 few or small) without decoding and names broken shards, samples without ``cls`` or image, and
-out-of-range ids. Samples without a usable label are skipped and counted (``data.checks.LabelStats``);
+out-of-range ids. Every sample dropped, for whatever reason (no image, no usable label, an unreadable
+image or a failed augmentation), is counted once through ``LabelStats.skip`` (``data.checks``);
 the training loop logs the counts and stops with a clear error when the skipped share passes
 ``--starft-max-skipped-fraction`` (decided only when it is certain, see ``LabelStats.check``) or
 a class id is outside the class names.
@@ -81,7 +82,7 @@ class _ShardSamples:
                     count += 1
                     yield sample
             except BrokenShard as e:
-                self.stats.note_error(str(e))
+                self.stats.broken_shard(str(e))
                 if url not in self.warned:
                     self.warned.add(url)
                     logging.warning(f"Skipping unreadable training data: {e}; its later samples are lost (rewrite the "
@@ -96,7 +97,7 @@ class _ShardSamples:
 class WorkerPass:
     """Where one copy of the pipeline (one per data-loader worker process) is: the state its stages
     share. Made once in ``get_wds_train_data`` and given to the constructor of every stage that reads
-    it (``_SplitByWorker``, ``_Shuffle``, ``_LabelledSamples``, ``_WorkerSeed``) and of
+    it (``_SplitByWorker``, ``_Shuffle``, ``_WorkerSeed``; ``LabelStats``, which counts the first pass only) and of
     ``_EpochPipeline``, the only one that writes it (``begin_epoch`` in each worker, ``pass_index`` at
     each pass); stages only read.
 
@@ -139,32 +140,27 @@ class _Shuffle:
 
 
 class _LabelledSamples:
-    """Pipeline stage: keep samples with an image and a usable in-range ``cls``; count the rest.
+    """Pipeline stage: keep samples with an image and a usable in-range ``cls``; count the rest
+    (``LabelStats.skip``: counted in a worker's first pass over its shards in an epoch only)."""
 
-    Counted in a worker's first pass over its shards in an epoch only: an epoch of ``N`` samples
-    needs more than one pass when some are skipped, and the repeats would count the same skipped
-    sample twice (1 bad in 128 would read as 2 in 133)."""
-
-    def __init__(self, stats: LabelStats, num_classes: int, position: WorkerPass):
-        self.stats, self.num_classes, self.position = stats, num_classes, position
+    def __init__(self, stats: LabelStats, num_classes: int):
+        self.stats, self.num_classes = stats, num_classes
 
     def __call__(self, samples):
-        count = self.position.pass_index == 0
-        add = self.stats.add if count else (lambda counter, amount=1: None)
+        stats = self.stats
         for sample in samples:
-            add(self.stats.seen)
+            stats.add(stats.seen)
             if not any(k in sample for k in IMAGE_KEYS):
-                add(self.stats.no_image)
+                stats.skip("no_image")
                 continue
             label = parse_label(sample.get("cls"))
             if label is None:
-                add(self.stats.no_label)
+                stats.skip("no_label")
                 continue
             if not 0 <= label < self.num_classes:
-                self.stats.add(self.stats.out_of_range)
-                self.stats.bad_id.value = label
+                stats.skip("out_of_range", label=label)
                 continue
-            add(self.stats.kept)
+            stats.add(stats.kept)
             sample["__label__"] = label
             yield sample
 
@@ -211,7 +207,7 @@ class _DecodeImages:
             except Exception as e:  # noqa: BLE001 - any undecodable image is skipped and named
                 message = (f"unreadable image {key!r} of sample {sample['__key__']!r} in shard "
                            f"{sample.get('__url__', '?')} ({type(e).__name__}: {e})")
-                self.stats.note_error(message, sample=True)
+                self.stats.skip("undecodable", message=message)
                 logging.warning(f"Skipping an {message}")
                 continue
             if self.skip > 0:
@@ -270,7 +266,7 @@ class Collate:
 def _counting_handler(stats: LabelStats):
     """The augmentation stage's error handler: count the dropped sample, warn, go on."""
     def handler(exn):
-        stats.note_error(f"{type(exn).__name__}: {exn}", sample=True)
+        stats.skip("undecodable", message=f"augmentation failed: {type(exn).__name__}: {exn}")
         logging.warning(f"Skipping unreadable training data ({exn!r}).")
         return True
     return handler
@@ -405,7 +401,7 @@ def _sample_stages(args, builder: CaptionBuilder, stats: LabelStats, shared_epoc
     return [
         _ShardSamples(stats),
         _Shuffle(args.seed, args.rank, shared_epoch, position),
-        _LabelledSamples(stats, builder.num_classes, position),
+        _LabelledSamples(stats, builder.num_classes),
         decoder,
         _AddCaptions(builder, args.seed, shared_epoch),
         *([_AddPlainImage(preprocess_plain)] if preprocess_plain else []),
@@ -429,7 +425,8 @@ def get_wds_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
     if tokenizer is not None and args.rank == 0:
         warn_long_captions(builder, tokenizer, "training captions")
 
-    shared_epoch, position, stats = SharedEpoch(epoch=epoch), WorkerPass(), LabelStats()
+    shared_epoch, position = SharedEpoch(epoch=epoch), WorkerPass()
+    stats = LabelStats(position)  # counts each worker's first pass over its shards in an epoch only
     decoder = _DecodeImages(stats)
     # As upstream: every worker yields the same number of full batches, so all ranks step together.
     global_batch_size = args.batch_size * args.world_size
@@ -466,11 +463,10 @@ class LabelledCsvDataset(Dataset):
                                   f"name the column with {flag}")
         labels = [parse_label(v) for v in df[label_key].tolist()]
         stats.add(stats.seen, len(labels))
-        stats.add(stats.no_label, sum(label is None for label in labels))
+        stats.skip("no_label", sum(label is None for label in labels))
         bad = [label for label in labels if label is not None and not 0 <= label < builder.num_classes]
         if bad:
-            stats.add(stats.out_of_range, len(bad))
-            stats.bad_id.value = bad[0]
+            stats.skip("out_of_range", len(bad), label=bad[0])
         keep = [i for i, label in enumerate(labels) if label is not None and 0 <= label < builder.num_classes]
         self.images = [str(df[img_key].iloc[i]) for i in keep]
         self.labels = [labels[i] for i in keep]
