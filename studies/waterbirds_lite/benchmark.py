@@ -220,10 +220,16 @@ def zero_shot_check(model: str, info: dict) -> dict:
     """The zero-shot model's Waterbirds-lite VALIDATION accuracy and worst group, and its source-val accuracy
     (never a test set): the competence check of a pre-trained unit."""
     ev = Evaluator(model, info, roles=("wb-val", "source-val"))
-    m = ev.evaluate(ev.zero_shot_state)
-    return {"val_avg": m["wb-val"]["top1"], "val_worst_group": m["wb-val"]["worst_group"],
-            "val_groups": {WB_GROUP_NAMES[g]: a for g, a in sorted(m["wb-val"]["groups"].items())},
-            "source_val": m["source-val"]["top1"]}
+    return validation_numbers(ev.evaluate(ev.zero_shot_state))
+
+
+def validation_numbers(metrics: dict) -> dict:
+    """The validation numbers of one model from ``Evaluator.evaluate``'s ``metrics`` (with roles ``wb-val`` and
+    ``source-val``): Waterbirds-lite validation accuracy, worst group and groups by name, source-val accuracy."""
+    val = metrics["wb-val"]
+    return {"val_avg": val["top1"], "val_worst_group": val["worst_group"],
+            "val_groups": {WB_GROUP_NAMES[g]: a for g, a in sorted(val["groups"].items())},
+            "source_val": metrics["source-val"]["top1"]}
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------

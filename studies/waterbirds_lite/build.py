@@ -27,6 +27,12 @@ Splits (``{variant}-s{seed}``):
   probed in the study's notes. The manifest lists every photograph with its package, place and part.
 - ``identity``: bird SPECIES split 50/20/30 % within each kind (all stamps of a species on one side),
   scene photographs split as in ``shared``.
+- ``transfer`` (the paper's protocol: fine-tune on a source task, zero-shot on a task whose material the fine-tune
+  never saw): bird SPECIES split about half and half within each kind into SOURCE species (the ``train`` part) and
+  TARGET species (the ``val`` and ``test`` parts), scene photographs split as in ``shared``. Pre-training shows
+  every species, each bird on a uniformly drawn place (so the zero-shot model starts robust); every fine-tuning set
+  (``source-*``, ``wb-train``) shows source species only, so no target cut-out is in any fine-tune; ``wb-val`` and
+  ``wb-test`` show target species only, balanced over the four groups.
 
 Tux Paint has one cut-out per species for most species, so in ``crops`` and ``shared`` the bird cut-outs
 themselves are shared between parts.
@@ -75,8 +81,11 @@ PLACES = ("land", "water")
 WB_CLASSNAMES = ("landbird", "waterbird")
 WB_GROUP_NAMES = ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water")
 SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2, "test": 0.3}
-VARIANTS = ("shared", "identity", "crops")  # the index is in the data seed: append, never reorder
-VERSION = 2  # of the manifest and its sets: v1 (commit 83bb42d) had one pre-training set for all splits
+VARIANTS = ("shared", "identity", "crops", "transfer")  # the index is in the data seed: append, never reorder
+# of the manifest and its sets: v1 (commit 83bb42d) had one pre-training set for all splits; v2 had no ``stamp``
+# field in its samples and no ``pretrain`` part of the birds
+VERSION = 3
+FINETUNE_SETS = ("wb-train", "source-train", "source-val", "source-test")  # the sets a fine-tune or its choice reads
 # the sets' ids in the sample seeds (never reuse one)
 SET_IDS = {"pretrain": 1, "wb-train": 2, "wb-val": 3, "wb-test": 4, "source-train": 5, "heldout-test": 6,
            "source-val": 7, "source-test": 8}
@@ -225,6 +234,19 @@ def _split(indices: list[int], seed: int, what: str) -> dict[str, list[int]]:
     n = len(order)
     n_train, n_val = round(n * SPLIT_FRACTIONS["train"]), round(n * SPLIT_FRACTIONS["val"])
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return _checked(parts, n, what)
+
+
+def _source_target(indices: list[int], seed: int, what: str) -> dict[str, list[int]]:
+    """``indices`` shuffled by ``seed`` and cut in half (the larger half to the source): ``train`` the source,
+    ``val`` and ``test`` both the target (``transfer``: validation and test differ by photographs, not species)."""
+    order = list(np.random.default_rng(seed).permutation(indices))
+    n_source = (len(order) + 1) // 2
+    return _checked({"train": order[:n_source], "val": order[n_source:], "test": order[n_source:]}, len(order), what)
+
+
+def _checked(parts: dict, n: int, what: str) -> dict[str, list[int]]:
+    """``parts`` as int lists; a one-line error naming ``what`` when one is empty."""
     empty = [k for k, v in parts.items() if not v]
     if empty:
         raise StarftError(f"Waterbirds-lite: the {empty[0]} split of the {what} would be empty ({n} in all): "
@@ -243,13 +265,15 @@ def bird_species(stamps: list[Stamp], kind: str) -> dict[str, list[int]]:
 
 def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int, source_fraction: float) -> dict:
     """Which scenes, birds and object classes each part of split ``{variant}-s{seed}`` uses (indices).
-    ``identity`` splits bird species (every stamp of a species on one side), ``shared`` and ``crops`` keep every
-    species in every part; scene photographs are split in ``shared`` and ``identity``, while in ``crops`` every
+    ``identity`` splits bird species (every stamp of a species on one side), ``transfer`` splits them into source
+    (``train``) and target (``val`` and ``test``) halves, ``shared`` and ``crops`` keep every species in every part;
+    each kind's ``pretrain`` part is its ``train`` part but in ``transfer``, where pre-training shows every species; scene photographs are split in ``shared`` and ``identity``, while in ``crops`` every
     part draws its own random crops of every photograph (the background photographs, not their crops, are
     shared, as Waterbirds' Places backgrounds are in-distribution for CLIP)."""
     if variant not in VARIANTS:
         raise StarftError(f"unknown split variant {variant!r}: use crops (species and photographs in every part), "
-                          "shared (species in every part, photographs split) or identity (species split)")
+                          "shared (species in every part, photographs split), identity (species split) or transfer "
+                          "(source and target species)")
     split = {"name": f"{variant}-s{seed}", "variant": variant, "seed": seed, "scenes": {}, "birds": {}}
     for place in PLACES:
         at_place = [i for i, s in enumerate(scenes) if s.place == place]
@@ -263,8 +287,14 @@ def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int
             names = list(species)
             parts = _split(list(range(len(names))), seed * 7 + 2, f"{kind} species")
             split["birds"][kind] = {k: [i for n in v for i in species[names[n]]] for k, v in parts.items()}
+        elif variant == "transfer":
+            names = list(species)
+            parts = _source_target(list(range(len(names))), seed * 7 + 4, f"{kind} species")
+            split["birds"][kind] = {k: [i for n in v for i in species[names[n]]] for k, v in parts.items()}
         else:
             split["birds"][kind] = {k: [i for v in species.values() for i in v] for k in SPLIT_FRACTIONS}
+        every = sorted(i for v in species.values() for i in v)
+        split["birds"][kind]["pretrain"] = every if variant == "transfer" else split["birds"][kind]["train"]
     objects = [i for i, s in enumerate(stamps) if s.kind == "object"]
     order = [int(i) for i in np.random.default_rng(seed * 7 + 3).permutation(objects)]
     n_source = round(len(order) * source_fraction)
@@ -280,7 +310,8 @@ def make_split(stamps: list[Stamp], scenes: list[Scene], variant: str, seed: int
 def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Material, seed: int, set_id: int,
                samples_per_shard: int = 500) -> dict:
     """Shards of ``n`` samples, ``draw(rng) -> (stamp, scene, cls, group, caption)``, through
-    ``data.samples.write_shards``; returns counts."""
+    ``data.samples.write_shards``; returns counts. Each sample names its cut-out (``stamp.txt``: its file under
+    ``STAMPS_ROOT``), so what a set shows can be checked on the written shards."""
     groups = {}
 
     def samples():
@@ -291,7 +322,7 @@ def _write_set(out_dir: str, n: int, draw, classnames: list[str], material: Mate
             material.compose(stamp, scene, rng).save(buf, format="JPEG", quality=90)
             groups[group] = groups.get(group, 0) + 1
             yield {"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": cls, "group": group,
-                   "txt": f"a photo of a {caption}."}
+                   "txt": f"a photo of a {caption}.", "stamp.txt": material.stamps[stamp].file}
 
     paths = write_shards(out_dir, samples(), prefix=os.path.basename(out_dir), samples_per_shard=samples_per_shard)
     write_text(os.path.join(out_dir, "classnames.txt"), "\n".join(classnames) + "\n")
@@ -325,15 +356,17 @@ def pretrain_captions(stamp: Stamp, phrases: list[str]) -> list[str]:
 
 
 def write_pretrain(root: str, material: Material, split: dict, sizes: Sizes, seed: int, progress=None) -> dict:
-    """The split's pre-training set under ``root/pretrain``: every object and the split's train-part birds on
-    its train scene photographs, each stamp on its natural place with probability ``sizes.p_pretrain_natural``.
+    """The split's pre-training set under ``root/pretrain``: every object and the split's pretrain-part birds
+    (train-part; in ``transfer`` every bird) on its train scene photographs, each stamp on its natural place with
+    probability ``sizes.p_pretrain_natural`` (in ``transfer`` a bird's place is uniform: balanced placement).
     A sample shows a bird with probability ``sizes.p_pretrain_bird`` (uniform over the train-part bird stamps),
     else an object (uniform over objects); one caption body per sample from ``pretrain_captions`` (class = its
     index): a bird's names its superclass with probability ``sizes.p_pretrain_superclass`` (with its species or
     alone, equally often), and half of all captions name the scene (its own phrase)."""
     stamps, scenes = material.stamps, material.scenes
     phrases = sorted({s.phrase for s in scenes})
-    birds = sorted(split["birds"]["landbird"]["train"] + split["birds"]["waterbird"]["train"])
+    birds = sorted(split["birds"]["landbird"]["pretrain"] + split["birds"]["waterbird"]["pretrain"])
+    bird_natural = None if split["variant"] == "transfer" else sizes.p_pretrain_natural
     objects = [i for i, s in enumerate(stamps) if s.kind == "object"]
     chosen = sorted(objects + birds)
     names, first = [], {}
@@ -344,7 +377,8 @@ def write_pretrain(root: str, material: Material, split: dict, sizes: Sizes, see
     def draw(rng):
         pool_of_stamps = birds if rng.random() < sizes.p_pretrain_bird else objects
         stamp = pool_of_stamps[int(rng.integers(len(pool_of_stamps)))]
-        place = _place(stamps[stamp].place, sizes.p_pretrain_natural, rng)
+        place = _place(stamps[stamp].place, sizes.p_pretrain_natural if stamps[stamp].kind == "object" else
+                       bird_natural, rng)
         pool = split["scenes"][place]["train"]
         scene = pool[int(rng.integers(len(pool)))]
         n_names = 3 if stamps[stamp].kind != "object" else 1

@@ -6,7 +6,8 @@ pre-trains one CLIP-lite per unit (split × pre-training seed) as the zero-shot 
 tower and EfficientNet-Lite0's real ImageNet trunk, aligned LiT style with the trunk locked), fine-tunes it by
 FLYP and a StarFT grid (λ × schedule × descriptors) in two protocols, chooses the StarFT setting on validation, draws WiSE-FT curves, and writes a report with intervals over units.
 
-    python -m studies.waterbirds_lite all --out wbl --docs docs      # everything (see docs/waterbirds-lite.md)
+    python -m studies.waterbirds_lite gate --out wbl --docs docs/waterbirds-lite-transfer  # the transfer design's gate
+    python -m studies.waterbirds_lite all --out wbl --docs docs/waterbirds-lite-transfer   # everything
     python -m studies.waterbirds_lite build --out wbl                # only the data
 
 Stages (``all`` runs them in order; each reuses what an earlier call finished, so an interrupted
@@ -14,7 +15,9 @@ study continues where it stopped): ``build`` (Debian packages → shards, per sp
 contrastive pre-training through ``open_clip_starft.main --starft-lambda 0``, then the zero-shot VALIDATION
 check in ``OUT/zero_shot.json``), ``run`` (P1's fine-tune length chosen on source-val, then every protocol ×
 unit × seed × grid setting), ``report`` (evaluation; ``waterbirds-lite.json``, ``.md``, ``.png`` under ``--docs``,
-by default ``OUT/report``). ``open-clip-starft bench waterbirds-lite`` is the same command (an alias).
+by default ``OUT/report``). ``gate`` (the transfer design's go/no-go, on VALIDATION only: pre-training, P1's
+FLYP lengths, and the zero-shot model and FLYP on Waterbirds-lite validation, ``OUT/gate.json`` and
+``gate.{json,md}`` under ``--docs``): the study runs only where FLYP damages the zero-shot model's worst group.
 """
 from __future__ import annotations
 
@@ -31,27 +34,37 @@ from studies.waterbirds_lite import benchmark, build, report
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.method.schedule import list_schedules
-from open_clip_starft.tools.sweep import make_grid, parse_floats
+from open_clip_starft.tools.sweep import Setting, make_grid, parse_floats
 
 # ``competent_val_avg``: a unit's zero-shot model is worth preserving when its Waterbirds-lite VALIDATION average
 # reaches it; units below are named and left out of the fine-tunes and the report (decided on validation, before
 # any fine-tune). The miniature's models are far too small to be competent: it checks the plumbing only.
 SCALES = {
+    # the transfer design (issue 27 §3, the paper's protocol): v3's recipe on ``transfer`` splits, a Waterbirds-lite
+    # test of 2000 target-species images; gate first (``gate``), on validation
+    "transfer": dict(competent_val_avg=0.75, title="transfer (source species fine-tuned, target species zero-shot)",
+                     sizes=build.Sizes(pretrain=8000, wb_test=2000, source_train=1500, source_val=400,
+                                       source_test=2000, heldout_test=400),
+                     schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3),
+                                                 finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
+                                                 pretrain_recipe="lit-cached", freeze_bn_stats=True,
+                                                 channels_last=True),
+                     model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3: CLIP-lite with EfficientNet-Lite0's ImageNet trunk and MiniLM's text tower, both locked in pre-training
     # (LiT on cached tower outputs: only the projections learn), composites drawn at 64 px and seen at 128 px (the
-    # recipe chosen on shared-s0's validation: docs/waterbirds-lite-v3-probe.json)
+    # recipe chosen on shared-s0's validation: docs/archive/waterbirds-lite-v3-probe.json)
     "full": dict(competent_val_avg=0.75, title="v3",
                  sizes=build.Sizes(pretrain=8000, wb_test=4000, source_train=1500, source_val=400, source_test=5000,
                                    heldout_test=400),
                  # P1: 3 of (1, 3) epochs was chosen on shared-s0's source-val in both pilots, the range's edge.
                  # Fine-tunes keep the zero-shot BatchNorm statistics: on shared-s0's validation every fine-tuned
-                 # model of pilot-frozen-bn beat pilot's (docs/waterbirds-lite-v3-pilot{,-frozen-bn})
+                 # model of pilot-frozen-bn beat pilot's (docs/archive/waterbirds-lite-v3-pilot{,-frozen-bn})
                  schedule=benchmark.Schedule(pretrain_epochs=10, pretrain_lr=1e-3, p1_epochs=(1, 3, 6),
                                              finetune_lr=2e-4, wise_alphas=benchmark.WISE_ALPHAS_FINE,
                                              pretrain_recipe="lit-cached", freeze_bn_stats=True, channels_last=True),
                  model=dict(vision_tower="efficientnet-lite0", image_size=128, context_length=24)),
     # v3 at the v2 study's set sizes (1000 test, 600 source-test images): a pilot unit's cost, ~5x less evaluation;
-    # its teacher used running BatchNorm statistics (docs/waterbirds-lite-v3-pilot: the Star term 1.83 at step 0)
+    # its teacher used running BatchNorm statistics (docs/archive/waterbirds-lite-v3-pilot: the Star term 1.83 at step 0)
     "pilot": dict(competent_val_avg=0.75, title="v3 pilot (v2's set sizes: 1000 test, 600 source-test images)",
                   sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600,
                                     heldout_test=400),
@@ -76,7 +89,7 @@ SCALES = {
                                                 finetune_lr=2e-4, wise_alphas=(0.2, 0.4, 0.6, 0.8),
                                                 pretrain_lock_image=True),
                     model=dict(vision_tower="efficientnet-lite0", image_size=64, context_length=24)),
-    # v2 (docs/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
+    # v2 (docs/archive/waterbirds-lite-v2/waterbirds-lite.json's records): a small ModifiedResNet learnt from scratch
     "v2": dict(competent_val_avg=0.75, title="v2",
                sizes=build.Sizes(pretrain=8000, source_train=1500, source_val=400, source_test=600, heldout_test=400),
                schedule=benchmark.Schedule(pretrain_epochs=4, pretrain_lr=2e-3, p1_epochs=(1, 3), finetune_lr=2e-4,
@@ -92,6 +105,7 @@ SCALES = {
                  model=dict(vision_tower="efficientnet-lite0", image_size=32, embed_dim=64, context_length=16)),
 }
 STAGES = ("build", "pretrain", "run", "report")
+GATE_ROLES = ("wb-val", "source-val")  # the only sets the gate reads: validation (benchmark.validation_numbers)
 
 
 def _splits(text: str) -> list[tuple[str, int]]:
@@ -118,7 +132,8 @@ DESCRIPTION = ("The Waterbirds-lite accuracy study: does StarFT keep the zero-sh
 STAGE_HELP = {"build": "write the data (Debian's photographs and cut-outs) and its manifest",
               "pretrain": "pre-train and check each unit's zero-shot model on validation",
               "run": "P1's length, then every fine-tune of the competent units",
-              "report": "evaluate, write the records and the report", "all": "the four stages in order"}
+              "report": "evaluate, write the records and the report", "all": "the four stages in order",
+              "gate": "pre-train, P1's FLYP, and FLYP − zero-shot worst group on validation: does fine-tuning damage?"}
 
 
 def build_parser(stage: str = "all") -> argparse.ArgumentParser:
@@ -130,12 +145,14 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--out", default="waterbirds-lite", help="working folder: data, models, logs (default ./waterbirds-lite)")
     p.add_argument("--docs", help="where report writes waterbirds-lite.{json,md,png} (default OUT/report; "
                    "the shipped report is docs/)")
-    p.add_argument("--scale", choices=SCALES, default="full", help="full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
+    p.add_argument("--scale", choices=SCALES, default="transfer", help="transfer (v3's recipe for transfer splits, "
+                   "2000 test images; the default), full (v3: the pretrained EfficientNet-Lite0 tower, LiT pre-training on cached outputs, "
                    "128 px), pilot (v3 at v2's set sizes, BatchNorm in train mode: the first pilot's recipe), pilot-frozen-bn (pilot with BatchNorm statistics frozen in fine-tuning), v3-host (v3's first probe: LiT through open_clip_starft.main, 64 px), v2 (the recorded "
                    "v2 study's from-scratch ResNet) or mini (the tests' miniature of v3)")
-    p.add_argument("--splits", default="shared:0,1,2,3,4,5,6,7",
-                   help="VARIANT:SEEDS;... (shared: background photographs split, v3's headline; identity: species and "
-                   "photographs split; crops: species and photographs in every part, new crops; default shared:0..7)")
+    p.add_argument("--splits", default="transfer:0,1,2,3,4",
+                   help="VARIANT:SEEDS;... (transfer: source species fine-tuned, target species tested, photographs "
+                   "split; shared: background photographs split, v3's headline; identity: species and photographs "
+                   "split; crops: species and photographs in every part, new crops; default transfer:0..4)")
     p.add_argument("--pretrain-seeds", default="0", help="pre-training seeds per split; a unit is a split × a pre-training seed")
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default: the scale's, 10 at full)")
     p.add_argument("--image-size", type=int, help="the model's input size in px; the composites keep the scale's "
@@ -143,6 +160,10 @@ def build_parser(stage: str = "all") -> argparse.ArgumentParser:
     p.add_argument("--pretrain-unlocked-groups", type=int,
                    help="v3 pre-training: leave the image trunk's last N layer groups trainable (default 0: the "
                    "whole trunk locked, LiT)")
+    p.add_argument("--finetune-lr", type=float, help="every fine-tune's learning rate (default: the scale's, 2e-4; "
+                   "a recipe knob of the gate, in its own --out)")
+    p.add_argument("--p1-epochs", help="P1's candidate fine-tune lengths, chosen on source-val by FLYP (default: "
+                   "the scale's, 1,3; a recipe knob of the gate, in its own --out)")
     p.add_argument("--train-seeds", default="0", help="fine-tuning seeds per unit (default 0)")
     p.add_argument("--protocols", default="P1", help="P1 (the paper's), P2 (binary fine-tune), or P1,P2")
     p.add_argument("--lambdas", default="0.5,4", help="StarFT's λ grid (FLYP, λ 0, always runs)")
@@ -162,7 +183,7 @@ def _stage_main(stage: str, argv: list) -> int:
     return _run(build_parser(stage).parse_args(argv), [stage, *argv])
 
 
-STAGE_COMMANDS = {stage: (functools.partial(_stage_main, stage), STAGE_HELP[stage]) for stage in (*STAGES, "all")}
+STAGE_COMMANDS = {stage: (functools.partial(_stage_main, stage), STAGE_HELP[stage]) for stage in (*STAGES, "all", "gate")}
 
 
 def _main(argv=None) -> int:
@@ -271,9 +292,18 @@ def competent_units(out: str, units: list[str], bar: float, log, allow_none: boo
 
 
 def _scale(args) -> dict:
-    """The ``--scale`` settings with ``--pretrain-epochs``, ``--pretrain-unlocked-groups`` and ``--image-size``
-    applied."""
+    """The ``--scale`` settings with ``--pretrain-epochs``, ``--pretrain-unlocked-groups``, ``--image-size``,
+    ``--finetune-lr`` and ``--p1-epochs`` applied."""
     scale, changes = SCALES[args.scale], {}
+    if args.finetune_lr is not None:
+        if not args.finetune_lr > 0:
+            raise ConfigError(f"--finetune-lr {args.finetune_lr:g}: give a learning rate above 0")
+        changes["finetune_lr"] = args.finetune_lr
+    if args.p1_epochs is not None:
+        values = parse_floats(args.p1_epochs, "--p1-epochs")
+        if any(v < 1 or v != int(v) for v in values):
+            raise ConfigError(f"--p1-epochs {args.p1_epochs!r}: give whole numbers of epochs, at least 1, e.g. 1,3")
+        changes["p1_epochs"] = tuple(int(v) for v in values)
     if args.pretrain_epochs is not None:
         if args.pretrain_epochs < 1:
             raise ConfigError(f"--pretrain-epochs {args.pretrain_epochs}: give at least 1")
@@ -335,6 +365,50 @@ def _fine_tune(study: Study, units: list[str], run: bool) -> tuple[dict, dict]:
     return p1, read_json(seconds_path, {})
 
 
+def _gate(study: Study, units: list[str], docs: str) -> dict:
+    """The transfer design's gate, on VALIDATION only (no test set is read): per unit and training seed, P1's FLYP
+    at each candidate length (trained where needed; the length chosen on source-val, as the study chooses it) and
+    the zero-shot model, on Waterbirds-lite validation (target species) and source-val. A unit shows damage when the
+    chosen FLYP's validation worst group is below the zero-shot model's. ``OUT/gate.json`` (merged per unit) and a
+    copy with its recipe, ``gate.json`` and ``gate.md``, under ``docs``; returns the unit entries."""
+    schedule = study.scale["schedule"]
+    p1, _ = _fine_tune(study, units, run=False) if "P1" in study.protocols else ({}, {})
+    if not p1:
+        raise ConfigError("the gate fine-tunes by protocol P1: run it with --protocols P1")
+    entries = {}
+    for unit in units:
+        ev = benchmark.Evaluator(benchmark._zero_shot_dir(study.out, unit), study.info(unit), roles=GATE_ROLES)
+        zero_shot = benchmark.validation_numbers(ev.evaluate(ev.zero_shot_state))
+        seeds = {}
+        for s in study.seeds:
+            chosen = p1[unit][str(s)]["chosen"]
+            flyp = {}
+            for e in schedule.p1_epochs:
+                job = benchmark.finetune_job(study.out, study.info(unit), unit, "P1", s, Setting(0.0), e, schedule)
+                flyp[str(e)] = benchmark.validation_numbers(ev.evaluate(ev.state_of(job.checkpoint)))
+            damage = flyp[str(chosen)]["val_worst_group"] - zero_shot["val_worst_group"]
+            seeds[str(s)] = {"chosen_epochs": chosen, "flyp": flyp, "flyp_minus_zero_shot_val_worst_group": damage,
+                             "flyp_minus_zero_shot_source_val": flyp[str(chosen)]["source_val"] - zero_shot["source_val"]}
+            study.log(f"  gate {unit} seed {s}: validation worst group zero-shot {100 * zero_shot['val_worst_group']:.1f} %"
+                      f", FLYP ({chosen} epochs) {100 * flyp[str(chosen)]['val_worst_group']:.1f} % "
+                      f"({100 * damage:+.1f}); source-val {100 * zero_shot['source_val']:.1f} → "
+                      f"{100 * flyp[str(chosen)]['source_val']:.1f} %")
+        mean = sum(v["flyp_minus_zero_shot_val_worst_group"] for v in seeds.values()) / len(seeds)
+        entries[unit] = {"zero_shot": zero_shot, "seeds": seeds, "flyp_minus_zero_shot_val_worst_group": mean,
+                         "damage": mean < 0, "finetune_lr": schedule.finetune_lr,
+                         "p1_epochs": list(schedule.p1_epochs)}
+    merge_json(os.path.join(study.out, "gate.json"), entries)
+    kept = read_json(os.path.join(study.out, "gate.json"), {})
+    record = {"title": study.scale["title"], "schedule": dataclasses.asdict(schedule),
+              "sizes": study.manifest["sizes"], "machine": benchmark.MACHINE, "units": kept,
+              "passes": any(e["damage"] for e in kept.values()),
+              "command": open(os.path.join(study.out, "commands.txt")).read().strip()}
+    os.makedirs(docs, exist_ok=True)
+    write_json(os.path.join(docs, "gate.json"), record)
+    write_text(os.path.join(docs, "gate.md"), report.gate_markdown(record))
+    return entries
+
+
 def _evaluate(study: Study, units: list[str], p1: dict, seconds: dict) -> list[dict]:
     """Every record of ``units`` (``benchmark.unit_records``: a unit evaluated before is read back)."""
     schedule = study.scale["schedule"]
@@ -376,7 +450,7 @@ def _run(args, argv) -> int:
         f.write("python -m studies.waterbirds_lite " + " ".join(argv) + "\n")
     log = lambda text: print(text, flush=True)  # noqa: E731
 
-    if args.stage in ("build", "all"):
+    if args.stage in ("build", "all", "gate"):
         log("waterbirds-lite: build")
         _timed(out, "build", [], lambda: _build(out, splits, scale, args))
         if args.stage == "build":
@@ -388,12 +462,13 @@ def _run(args, argv) -> int:
                   args.parallel, log)
     # ``all`` finishes one unit (pre-training, fine-tunes, evaluation, report) before it starts the next, so a study
     # cut short keeps every finished unit; a single stage runs over every unit
-    groups = [[(split, ps)] for split in manifest["splits"] for ps in pretrain_seeds] if args.stage == "all" else \
+    one_at_a_time = args.stage in ("all", "gate")
+    groups = [[(split, ps)] for split in manifest["splits"] for ps in pretrain_seeds] if one_at_a_time else \
         [[(split, ps) for split in manifest["splits"] for ps in pretrain_seeds]]
     records, failed = [], {}
     for group in groups:
         units = [benchmark.unit_name(split, ps) for split, ps in group]
-        if args.stage in ("pretrain", "all"):
+        if args.stage in ("pretrain", "all", "gate"):
             log(f"waterbirds-lite: pretrain {', '.join(units)}")
             for split, ps in group:
                 one = {**manifest, "splits": {split: manifest["splits"][split]}}
@@ -403,9 +478,12 @@ def _run(args, argv) -> int:
                 continue
         for unit in units:
             _zero_shot(out, unit)  # pre-trained, and usable here
-        units, bad = competent_units(out, units, scale["competent_val_avg"], log, allow_none=args.stage == "all")
+        units, bad = competent_units(out, units, scale["competent_val_avg"], log, allow_none=one_at_a_time)
         failed.update(bad)
         if not units:
+            continue
+        if args.stage == "gate":
+            _timed(out, "gate", units, lambda: _gate(study, units, args.docs or os.path.join(out, "report")))
             continue
         log(f"waterbirds-lite: {'run' if args.stage != 'report' else 'report'} {', '.join(units)}")
         p1, seconds = _timed(out, "run", units, lambda: _fine_tune(study, units, run=args.stage != "report"))

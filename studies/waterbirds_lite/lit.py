@@ -12,7 +12,7 @@ sets them for a non-ViT model), ``open_clip_train``'s cosine schedule with
 warm-up, weight decay on the projection matrices only (as ``open_clip_train`` excludes gains, biases and the
 logit scale). Written by hand because ``open_clip_train`` has no hook to train on cached tower outputs; a
 pre-training then takes about a minute instead of 20 (v3's probe through ``open_clip_starft.main``, trunk
-locked in train mode, 5 epochs at 64 px: ``docs/waterbirds-lite-v3-probe.json``).
+locked in train mode, 5 epochs at 64 px: ``docs/archive/waterbirds-lite-v3-probe.json``).
 
 The zero-shot model is the init model with the trained projections and logit scale; everything else is
 bit-identical to the init (the pretrained trunk with its running statistics, MiniLM).

@@ -15,7 +15,8 @@ from open_clip_starft.eval.frontier import (dominated_by, fmt, matched_worst_gro
 
 VARIANT_NAMES = {"shared": "shared species, background photographs split (v3's headline)",
                  "identity": "identity (species held out, stricter)",
-                 "crops": "crops (species and background photographs in every part, new crops; secondary)"}
+                 "crops": "crops (species and background photographs in every part, new crops; secondary)",
+                 "transfer": "transfer (the paper's protocol: source species fine-tuned, target species zero-shot)"}
 PROTOCOL_NAMES = {"P1": "P1 (the paper's protocol): fine-tuned on the multi-class source task, zero-shot on Waterbirds-lite",
                   "P2": "P2 (secondary): fine-tuned on the biased two-class Waterbirds-lite train split"}
 
@@ -244,4 +245,44 @@ def markdown(records: list[dict], meta: dict) -> str:
                   *two_class_table(records, protocol), ""]
     lines += ["## Frontiers", "", "![worst group vs in-distribution accuracy](waterbirds-lite.png)", "",
               "## Every run (WiSE-FT points are in the JSON records)", "", *runs_table(records), ""]
+    return "\n".join(lines)
+
+
+def gate_markdown(record: dict) -> str:
+    """The gate record (``cli._gate``) as Markdown: per unit and training seed, the zero-shot model and P1's FLYP
+    on Waterbirds-lite validation (target species) and source-val, and the verdict, read plainly."""
+    schedule, sizes = record["schedule"], record["sizes"]
+    lines = [f"# Waterbirds-lite gate: does fine-tuning damage the zero-shot model? ({record['title']})", "",
+             "Generated from `gate.json` beside this file by `python -m studies.waterbirds_lite gate`; VALIDATION "
+             "only (no test set was read). P1: FLYP fine-tuned on the source task (source species and objects, "
+             f"{100 * sizes['p_aligned']:.0f} % of source birds on their own place), lr {schedule['finetune_lr']:g}, "
+             f"{' or '.join(map(str, schedule['p1_epochs']))} epochs chosen on source-val accuracy; Waterbirds-lite "
+             f"validation: {sizes['wb_val']} images of TARGET species (never in a fine-tune), balanced over the four "
+             f"groups; source-val {sizes['source_val']} images. Machine: {record['machine']}, shared with other work.",
+             "", "| unit | seed | zero-shot val worst group (%) | FLYP val worst group (%) | FLYP − zero-shot (points) "
+             "| zero-shot val avg (%) | FLYP val avg (%) | source-val zero-shot → FLYP (%) | FLYP epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for unit, entry in sorted(record["units"].items()):
+        zs = entry["zero_shot"]
+        for seed, run in sorted(entry["seeds"].items()):
+            flyp = run["flyp"][str(run["chosen_epochs"])]
+            lines.append(f"| {unit} | {seed} | {100 * zs['val_worst_group']:.1f} | {100 * flyp['val_worst_group']:.1f} "
+                         f"| {100 * run['flyp_minus_zero_shot_val_worst_group']:+.1f} | {100 * zs['val_avg']:.1f} "
+                         f"| {100 * flyp['val_avg']:.1f} | {100 * zs['source_val']:.1f} → {100 * flyp['source_val']:.1f} "
+                         f"| {run['chosen_epochs']} |")
+    lines += ["", "Validation groups (zero-shot → FLYP at the chosen length, %):", ""]
+    for unit, entry in sorted(record["units"].items()):
+        for seed, run in sorted(entry["seeds"].items()):
+            flyp = run["flyp"][str(run["chosen_epochs"])]
+            groups = ", ".join(f"{g} {100 * a:.1f} → {100 * flyp['val_groups'][g]:.1f}"
+                               for g, a in entry["zero_shot"]["val_groups"].items())
+            lines.append(f"- {unit} seed {seed}: {groups}")
+    damaged = sorted(u for u, e in record["units"].items() if e["damage"])
+    lines += ["", "Verdict: " + (f"FLYP lowers the zero-shot validation worst group in {len(damaged)} of "
+                                 f"{len(record['units'])} unit(s) ({', '.join(damaged)}): the gate passes, the study "
+                                 "may run." if damaged else
+                                 f"FLYP does not lower the zero-shot validation worst group in any of the "
+                                 f"{len(record['units'])} unit(s): with this recipe there is no damage for StarFT to "
+                                 "prevent, and the gate does not pass."),
+              "", "## How it was run", "", "```", record["command"], "```", ""]
     return "\n".join(lines)
