@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         elif starft.starft_select:
             raise ConfigError(f"--starft-select {starft.starft_select} needs --starft-val NAME=ROOT: the set it names")
         FLAG.install()
-        with StarftHooks(starft, validation=validation):
-            status = host.main(rest)
+        with StarftHooks(starft, validation=validation) as hooks:
+            status = hooks.main(rest)
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Resuming and saving safely: settings compared with the checkpoint's (refused in one line unless
 allowed; the history kept), ``--resume latest`` taking the furthest position, foreign or crafted
-``--resume`` files in one line, a full disk during a save, params.txt never truncated, one process
+``--resume`` files in one line, a full disk during a save (params.txt: tests/test_hooks.py), one process
 per run folder."""
 import errno
 import functools
@@ -12,7 +12,6 @@ import torch
 
 from open_clip_starft.errors import DataError, StorageError
 from open_clip_starft.host import checkpoint as ckpt
-from open_clip_starft.host.hooks import StarftHooks
 from open_clip_starft.host.params import build_parser, starft_settings
 from open_clip_starft.host.runlock import RunLock
 from open_clip_starft.host.state import RunState
@@ -87,22 +86,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     assert "\n" not in message
     assert sorted(os.listdir(folder)) == ["epoch_1.pt"]  # no partial file, no epoch_2.pt
     assert previous.read_bytes() == before
-
-
-def test_params_txt_is_written_atomically_by_upstreams_open(tmp_path):
-    hooks = StarftHooks(build_parser().parse_args([]))
-    params = tmp_path / "params.txt"
-    params.write_text("lr: 0.001\n")
-    with pytest.raises(StorageError, match="no space left on"):
-        with hooks.open(str(params), "w") as f:
-            f.write("lr: 0.002\n")
-            raise OSError(errno.ENOSPC, "No space left on device")
-    assert params.read_text() == "lr: 0.001\n" and os.listdir(tmp_path) == ["params.txt"]  # never truncated
-    with hooks.open(str(params), "w") as f:
-        f.write("lr: 0.003\n")
-    assert params.read_text() == "lr: 0.003\n"
-    with hooks.open(str(tmp_path / "other.txt"), "w") as f:  # anything else: the builtin
-        assert type(f).__name__ == "TextIOWrapper" and f.name == str(tmp_path / "other.txt")
 
 
 # -- foreign, crafted and corrupt --resume files ---------------------------------------------------------

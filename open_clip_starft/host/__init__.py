@@ -1,6 +1,7 @@
 """The one seam into ``open_clip_train``.
 
-- ``hooks``: the names rebound on ``open_clip_train.main`` for one run (``StarftHooks``)
+- ``hooks``: the seam, every step of upstream's ``main`` StarFT replaces (``StarftHooks``), passed to it with
+  patches/0003 or rebound for the run from one table (``SEAM``) without it
 - ``step``: ``StarftStep``, everything StarFT adds per run (teacher, caches, λ, label checks,
   non-finite-loss stop, preemption, per-epoch checks); the one ``star_lambda`` call
 - ``state``: ``RunState``, what the hooks learn about a run (class count, what ``--resume`` loaded,

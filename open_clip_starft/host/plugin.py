@@ -6,13 +6,16 @@ these through the entry points this package declares (``pyproject.toml``)::
     open_clip_train.losses       starft = open_clip_starft.host.plugin:create_loss
     open_clip_train.train_steps  starft = open_clip_starft.host.step:StarftStep
 
-and ``open_clip_starft.main`` passes ``--loss starft --train-step starft`` instead of rebinding
-``create_loss`` and ``train_one_epoch`` (``hooks.py`` still adds the StarFT flags, the labelled
-data and the checkpoint extras, and builds the step it names with the run's ``RunState``). Without the patch the hooks rebind ``create_loss`` to ``create_loss``
-below and ``train_one_epoch`` to ``host/loop.py``'s loop around the same ``StarftStep``.
+and ``open_clip_starft.main`` runs upstream's ``main(argv, hooks=StarftHooks(...))`` with
+``--loss starft --train-step starft`` (recorded in ``params.txt``): upstream calls the hooks'
+methods (``hooks.py``: the StarFT flags, the labelled data, the checkpoint extras, the step built with
+the run's ``RunState``) and rebinds nothing. Without the patch ``hooks.py`` binds the same methods
+over upstream's names for the run, ``train_one_epoch`` to ``host/loop.py``'s loop around the same
+``StarftStep``.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from importlib.metadata import entry_points
@@ -28,6 +31,8 @@ def host_has_plugin_hook() -> bool:
     """True when the installed open_clip_train carries patches/0003 and sees this package's entry points."""
     if importlib.util.find_spec("open_clip_train.plugins") is None:
         return False
+    if not hasattr(importlib.import_module("open_clip_train.plugins"), "Hooks"):
+        return False  # an older patches/0003 (entry points only): the hooks are rebound instead
     return all(any(ep.name == NAME for ep in entry_points(group=group)) for group in (LOSS_GROUP, STEP_GROUP))
 
 
