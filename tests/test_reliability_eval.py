@@ -287,3 +287,86 @@ def test_an_empty_shard_is_named_as_an_empty_set(ws, tmp_path, capsys):
     rc = eval_cli.main(["--model", ws["model"], "--data", str(empty), "--classnames", ws["classes"], "--workers", "0",
                         "--out", str(tmp_path / "e.jsonl"), "--no-progress"])
     one_line_error(capsys, rc, "eval set 'shard-000000' is empty", "1 file(s) hold no samples", str(empty))
+
+
+# -- item 5: CLIP_benchmark result files never collide ---------------------------------------------------------
+def test_sets_whose_clip_benchmark_files_collide_are_refused_before_scoring(ws, folder_set, tmp_path, capsys):
+    from open_clip_starft.eval import cli as eval_cli
+    from open_clip_starft.eval.report import write_clip_benchmark
+    out = tmp_path / "r.jsonl"
+    rc = eval_cli.main(["--model", ws["model"], "--set", f"val x={folder_set}", "--set", f"val_x={folder_set}",
+                        "--classnames", ws["classes"], "--workers", "0", "--results-format", "clip_benchmark",
+                        "--out", str(out), "--no-plots", "--no-progress"])
+    one_line_error(capsys, rc, "set 'val x'", "set 'val_x'", "val_x_model_model_en_zeroshot_classification.json")
+    assert not out.exists() and not (tmp_path / "r_clip_benchmark").exists()
+    # distinct names: one file each, every record kept
+    rc = eval_cli.main(["--model", ws["model"], "--set", f"val-x={folder_set}", "--set", f"val_x={folder_set}",
+                        "--classnames", ws["classes"], "--workers", "0", "--results-format", "clip_benchmark",
+                        "--out", str(out), "--no-plots", "--no-progress"])
+    assert rc == 0 and len(os.listdir(tmp_path / "r_clip_benchmark")) == 2
+    # the writer itself refuses records that would share a file
+    record = {"checkpoint": "a b", "dataset": "v", "top1": 1.0, "top5": None, "worst_group": 1.0, "avg_group": 1.0,
+              "per_class_mean": 1.0, "ece": 0.0, "n": 1, "settings": {"model": "m"}}
+    with pytest.raises(StarftError, match="would both be written to v_a_b_m_en"):
+        write_clip_benchmark([record, {**record, "checkpoint": "a_b"}], str(tmp_path / "cb"))
+    assert not (tmp_path / "cb").exists()
+
+
+# -- item 6: descriptor and other list files are read by their documented formats only ------------------------
+def test_a_yaml_descriptor_file_is_refused_not_read_as_lines(tmp_path, capsys):
+    from open_clip_starft.method.captions import load_classnames, load_templates
+    from open_clip_starft.method.descriptors import load_descriptors
+    from open_clip_starft.tools.descriptors.cli import main as descriptors_main
+    yaml_file = tmp_path / "beach.yaml"
+    yaml_file.write_text("- '{} on the beach.'\n- '{} in the snow.'\n")
+    assert descriptors_main(["validate", "--concepts", str(yaml_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a .yaml file, which is not read" in err and "OK" not in err
+    # YAML or JSON inside a .txt file: refused, naming the line, never taken as entries
+    as_text = tmp_path / "beach.txt"
+    as_text.write_text("# beach\n- '{} on the beach.'\n")
+    with pytest.raises(StarftError, match=r"holds YAML \(.*beach.txt:2: a '- ' list item\)"):
+        load_descriptors(str(as_text))
+    as_text.write_text('["{} on the beach."]\n')
+    with pytest.raises(StarftError, match="holds JSON, but a text file is read one entry per line: name it .json"):
+        load_descriptors(str(as_text))
+    (tmp_path / "beach.json").write_text('["{} on the beach."]\n')
+    assert load_descriptors(str(tmp_path / "beach.json")) == ["{} on the beach."]
+    # the same reader serves class names and caption templates
+    names = tmp_path / "names.yml"
+    names.write_text("- circle\n- square\n")
+    with pytest.raises(StarftError, match="is a .yml file"):
+        load_classnames(str(names))
+    listed = tmp_path / "names.txt"
+    listed.write_text("- circle\n- square\n")
+    with pytest.raises(StarftError, match="holds YAML"):
+        load_classnames(str(listed))
+    templates = tmp_path / "t.txt"
+    templates.write_text("- a photo of a {}.\n")
+    with pytest.raises(StarftError, match="holds YAML"):
+        load_templates(str(templates))
+
+
+# -- item 7: a template that cuts the class name off is refused, in eval and in --starft-val alike ----------
+LONG_TEMPLATE = "a blurry low resolution grainy photograph taken at night with an old camera, " * 2 + "of a {}."  # 34 tokens
+
+
+def test_a_template_that_truncates_the_class_name_away_is_refused(ws, amp_run, folder_set, tmp_path, capsys, caplog):
+    from open_clip_starft.eval import cli as eval_cli
+    from open_clip_starft.method.captions import check_class_prompts
+    tokenizer = open_clip.get_tokenizer(ws["model"])
+    assert tokenizer.context_length == 32 and len(tokenizer.encode(LONG_TEMPLATE.replace("{}", ""))) + 2 > 32
+    templates = tmp_path / "templates.txt"
+    templates.write_text(f"a photo of a {{}}.\n{LONG_TEMPLATE}\n")
+    rc = eval_cli.main(["--model", ws["model"], "--data", folder_set, "--classnames", ws["classes"], "--templates",
+                        str(templates), "--workers", "0", "--out", str(tmp_path / "e.jsonl"), "--no-progress"])
+    one_line_error(capsys, rc, "caption template 'a blurry low resolution", "loses the class name to truncation",
+                   "the prompts of 'circle' and 'square' are the same 32 tokens")
+    assert not (tmp_path / "e.jsonl").exists()
+    result = run(train_args(amp_run, "long-template", "--starft-val", f"plain={folder_set}", "--starft-val-templates",
+                            str(templates), epochs=1, batch_size=16, workers=0))
+    run_refused(result, "caption template 'a blurry low resolution", "loses the class name to truncation", status=2)
+    # a template that is cut but keeps the names apart is allowed with a warning; one that fits passes quietly
+    cut = "a " + "very " * 24 + "blurry photo of a {}."  # 33 tokens: the final period is cut, the names stay apart
+    check_class_prompts(tokenizer, CLASSNAMES, ["a photo of a {}.", cut])
+    assert "1 of 4 class prompts" not in caplog.text and "4 of 4 class prompts are longer than" in caplog.text

@@ -25,8 +25,8 @@ import torch
 
 from open_clip_starft.errors import StarftError, one_line_errors
 from open_clip_starft.eval.models import EVAL_PRECISIONS, ModelCache, UntrustedCheckpoint, checkpoints_from_args
-from open_clip_starft.eval.report import (ScalarReporter, plot_groups, record_scalars, write_clip_benchmark, write_jsonl,
-                                         write_table)
+from open_clip_starft.eval.report import (ScalarReporter, check_clip_benchmark_files, plot_groups, record_scalars,
+                                         write_clip_benchmark, write_jsonl, write_table)
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
 from open_clip_starft.eval.sets.dataset import default_workers
 from open_clip_starft.eval.evaluator import Evaluator
@@ -170,6 +170,8 @@ def run(args) -> int:
     check_run_args(args)
     specs, id_set = set_specs_from_args(args)
     checkpoints = checkpoints_from_args(args.model, args.pretrained, args.run, args.epochs)
+    if args.results_format == "clip_benchmark":  # file names that collide are refused before anything runs
+        check_clip_benchmark_files([(s.name, c.label, c.model) for c in checkpoints for s in specs])
     prepared = [prepare_set(s) for s in specs]  # every set is checked before any model runs
     table_path, plots_dir = default_paths(args.out, args.table, args.plots)
     print(f"evaluating {len(checkpoints)} checkpoint(s) × {len(prepared)} set(s) on {args.device}")

@@ -4,7 +4,7 @@
   ``metrics_of_scores``: top-1, top-5, per-class, per-group, worst-group and average-group accuracy,
   ECE, from integer counts and exact sums (the same numbers from one process or several);
 - ``HeadCache``: the zero-shot heads, the package's one call of OpenCLIP's ``build_zero_shot_classifier``
-  (class names × caption templates); ``collect_logits``: scaled logits of a set's batches.
+  (class names × caption templates; templates that cut the class names off are refused first); ``collect_logits``: scaled logits of a set's batches.
 
 ``eval.evaluator.Evaluator`` puts them together; every command evaluates through it.
 """
@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 from open_clip import build_zero_shot_classifier
+
+from open_clip_starft.method.captions import check_class_prompts
 
 
 @dataclasses.dataclass
@@ -163,6 +165,7 @@ class HeadCache:
                 continue
             names, templates = key
             cols = sorted(cols)
+            check_class_prompts(self.tokenizer, [names[i] for i in cols], templates)  # no head of cut-off prompts
             start = time.perf_counter()
             with torch.no_grad(), autocast():
                 part = build_zero_shot_classifier(

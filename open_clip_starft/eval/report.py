@@ -171,17 +171,41 @@ def clip_benchmark_result(record: dict, model: str, pretrained: str) -> dict:
     }
 
 
+def clip_benchmark_model(model: str | None) -> str:
+    """The ``model`` of a CLIP_benchmark result: the architecture's name (a ``local-dir:`` folder's base name)."""
+    return os.path.basename(str(model or "model").rstrip("/"))
+
+
+def clip_benchmark_file(dataset: str, pretrained: str, model: str) -> str:
+    """The file name CLIP_benchmark gives a result: ``{dataset}_{pretrained}_{model}_{language}_{task}.json``,
+    each part with characters other than letters, digits, ``-``, ``_`` and ``.`` written as ``_``."""
+    return "_".join(_safe(part) for part in (dataset, pretrained, model, "en", CLIP_BENCHMARK_TASK)) + ".json"
+
+
+def check_clip_benchmark_files(results: list[tuple[str, str, str]]) -> None:
+    """Refuse (one line, naming both) two results ``(dataset, checkpoint label, model)`` that CLIP_benchmark's
+    naming maps to one file (``val x`` and ``val_x``): the second would overwrite the first."""
+    seen: dict[str, tuple[str, str, str]] = {}
+    for dataset, label, model in results:
+        name = clip_benchmark_file(dataset, label, clip_benchmark_model(model))
+        if name in seen and seen[name] != (dataset, label, model):
+            other = seen[name]
+            raise StarftError(f"--results-format clip_benchmark: set {other[0]!r} × checkpoint {other[1]!r} and set "
+                              f"{dataset!r} × checkpoint {label!r} would both be written to {name}: rename a set (NAME=ROOT) "
+                              "or a checkpoint (LABEL=FILE) so that they differ in letters, digits, '-', '_' or '.'")
+        seen[name] = (dataset, label, model)
+
+
 def write_clip_benchmark(records: list[dict], out_dir: str) -> list[str]:
     """One CLIP_benchmark result file per record (checkpoint × set) in ``out_dir``, named as CLIP_benchmark
-    names them (``{dataset}_{pretrained}_{model}_{language}_{task}.json``); ``model`` is the record's
-    architecture and ``pretrained`` its checkpoint label. Returns the paths."""
+    names them (``clip_benchmark_file``); ``model`` is the record's architecture and ``pretrained`` its
+    checkpoint label. Names that collide are refused before anything is written. Returns the paths."""
+    check_clip_benchmark_files([(r["dataset"], r["checkpoint"], r["settings"].get("model")) for r in records])
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for r in records:
-        model = os.path.basename(str(r["settings"].get("model") or "model").rstrip("/"))
-        result = clip_benchmark_result(r, model, r["checkpoint"])
-        name = "_".join(_safe(result[k]) for k in ("dataset", "pretrained", "model", "language", "task"))
-        paths.append(os.path.join(out_dir, name + ".json"))
+        result = clip_benchmark_result(r, clip_benchmark_model(r["settings"].get("model")), r["checkpoint"])
+        paths.append(os.path.join(out_dir, clip_benchmark_file(r["dataset"], r["checkpoint"], result["model"])))
         write_json(paths[-1], result, indent=None)
     return paths
 

@@ -189,3 +189,41 @@ def warn_long_captions(builder: CaptionBuilder, tokenizer, source: str = "captio
         logging.warning(f"some {source} exceed the model's text context of {context} tokens, where the tokenizer truncates "
                         f"them: {'; '.join(problems)}; shorten the descriptors, caption templates or class names")
     return max([clean_tokens] + [n for n, _ in spurious])
+
+
+def check_class_prompts(tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse templates whose prompts lose the class name to truncation, before a zero-shot head is built
+    from them: the tokenizer cuts every prompt to ``tokenizer.context_length`` tokens, and a template longer
+    than that gives every class the same tokens (the head then predicts one class for every image).
+
+    A template that fits with the longest class name (counted by ``count_tokens``) is fine. Any other is
+    tokenized with every class name: two classes whose names tokenize apart but whose prompts are the same
+    tokens are a one-line DataError naming the template and both classes; prompts that are cut but still
+    differ are a warning naming the template. Classes whose names are the same tokens anyway (a repeated
+    name) are compared once."""
+    import torch
+    context = getattr(tokenizer, "context_length", None)
+    if not context or len(classnames) < 2:
+        return
+    _, first = torch.unique(tokenizer(list(classnames)), dim=0, return_inverse=True)
+    distinct = [classnames[i] for i in sorted({int(torch.nonzero(first == k)[0]) for k in torch.unique(first)})]
+    counts = [count_tokens(tokenizer, n) for n in distinct]
+    longest = None if None in counts else max(counts) - 2  # the name's own tokens
+    for template in templates:
+        base = count_tokens(tokenizer, template.replace("{}", ""))
+        if base is not None and longest is not None and base + longest + 1 <= context:
+            continue  # even the longest name fits, with a token to spare
+        prompts = [template.replace("{}", n) for n in distinct]
+        _, inverse = torch.unique(tokenizer(prompts), dim=0, return_inverse=True)
+        shown = repr(template if len(template) <= 80 else template[:77] + "...")
+        if len(torch.unique(inverse)) < len(distinct):
+            a, b = next((i, j) for i in range(len(distinct)) for j in range(i + 1, len(distinct)) if inverse[i] == inverse[j])
+            raise DataError(f"caption template {shown} loses the class name to truncation: the prompts of "
+                            f"{distinct[a]!r} and {distinct[b]!r} are the same {context} tokens (the template alone has "
+                            f"{base if base is not None else 'too many'} tokens; the model's text context is {context}): "
+                            "shorten the template so that the class name fits")
+        longer = [p for p in prompts if (count_tokens(tokenizer, p) or 0) > context]
+        if longer:
+            logging.warning(f"caption template {shown}: {len(longer)} of {len(prompts)} class prompts are longer than the "
+                            f"model's text context of {context} tokens and are cut (e.g. {longer[0][:100]!r}); their "
+                            "class names still differ, but shorten the template")

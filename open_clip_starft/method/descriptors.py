@@ -58,8 +58,37 @@ def _read_text(path: str, what: str) -> str:
             "save it as UTF-8") from None
 
 
+LIST_SUFFIXES = (".txt", ".json")
+"""The documented formats of list files: text, one entry per line, and a JSON list."""
+_STRUCTURED_SUFFIXES = (".yaml", ".yml", ".jsonl", ".csv", ".tsv", ".toml", ".xml", ".ini", ".md")
+
+
+def _check_list_format(path: str, what: str, suffixes) -> None:
+    """Refuse a file whose name says it is not one of ``suffixes`` (any but structured formats when None)."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffixes is not None and suffix not in suffixes or suffix in _STRUCTURED_SUFFIXES:
+        raise DataError(f"{what} {path!r} is a {suffix or 'suffix-less'} file, which is not read: write one entry per "
+                        "line in a .txt file, or a JSON list of strings in a .json file")
+
+
+def _check_plain_lines(text: str, entries: list[tuple[str, str]], path: str, what: str) -> None:
+    """Refuse a text file that holds YAML or JSON: read one entry per line, ``- 'a {}'`` would be an entry."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, (list, dict)):
+        raise DataError(f"{what} {path!r} holds JSON, but a text file is read one entry per line: name it .json")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    yaml_line = next((where for entry, where in entries if entry == "-" or entry.startswith(("- ", "-\t"))), None)
+    if first == "---" or yaml_line is not None:
+        raise DataError(f"{what} {path!r} holds YAML ({yaml_line or 'a --- document start'}: a '- ' list item), but a "
+                        "text file is read one entry per line: write each entry on its own line without '- ' and "
+                        "quotes, or a JSON list in a .json file")
+
+
 def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blank_lines: str = "skip",
-                            id_mapping: bool = False, located: bool = False) -> list:
+                            id_mapping: bool = False, located: bool = False, suffixes=None) -> list:
     """The entries of a list file, stripped: a ``.json`` file holding a list of strings, or a
     text file with one entry per line (UTF-8, a BOM dropped, CRLF fine).
 
@@ -69,10 +98,13 @@ def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blan
     positions matter (class names: a dropped line would shift every later id); trailing blank
     lines are always ignored. ``id_mapping``: a JSON object ``{"0": a, "1": b, ...}`` with keys
     exactly ``0..K-1`` is read as the list ``[a, b, ...]``. ``located``: return
-    ``[(entry, where)]`` with ``where`` = ``"file:line"`` or ``"file, item i"``. The one loader
-    of "text lines or a JSON list" files (descriptors, caption templates, class names)."""
+    ``[(entry, where)]`` with ``where`` = ``"file:line"`` or ``"file, item i"``. ``suffixes``: the file
+    name suffixes accepted (None: any but those of structured formats, YAML, CSV, …); a text file holding
+    YAML or JSON is refused, never read line by line. The one loader of "text lines or a JSON list" files
+    (descriptors, caption templates, class names, group names)."""
     if blank_lines not in ("skip", "refuse"):
         raise ValueError(f"blank_lines must be 'skip' or 'refuse', not {blank_lines!r}")
+    _check_list_format(path, what, suffixes)
     text = _read_text(path, what)
     entries: list[tuple[str, str]] = []
     if path.endswith(".json"):
@@ -112,13 +144,15 @@ def read_lines_or_json_list(path: str, what: str, *, comments: bool = True, blan
                                   "(dropping it would shift every later position, e.g. class ids)")
             blank = None
             entries.append((line, f"{path}:{lineno}"))
+        _check_plain_lines(text, entries, path, what)
     return entries if located else [entry for entry, _ in entries]
 
 
 def read_descriptor_file(path: str) -> list[str]:
     """Templates from a ``.txt`` file (one per line, ``#`` comments, blank lines ignored) or a
-    ``.json`` file (a list of strings), each checked by ``validate_template``."""
-    located = read_lines_or_json_list(path, "descriptor file", located=True)
+    ``.json`` file (a list of strings), each checked by ``validate_template``; any other suffix, and
+    a text file holding YAML or JSON, is a one-line DataError."""
+    located = read_lines_or_json_list(path, "descriptor file", located=True, suffixes=LIST_SUFFIXES)
     if not located:
         raise DataError(f"descriptor file {path!r} has no templates: add one template per line, each with one '{{}}'")
     return [validate_template(t, where) for t, where in located]

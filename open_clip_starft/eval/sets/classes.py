@@ -11,7 +11,7 @@ from importlib import resources
 
 from open_clip_starft.errors import StarftError
 from open_clip_starft.method.captions import load_classnames, load_templates
-from open_clip_starft.method.descriptors import validate_template
+from open_clip_starft.method.descriptors import read_lines_or_json_list, validate_template
 
 SUBSETS = ("imagenet-r", "imagenet-a")
 
@@ -78,13 +78,13 @@ def resolve_classnames(spec) -> tuple[list[str], str]:
 
 
 def _template_file(path: str) -> list[str]:
-    """A templates file with ``{}`` or CLIP_benchmark's ``{c}`` placeholders, one per line."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
-    if not lines:
+    """A templates file with ``{}`` or CLIP_benchmark's ``{c}`` placeholders, one per line (or a JSON list),
+    read by the one list-file reader (YAML and other formats refused)."""
+    located = read_lines_or_json_list(path, "templates file", located=True)
+    if not located:
         raise StarftError(f"templates file {path!r} has no templates: write one per line with '{{c}}' or '{{}}' "
                           "where the class name goes")
-    return [validate_template(t.replace("{c}", "{}"), f"templates file {path!r}", kind="caption") for t in lines]
+    return [validate_template(t.replace("{c}", "{}"), where, kind="caption") for t, where in located]
 
 
 def resolve_templates(spec) -> tuple[list[str], str]:
