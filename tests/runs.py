@@ -33,6 +33,18 @@ def make_workspace(root, n=128, shards=4, seed=0):
     return {"root": str(root), "data": brace_pattern(paths), "model": model, "classes": classes, "shards": paths}
 
 
+def workspace(data, root):
+    """``data``'s shards, model and class names (a ``make_workspace``, e.g. conftest's session-wide
+    ``tiny_data``), with this workspace's runs (``train_args``' ``--logs``) under ``root``."""
+    os.makedirs(root, exist_ok=True)
+    return {**data, "root": str(root)}
+
+
+# the session's finished run (conftest.tiny_run): StarFT settings other than the defaults, so that what
+# reads its checkpoints (export's model card, resume's settings check) sees them
+TINY_RUN_FLAGS = ["--starft-lambda", "0.7", "--starft-concepts", "texture", "--starft-teacher-text-cache-mb", "16"]
+
+
 def sweep_workspace(root, parts: dict, models: dict | None = None):
     """A sweep's inputs under ``root``: the tiny model (``model``, seed 0, plus ``models`` {key: seed}), a
     class-names file, and for each ``parts`` entry ``name: (samples, seed, biased)`` shards named after it."""
@@ -53,9 +65,71 @@ def train_args(ws, name, *extra, epochs=2, batch_size=32, workers=1):
             "--starft-classnames", ws["classes"], "--logs", os.path.join(ws["root"], "logs"), "--name", name, *extra]
 
 
-def run(module_args, cwd=None, timeout=300, launcher=(sys.executable, "-m", "open_clip_starft.main")):
+def run(module_args, cwd=None, timeout=300, launcher=None):
+    """``open_clip_starft.main`` with ``module_args``: in this process (``main([...])``, the same code path
+    as ``python -m open_clip_starft.main`` after start-up, without a new interpreter's ~6-20 s of imports),
+    or, with a ``launcher`` (torchrun, ``python -c CODE``, upstream's main), as that command in a new process.
+    Either way a ``CompletedProcess`` (returncode, stdout, stderr)."""
+    if launcher is None:
+        assert cwd is None, "an in-process run keeps the test's working folder"
+        return run_main(module_args)
+    return run_process(module_args, cwd=cwd, timeout=timeout, launcher=launcher)
+
+
+def run_process(module_args, cwd=None, timeout=300, launcher=(sys.executable, "-m", "open_clip_starft.main")):
+    """``launcher module_args`` in a new process (one torch thread, unbuffered output)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([*launcher, *module_args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def run_main(argv, main=None):
+    """``main(argv)`` (by default ``open_clip_starft.main.main``; e.g. ``open_clip_train.main.main`` for
+    upstream's plain run) in this process, as a ``CompletedProcess``: its exit status
+    (an escaping exception becomes status 1 with its traceback on stderr, as the interpreter would print it;
+    ``SystemExit`` its code), its stdout and stderr. Like a fresh process it runs on one torch thread, and
+    what a run leaves in the process is put back afterwards: upstream's ``setup_logging`` handlers (one
+    per run: left in place they would write each later run's lines into this run's out.log) and every
+    logger's level, the torch thread count and the global random generators' states."""
+    import contextlib
+    import io
+    import logging
+    import random
+    import traceback
+
+    import numpy as np
+    import torch
+
+    if main is None:
+        from open_clip_starft.main import main
+
+    loggers = [logging.root, *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    levels = {logger: logger.level for logger in loggers}
+    handlers = list(logging.root.handlers)
+    threads = torch.get_num_threads()
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    out, err = io.StringIO(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main([str(a) for a in argv])
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 - reported as a process would: status 1 and the traceback
+                traceback.print_exc()
+                status = 1
+    finally:
+        for handler in logging.root.handlers[:]:
+            if handler not in handlers:
+                logging.root.removeHandler(handler)
+                handler.close()
+        for logger, level in levels.items():
+            logger.setLevel(level)
+        torch.set_num_threads(threads)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+    return subprocess.CompletedProcess([main.__module__, *argv], status or 0, out.getvalue(), err.getvalue())
 
 
 def one_line_error(result, *needles, status=None):

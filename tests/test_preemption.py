@@ -9,14 +9,16 @@ import time
 
 import pytest
 
-from runs import PATCHES, SCRIPTS, checkpoints, log_of, make_workspace, metric, patched_copy, slurm_env, train_args
+from runs import PATCHES, SCRIPTS, checkpoints, log_of, metric, patched_copy, slurm_env, train_args, workspace
 
 EPOCHS, STEPS_PER_EPOCH = 2, 16  # 128 samples, batch 8
 
+pytestmark = pytest.mark.e2e  # signals sent to real training processes
+
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("preempt"))
+def ws(tiny_data, tmp_path_factory):
+    return workspace(tiny_data, tmp_path_factory.mktemp("preempt"))
 
 
 def wait_for_step(ws, name, proc, step, timeout=240):

@@ -17,7 +17,7 @@ from open_clip_starft.host.runlock import RunLock
 from open_clip_starft.host.state import RunState
 from open_clip_starft.tools.tiny_model import build_tiny_model
 import runs
-from runs import checkpoints, log_of, make_workspace, metric, run, train_args
+from runs import TINY_RUN_FLAGS, log_of, metric, run, run_process, train_args, workspace
 
 one_line_error = functools.partial(runs.one_line_error, status=2)  # refusals exit 2
 
@@ -135,12 +135,12 @@ def test_a_resume_file_of_another_architecture_is_refused_naming_both(tmp_path):
 
 
 # -- one process per run folder, read-only logs --------------------------------------------------------
-def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
-    ws = make_workspace(tmp_path / "ws", n=32, shards=1)
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(small_data, tmp_path):
+    ws = workspace(small_data, tmp_path)
     lock = RunLock(os.path.join(ws["root"], "logs", "busy"))
-    lock.acquire()  # this test process stands for the first run
+    lock.acquire()  # this test process stands for the first run; the second is another process
     try:
-        result = run(train_args(ws, "busy", "--resume", "latest", epochs=1))
+        result = run_process(train_args(ws, "busy", "--resume", "latest", epochs=1))
         one_line_error(result, f"the run folder {os.path.join(ws['root'], 'logs', 'busy')} is in use by another "
                                f"training process (pid {os.getpid()})", "another --name")
         assert sorted(os.listdir(os.path.join(ws["root"], "logs", "busy"))) == ["train.lock"]  # nothing written
@@ -149,45 +149,35 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp
     assert run(train_args(ws, "busy", "--resume", "latest", epochs=1)).returncode == 0  # free again
 
 
-READ_ONLY = """
-import errno, os, sys
-logs = sys.argv[1].rstrip("/")  # writes under this path fail as on a read-only mount
-real_makedirs, real_open = os.makedirs, os.open
-def refuse(path):
-    if os.path.abspath(path).startswith(logs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-os.makedirs = lambda path, *a, **kw: (refuse(path), real_makedirs(path, *a, **kw))[1]
-os.open = lambda path, *a, **kw: (refuse(path), real_open(path, *a, **kw))[1]
-from open_clip_starft.main import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 @pytest.mark.parametrize("refused,message", [
     ("", "cannot write to the run folder {run}: Read-only file system"),  # the run folder itself (our lock)
     ("checkpoints", "cannot write {run}/checkpoints: Read-only file system: choose a --logs folder"),  # upstream's
 ])
-def test_a_read_only_logs_folder_is_one_line(tmp_path, refused, message):
-    import sys
-    ws = make_workspace(tmp_path / "ws", n=32, shards=1)
+def test_a_read_only_logs_folder_is_one_line(small_data, tmp_path, monkeypatch, refused, message):
+    ws = workspace(small_data, tmp_path)
     run_folder = os.path.join(ws["root"], "logs", "ro")
-    result = run([os.path.join(run_folder, refused), *train_args(ws, "ro", epochs=1)],
-                 launcher=(sys.executable, "-c", READ_ONLY))
-    one_line_error(result, message.format(run=run_folder))
+    logs = os.path.join(run_folder, refused).rstrip("/")  # writes under this path fail as on a read-only mount
+    real_makedirs, real_open = os.makedirs, os.open
+
+    def refuse(path):
+        if os.path.abspath(path).startswith(logs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(os, "makedirs", lambda path, *a, **kw: (refuse(path), real_makedirs(path, *a, **kw))[1])
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: (refuse(path), real_open(path, *a, **kw))[1])
+    one_line_error(run(train_args(ws, "ro", epochs=1)), message.format(run=run_folder))
 
 
 # -- settings compared on resume ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-epoch run (64 samples, batch 32: 2 steps per epoch), and a mid-epoch checkpoint made from epoch_1.pt."""
-    ws = make_workspace(tmp_path_factory.mktemp("resume"), n=64, shards=2)
-    result = run(train_args(ws, "base", epochs=2))
-    assert result.returncode == 0, result.stderr[-3000:]
-    folder = os.path.join(ws["root"], "logs", "base", "checkpoints")
-    assert checkpoints(ws, "base") == ["epoch_1.pt", "epoch_2.pt"]
+def trained(tiny_run, tmp_path_factory):
+    """The session's finished run (2 epochs of 64 samples at batch 32: 2 steps an epoch; ``TINY_RUN_FLAGS``),
+    a mid-epoch checkpoint made from its epoch_1.pt, and a workspace of this module's own for the runs
+    that resume them."""
+    ws = workspace(tiny_run, tmp_path_factory.mktemp("resume"))
+    folder = os.path.dirname(tiny_run["checkpoints"][0])
     mid = torch.load(os.path.join(folder, "epoch_1.pt"), weights_only=True)
     mid["starft"]["batches_done"] = 1
-    torch.save(mid, os.path.join(folder, "epoch_1_step_1.pt"))
+    torch.save(mid, os.path.join(ws["root"], "epoch_1_step_1.pt"))
     return ws, folder
 
 
@@ -195,14 +185,14 @@ def test_resuming_with_other_settings_is_refused_naming_each_difference(trained)
     ws, folder = trained
     epoch_1 = os.path.join(folder, "epoch_1.pt")
     result = run(train_args(ws, "changed", "--resume", epoch_1, "--starft-lambda", "4", "--starft-schedule", "constant",
-                            "--starft-concepts", "texture", "--batch-size", "16", epochs=3))
+                            "--starft-concepts", "background", "--batch-size", "16", epochs=3))
     last = one_line_error(result, f"--resume {epoch_1} was trained with other settings: ",
                           "--starft-allow-changed-settings")
-    assert "--starft-concepts background → texture; --starft-lambda 0.5 → 4.0; --starft-schedule linear → constant; " \
+    assert "--starft-concepts texture → background; --starft-lambda 0.7 → 4.0; --starft-schedule linear → constant; " \
            "--epochs 2 → 3: " in last
     assert "--batch-size" not in last  # at an epoch's end another batch size skips no sample
-    mid = os.path.join(folder, "epoch_1_step_1.pt")
-    one_line_error(run(train_args(ws, "batch", "--resume", mid, "--batch-size", "16", epochs=2)),
+    mid = os.path.join(ws["root"], "epoch_1_step_1.pt")
+    one_line_error(run(train_args(ws, "batch", "--resume", mid, *TINY_RUN_FLAGS, "--batch-size", "16", epochs=2)),
                    f"--resume {mid} was trained with other settings: --batch-size 32 → 16: ")
 
 
@@ -215,20 +205,20 @@ def test_resuming_a_finished_checkpoint_with_fewer_epochs_is_refused(trained):
 
 def test_allowed_changes_are_trained_and_recorded_in_the_history(trained):
     ws, folder = trained
-    args = train_args(ws, "allowed", "--resume", os.path.join(folder, "epoch_1.pt"), "--starft-lambda", "4",
+    args = train_args(ws, "allowed", "--resume", os.path.join(folder, "epoch_1.pt"), *TINY_RUN_FLAGS, "--starft-lambda", "4",
                       "--starft-schedule", "constant", "--starft-allow-changed-settings", epochs=3)
     result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     log = log_of(ws, "allowed")
-    assert "continuing" in log and "--starft-lambda 0.5 → 4.0" in log
+    assert "continuing" in log and "with changed settings: --starft-lambda 0.7 → 4.0; --starft-schedule linear → constant" in log
     assert metric(log, "Step") == [2, 3, 4, 5] and metric(log, "Star lambda") == [4.0] * 4
     entry = torch.load(os.path.join(ws["root"], "logs", "allowed", "checkpoints", "epoch_3.pt"), weights_only=True)["starft"]
     assert entry["starft_lambda"] == 4.0 and "starft_allow_changed_settings" not in entry
     first, second = entry["history"]
-    assert (first["step"], first["epochs"], first["batch_size"], first["settings"]["starft_lambda"]) == (0, 2, 32, 0.5)
+    assert (first["step"], first["epochs"], first["batch_size"], first["settings"]["starft_lambda"]) == (0, 2, 32, 0.7)
     assert (second["epoch"], second["step"], second["epochs"], second["settings"]["starft_lambda"],
             second["settings"]["starft_schedule"]) == (1, 2, 3, 4.0, "constant")
-    same = run(train_args(ws, "same", "--resume", os.path.join(folder, "epoch_1.pt"), epochs=2))
+    same = run(train_args(ws, "same", "--resume", os.path.join(folder, "epoch_1.pt"), *TINY_RUN_FLAGS, epochs=2))
     assert same.returncode == 0, same.stderr[-3000:]  # unchanged settings: no new history entry
     entry = torch.load(os.path.join(ws["root"], "logs", "same", "checkpoints", "epoch_2.pt"), weights_only=True)["starft"]
     assert len(entry["history"]) == 1

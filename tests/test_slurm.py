@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from runs import SCRIPTS, checkpoints, make_workspace, slurm_env
+from runs import SCRIPTS, checkpoints, slurm_env, workspace
 
 SBATCH = sorted(f for f in os.listdir(SCRIPTS) if f.endswith(".sbatch"))
 
@@ -21,8 +21,8 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("slurm"), n=64, shards=2)
+def ws(small_data, tmp_path_factory):
+    return workspace(small_data, tmp_path_factory.mktemp("slurm"))
 
 
 def rank_fingerprints(text):
@@ -35,6 +35,7 @@ def assert_two_ranks_agree(text):
     assert prints[0] == prints[1]
 
 
+@pytest.mark.e2e
 def test_multinode_script_with_srun_two_tasks(ws, tmp_path):
     env = slurm_env(ws, tmp_path, "srun2", 29611)
     result = subprocess.run(["bash", os.path.join(SCRIPTS, "train_multinode.sbatch")], env=env,
@@ -46,6 +47,7 @@ def test_multinode_script_with_srun_two_tasks(ws, tmp_path):
     assert checkpoints(ws, "srun2") == ["epoch_1.pt"]
 
 
+@pytest.mark.e2e
 def test_one_node_script_with_torchrun_two_processes(ws, tmp_path):
     env = slurm_env(ws, tmp_path, "torchrun2", 29612)
     del env["SLURM_NTASKS"]  # one task (torchrun) that starts the processes
@@ -57,6 +59,7 @@ def test_one_node_script_with_torchrun_two_processes(ws, tmp_path):
     assert not (tmp_path / "scontrol.log").exists()  # a finished run is not requeued
 
 
+@pytest.mark.e2e
 def test_sweep_script_runs_its_grid_point(ws, tmp_path):
     env = slurm_env(ws, tmp_path, "unused", 29613, SLURM_ARRAY_TASK_ID="7", SCRIPT_DIR=SCRIPTS)
     del env["SLURM_NTASKS"], env["NAME"]

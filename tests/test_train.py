@@ -9,46 +9,48 @@ import sys
 import time
 
 import open_clip
+import open_clip_train.main
 import pytest
 import torch
 import webdataset as wds
 
 from open_clip_starft.demo.data import CLASSNAMES, render_sample, write_csv
 from open_clip_starft.host.teacher import fingerprint
-from runs import NO_CROP, checkpoints, log_of, make_workspace, metric, register_tiny_config, run, tiny_weights, train_args
+from runs import (NO_CROP, checkpoints, log_of, metric, register_tiny_config, run, run_main, tiny_weights, train_args,
+                  workspace)
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("train"))
+def ws(tiny_data, tmp_path_factory):
+    return workspace(tiny_data, tmp_path_factory.mktemp("train"))
 
 
-def test_one_process_trains_logs_star_loss_and_saves_loadable_checkpoints(ws):
-    result = run(train_args(ws, "single", "--starft-lambda", "0.5"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = log_of(ws, "single")
+def test_one_process_trains_logs_star_loss_and_saves_loadable_checkpoints(tiny_run):
+    """The session's finished run (conftest.tiny_run: λ 0.7, linear schedule, 2 epochs × 2 steps)."""
+    log = tiny_run["log"]
     star, contrastive = metric(log, "Star_loss"), metric(log, "Contrastive_loss")
-    assert len(star) == len(contrastive) == 8  # 2 epochs × 4 steps, every step logged
+    assert len(star) == len(contrastive) == 4  # 2 epochs × 2 steps, every step logged
     assert all(math.isfinite(v) for v in star + contrastive)
     assert star[0] < 1e-6  # step 0: the student is the teacher
     assert max(star) > 1e-3  # and then they part
-    assert metric(log, "Star lambda")[:2] == [0.5, 0.5 * (1 - 1 / 8)]  # linear decay per step
-    assert checkpoints(ws, "single") == ["epoch_1.pt", "epoch_2.pt"]
-    assert "starft_lambda: 0.5" in open(os.path.join(ws["root"], "logs", "single", "params.txt")).read()
+    assert metric(log, "Star lambda") == pytest.approx([0.7 * (1 - step / 4) for step in range(4)])  # linear, per step
+    assert [os.path.basename(p) for p in tiny_run["checkpoints"]] == ["epoch_1.pt", "epoch_2.pt"]
+    assert "starft_lambda: 0.7" in open(os.path.join(tiny_run["folder"], "params.txt")).read()
 
-    ckpt_path = os.path.join(ws["root"], "logs", "single", "checkpoints", "epoch_2.pt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    assert ckpt["starft"]["starft_lambda"] == 0.5 and ckpt["starft"]["starft_concepts"] == "background"
+    ckpt_path = tiny_run["checkpoints"][-1]
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["starft"]["starft_lambda"] == 0.7 and ckpt["starft"]["starft_concepts"] == "texture"
     assert not any(k.startswith("teacher") for k in ckpt["state_dict"])
-    register_tiny_config(ws)
+    register_tiny_config(tiny_run)
     model, _, _ = open_clip.create_model_and_transforms("starft-tiny", pretrained=ckpt_path)
     for k, v in model.state_dict().items():
         if k in ckpt["state_dict"]:
             assert torch.equal(v, ckpt["state_dict"][k]), k
-    initial, _, _ = open_clip.create_model_and_transforms(ws["model"])
+    initial, _, _ = open_clip.create_model_and_transforms(tiny_run["model"])
     assert not torch.equal(model.visual.conv1.weight, initial.visual.conv1.weight)  # it trained
 
 
+@pytest.mark.e2e
 def test_two_processes_with_torchrun_on_gloo(ws):
     # "--" keeps torchrun's parser from reading OpenCLIP's --logs as an abbreviation of its --logs-specs
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
@@ -68,9 +70,9 @@ def test_two_processes_with_torchrun_on_gloo(ws):
     assert torch.equal(model.visual.conv1.weight, ckpt["state_dict"]["module.visual.conv1.weight"])
 
 
-def test_lambda_zero_is_upstream_contrastive_fine_tuning(tmp_path):
+def test_lambda_zero_is_upstream_contrastive_fine_tuning(small_data, tmp_path):
     """With λ = 0 and captions equal to the shards' own text, the first step's loss is upstream's."""
-    ws = make_workspace(tmp_path, n=64, shards=1)
+    ws = workspace(small_data, tmp_path)
     # upstream trains on the shards' txt: write it as exactly our clean caption, "a photo of a {class}."
     shard = os.path.join(ws["root"], "clean", "clean-000000.tar")
     os.makedirs(os.path.dirname(shard))
@@ -87,7 +89,7 @@ def test_lambda_zero_is_upstream_contrastive_fine_tuning(tmp_path):
               *NO_CROP]
     ours = run([*common, "--name", "ours", "--starft-lambda", "0", "--starft-classnames", ws["classes"]])
     assert ours.returncode == 0, ours.stderr[-3000:]
-    upstream = run([*common, "--name", "upstream"], launcher=(sys.executable, "-m", "open_clip_train.main"))
+    upstream = run_main([*common, "--name", "upstream"], main=open_clip_train.main.main)
     assert upstream.returncode == 0, upstream.stderr[-3000:]
     ours_loss = metric(log_of(ws, "ours"), "Contrastive_loss")[0]
     upstream_loss = metric(log_of(ws, "upstream"), "Contrastive_loss")[0]
@@ -95,6 +97,7 @@ def test_lambda_zero_is_upstream_contrastive_fine_tuning(tmp_path):
     assert metric(log_of(ws, "ours"), "Star_loss")[0] == 0.0
 
 
+@pytest.mark.e2e
 def test_sigkill_after_first_checkpoint_then_resume_latest(ws):
     epochs = 3  # killed after epoch 1's checkpoint: the resume has two epochs left
     uninterrupted = run(train_args(ws, "whole", epochs=epochs))
@@ -130,8 +133,8 @@ def test_sigkill_after_first_checkpoint_then_resume_latest(ws):
     assert prints and all(p == pytest.approx(fingerprint(initial), rel=1e-9) for p in prints)
 
 
-def test_csv_training(tmp_path):
-    ws = make_workspace(tmp_path, n=32, shards=1)
+def test_csv_training(small_data, tmp_path):
+    ws = workspace(small_data, tmp_path)
     csv_path = write_csv(os.path.join(ws["root"], "csv"), 64, seed=2, image_size=32)
     args = train_args(ws, "csv", epochs=1, workers=0)
     args[args.index("--train-data") + 1] = csv_path
@@ -142,14 +145,13 @@ def test_csv_training(tmp_path):
     assert len(metric(log, "Star_loss")) == 2 and metric(log, "Star_loss")[0] < 1e-6
 
 
-def test_pretrained_file_with_a_named_architecture(ws):
+def test_pretrained_file_with_a_named_architecture(small_data, tmp_path):
+    ws = workspace(small_data, tmp_path)
     weights = tiny_weights(ws)
-    config = register_tiny_config(ws)
+    register_tiny_config(ws)  # in this process, where the run below trains
     args = train_args(ws, "pretrained", epochs=1)
     args[args.index("--model") + 1] = "starft-tiny"
-    code = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-            "from open_clip_starft.main import main; sys.exit(main(sys.argv[2:]))")
-    result = run([config, *args, "--pretrained", weights], launcher=(sys.executable, "-c", code))
+    result = run([*args, "--pretrained", weights])
     assert result.returncode == 0, result.stderr[-3000:]
     log = log_of(ws, "pretrained")
     assert f"Loading full pretrained weights from: {weights}" in log
@@ -159,18 +161,20 @@ def test_pretrained_file_with_a_named_architecture(ws):
     assert teacher == pytest.approx(fingerprint(initial), rel=1e-9)  # the teacher holds the pretrained weights
 
 
-def test_teacher_image_cache_approximation_trains(ws):
+def test_teacher_image_cache_approximation_trains(small_data, tmp_path):
+    ws = workspace(small_data, tmp_path)
     result = run(train_args(ws, "imgcache", "--starft-teacher-image-cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     log = log_of(ws, "imgcache")
     star = metric(log, "Star_loss")
-    assert len(star) == 8 and all(math.isfinite(v) for v in star)
+    assert len(star) == 4 and all(math.isfinite(v) for v in star)
     assert "starft_teacher_image_cache: True" in open(os.path.join(ws["root"], "logs", "imgcache", "params.txt")).read()
 
 
-def test_bare_resume_weights_are_the_start_and_the_teacher(ws):
+def test_bare_resume_weights_are_the_start_and_the_teacher(small_data, tmp_path):
     """upstream loads a model-only --resume file as the starting weights; the step loads it into the teacher too."""
     from open_clip_starft.tools.tiny_model import build_tiny_model
+    ws = workspace(small_data, tmp_path)
     other, _ = build_tiny_model(seed=7)
     bare = os.path.join(ws["root"], "bare.pt")
     torch.save(other.state_dict(), bare)

@@ -1,0 +1,38 @@
+"""Session-wide inputs for the tests, built once per test run (the builders are in runs.py).
+
+- ``tiny_data``: 128 real-JPEG samples in 4 shards, the tiny model (seed 0) and a class-names file;
+- ``small_data``: the same with 64 samples in 2 shards (2 steps an epoch at batch 32);
+- ``tiny_run``: a finished 2-epoch StarFT run on ``small_data`` (non-default StarFT settings, see
+  ``TINY_RUN_FLAGS``) that tests read: its checkpoints, params.txt and out.log.
+
+Never write into them: a test that trains takes ``workspace(data, folder)`` (runs.py), which shares the
+data and model but puts its runs' logs under a folder of its own.
+"""
+import os
+
+import pytest
+
+from runs import TINY_RUN_FLAGS, checkpoints, log_of, make_workspace, run, train_args, workspace
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("tiny-data"), n=128, shards=4)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("small-data"), n=64, shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_data, tmp_path_factory):
+    """``small_data`` trained 2 epochs (batch 32: 2 steps an epoch, every step logged) as run ``run`` with
+    ``TINY_RUN_FLAGS``; returns the workspace plus ``name``, ``folder`` (the run folder), ``log`` (out.log's
+    text) and ``checkpoints`` (epoch_1.pt and epoch_2.pt, full paths)."""
+    ws = workspace(small_data, tmp_path_factory.mktemp("tiny-run"))
+    result = run(train_args(ws, "run", *TINY_RUN_FLAGS, epochs=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = os.path.join(ws["root"], "logs", "run")
+    saved = [os.path.join(folder, "checkpoints", name) for name in checkpoints(ws, "run")]
+    return {**ws, "name": "run", "folder": folder, "log": log_of(ws, "run"), "checkpoints": saved}
