@@ -355,6 +355,17 @@ def test_report_statistics_by_hand():
     reading = report.reading_lines(recs, "P1")
     assert "- shared, StarFT (selected) − FLYP: worst group: +15.0 ± 190.6 (2 units; W/T/L 1/1/0) points, " \
            "not distinguishable from 0 (the interval includes 0)." in reading
+    # reading (a): the paper's default (λ 0.5 linear, background), where the grid ran it; unit a's seed 0 only
+    recs.append({**_rec("starft", "a", 0, 0.35, 0.72, lam=0.5), "schedule": "linear"})
+    paper = report.headline(recs, "P1", "shared")
+    assert paper[f"{report.PAPER} − FLYP: worst group"]["per_unit"] == pytest.approx({"a": 0.05})
+    assert paper[f"{report.PAPER} − FLYP: in-dist"]["per_unit"] == pytest.approx({"a": -0.08})
+    # WiSE-FT(FLYP) of a's seed 0 runs (0.6, 0.6) → (0.45, 0.7) → (0.3, 0.8): at in-dist 0.72 worst group 0.42,
+    # and the nearest evaluated point is α 0.5's (0.45)
+    assert paper[f"{report.PAPER} − WiSE-FT(FLYP) at its in-dist: worst group"]["per_unit"] == pytest.approx({"a": -0.07})
+    assert paper[f"{report.PAPER} − WiSE-FT(FLYP), nearest evaluated α point: worst group"]["per_unit"] == \
+        pytest.approx({"a": -0.1})
+    assert "StarFT (selected) − FLYP: worst group" in paper and f"{report.PAPER} − FLYP: worst group" not in s
     assert report._verdict({"mean": 0.1, "ci95": 0.05, "units": 5}).startswith("above 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.05, "units": 5}).startswith("below 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.0, "units": 1}) == "one unit: no interval"
