@@ -24,8 +24,8 @@ def step(loss_fn, feats, labels):
     leaves = {k: feats[k].clone().requires_grad_() for k in ("image", "text", "spurious")}
     out = loss_fn(leaves["image"], leaves["text"], torch.tensor(14.0), spurious_features=leaves["spurious"],
                   teacher_image_features=feats["t_image"], teacher_spurious_features=feats["t_spurious"],
-                  labels=labels, teacher_logit_scale=torch.tensor(100.0), star_lambda=0.7, output_dict=True)
-    total = out["contrastive_loss"] + out["star_loss"]
+                  class_ids=labels, teacher_logit_scale=torch.tensor(100.0), output_dict=True)
+    total = out["contrastive_loss"] + 0.7 * out["star_loss"]
     total.backward()
     return {k: v.detach() for k, v in out.items()}, total.detach(), {k: v.grad for k, v in leaves.items()}
 

@@ -185,3 +185,9 @@ def test_one_atomic_writer_and_one_head_builder():
     assert renames == ["open_clip_starft.data.files"]
     builders = [n for n, _, s in ALL if re.search(r"\bbuild_zero_shot_classifier\(", s)]
     assert builders == ["open_clip_starft.eval.metrics"]
+
+
+def test_one_all_gather():
+    """Every all-gather of plain values (class ids, the step's report, evaluation scores) is method.distributed's."""
+    gathers = [n for n, _, s in ALL if re.search(r"\b(all_gather|all_gather_object|allgather)\(", s)]
+    assert gathers == ["open_clip_starft.method.distributed"]

@@ -102,12 +102,13 @@ def test_star_loss_module_returns_named_terms():
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     loss = StarLoss()
     out = loss(img, txt, torch.tensor(20.0), spurious_features=s, teacher_image_features=tx,
-               teacher_spurious_features=ts, labels=labels, teacher_logit_scale=torch.tensor(100.0),
-               star_lambda=0.5, output_dict=True)
+               teacher_spurious_features=ts, class_ids=labels, teacher_logit_scale=torch.tensor(100.0),
+               output_dict=True)
     assert set(out) == {"contrastive_loss", "star_loss"}
     assert abs(out["contrastive_loss"].double() - clip_loss_reference(img, txt, 20.0)) < 1e-5
-    # the Star term uses the teacher's scale (100), not the student's (20), on both sides
-    want = 0.5 * star_loss_reference(img, s, tx, ts, labels, labels, 100.0)
+    # the Star term, unweighted (the step weights it by λ), uses the teacher's scale (100), not the
+    # student's (20), on both sides
+    want = star_loss_reference(img, s, tx, ts, labels, labels, 100.0)
     assert abs(out["star_loss"].double() - want) / want < 1e-5
     flyp = loss(img, txt, torch.tensor(20.0), output_dict=True)
-    assert flyp["star_loss"].item() == 0.0
+    assert set(flyp) == {"contrastive_loss"} and torch.equal(flyp["contrastive_loss"], out["contrastive_loss"])

@@ -45,7 +45,8 @@ def step_args(tmp_path, rank=0, world_size=1, **flags):
     vars(args).update(
         device="cpu", precision="fp32", train_data="shards/x-{0..3}.tar", epochs=1, batch_size=8,
         logs=str(tmp_path), checkpoint_path=str(tmp_path / "checkpoints"), save_logs=rank == 0, name="unit",
-        distributed=world_size > 1, rank=rank, world_size=world_size, horovod=False, grad_clip_norm=None)
+        distributed=world_size > 1, rank=rank, world_size=world_size, horovod=False, grad_clip_norm=None,
+        accum_freq=1, siglip=False)
     return args
 
 

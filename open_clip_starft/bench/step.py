@@ -102,10 +102,11 @@ class StepBench:
                 t_image = self.teacher.model.encode_image(self.images, normalize=True)
                 t_spurious = self.teacher.model.encode_text(self.spurious, normalize=True)
                 t_scale = self.teacher.model.logit_scale.exp()
-            return self.loss(out["image_features"], out["text_features"], out["logit_scale"],
-                             spurious_features=spurious, teacher_image_features=t_image,
-                             teacher_spurious_features=t_spurious, labels=self.labels,
-                             teacher_logit_scale=t_scale, star_lambda=0.5, output_dict=True)
+            losses = self.loss(out["image_features"], out["text_features"], out["logit_scale"],
+                               spurious_features=spurious, teacher_image_features=t_image,
+                               teacher_spurious_features=t_spurious, class_ids=self.labels,
+                               teacher_logit_scale=t_scale, output_dict=True)
+            return {**losses, "star_loss": 0.5 * losses["star_loss"]}
 
     def step(self, variant: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)

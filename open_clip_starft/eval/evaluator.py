@@ -23,6 +23,7 @@ from open_clip_starft.errors import DataError
 from open_clip_starft.eval.metrics import HeadCache, SampleScores, collect_logits, metrics_of_scores
 from open_clip_starft.eval.progress import Progress
 from open_clip_starft.eval.sets import PreparedSet, batches
+from open_clip_starft.method.distributed import all_gather_objects
 
 
 def _rank_and_world(distributed: bool) -> tuple[int, int]:
@@ -49,8 +50,7 @@ def _gather(scores: SampleScores, skipped: list[str], world: int) -> tuple[Sampl
     """Every process's scores and skipped names, in rank order (all processes get them all)."""
     if world == 1:
         return scores, skipped
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, (scores, skipped))
+    parts = all_gather_objects((scores, skipped))
     return SampleScores.cat([p[0] for p in parts]), [name for p in parts for name in p[1]]
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from open_clip import get_input_dtype
 from open_clip_train.distributed import is_master
 from open_clip_train.file_utils import pt_load
@@ -37,53 +37,106 @@ from open_clip_starft.host.preemption import FLAG, Preempted
 from open_clip_starft.host.state import RunState
 from open_clip_starft.host.teacher import Teacher, fingerprint
 from open_clip_starft.host.text_prefix import has_prefix_encoding, trim_tokens
+from open_clip_starft.method.distributed import all_gather_cat, rank_and_world
 from open_clip_starft.method.schedule import star_lambda
 
 
-def starft_losses(model, teacher: Teacher | None, loss, batch: Batch, lam: float, autocast, trim: bool = False):
-    """One forward of the StarFT objective: ``(losses, logit_scale, star_term)``.
-
-    ``batch``: a ``Batch`` on the model's device. ``losses = {"contrastive_loss", "star_loss"}``
-    where ``star_loss`` is λ·L_star (0-dim tensors, summed for backward); ``star_term`` is L_star
-    unweighted (0-dim, detached), None when ``lam == 0``: then this is the FLYP step (no spurious
-    captions, no teacher). ``trim``: cut the token batches to their longest caption (exact for
-    models set up by ``text_prefix.install_prefix_encoding``).
-    """
-    if trim:
-        texts, spurious = trim_tokens(batch.texts, batch.spurious)
-        batch = batch._replace(texts=texts, spurious=spurious)
+def _student_features(model, batch: Batch, with_star: bool) -> tuple[dict, dict]:
+    """The student's forward on ``batch``: ``({"image", "text"[, "spurious"]} features [B, D], model output)``.
+    With the Star term the clean and the spurious captions go through the text tower as one batch."""
+    if not with_star:
+        out = model(batch.images, batch.texts)
+        return {"image": out["image_features"], "text": out["text_features"]}, out
     size = batch.images.shape[0]
-    # The teacher first: its transient activations are freed before the student's, which are
-    # kept for backward, exist; so StarFT's peak memory over FLYP is little more than the teacher.
-    features = teacher.features(batch, autocast) if lam else None
-    with autocast():
-        if lam:
-            out = model(batch.images, torch.cat([batch.texts, batch.spurious]))
-            text_features, spurious_features = out["text_features"][:size], out["text_features"][size:]
-        else:
-            out = model(batch.images, batch.texts)
-            text_features, spurious_features = out["text_features"], None
-        losses = loss(out["image_features"], text_features, out["logit_scale"],
-                      spurious_features=spurious_features, labels=batch.labels, star_lambda=lam,
-                      teacher_image_features=features.image if lam else None,
-                      teacher_spurious_features=features.spurious if lam else None,
-                      teacher_logit_scale=features.scale if lam else None,
-                      logit_bias=out.get("logit_bias"), output_dict=True)
-    star_term = losses["star_loss"].detach() / lam if lam else None
-    return losses, out["logit_scale"], star_term
+    out = model(batch.images, torch.cat([batch.texts, batch.spurious]))
+    return {"image": out["image_features"], "text": out["text_features"][:size],
+            "spurious": out["text_features"][size:]}, out
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _value_without_gradient(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``'s value, passing a zero gradient (so DDP still sees every parameter take part)."""
+    return None if t is None else t.detach() + 0 * t
 
 
-def _gather_rows(values: torch.Tensor) -> list[list[float]]:
-    """``values [K]`` of every process (one all-gather under torch.distributed), as Python floats."""
-    if not _distributed():
-        return [values.tolist()]
-    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, values)
-    return torch.stack(rows).tolist()
+def accumulated_losses(model, teacher: Teacher | None, loss, batches: list[Batch], lam: float, autocast,
+                       trim: bool = False):
+    """The StarFT objective of one accumulated batch, micro-batch by micro-batch (OpenCLIP's ``--accum-freq``).
+
+    Yields, for each micro-batch ``j`` of ``batches`` (``Batch``es on the model's device), ``(losses,
+    logit_scale, star_term)``: ``losses = {"contrastive_loss", "star_loss" = λ·L_star}`` (0-dim) are the terms
+    of the WHOLE accumulated batch, with gradient only through micro-batch ``j``'s features (and through the
+    model's logit scale and bias only at ``j == 0``), so that calling backward on each in turn sums to the
+    gradient of the whole batch; ``star_term`` is ``L_star`` unweighted (0-dim, detached), None for FLYP.
+    As upstream's ``train_one_epoch``: every micro-batch's features first without gradient, then each
+    micro-batch again with gradient against the others' cached features. The teacher's features are
+    computed once per accumulated batch. ``teacher``: None for the FLYP step (λ = 0: no spurious captions,
+    no teacher). ``trim``: cut each micro-batch's tokens to its longest caption (exact for models set up
+    by ``text_prefix.install_prefix_encoding``). One micro-batch: the plain step, no cached pass.
+    """
+    with_star = teacher is not None
+    if trim:
+        batches = [b._replace(**dict(zip(("texts", "spurious"), trim_tokens(b.texts, b.spurious)))) for b in batches]
+    star_inputs = {}
+    if with_star:
+        # The teacher first: its transient activations are freed before the student's, which are
+        # kept for backward, exist; so StarFT's peak memory over FLYP is little more than the teacher.
+        parts = [teacher.features(b, autocast) for b in batches]
+        star_inputs = dict(teacher_image_features=torch.cat([p.image for p in parts]),
+                           teacher_spurious_features=torch.cat([p.spurious for p in parts]),
+                           teacher_logit_scale=parts[0].scale, teacher_logit_bias=parts[0].bias,
+                           class_ids=torch.cat([b.labels for b in batches]))
+    cached = None
+    if len(batches) > 1:
+        with torch.no_grad(), autocast():
+            cached = [_student_features(model, b, with_star)[0] for b in batches]
+    for j, micro in enumerate(batches):
+        with autocast():
+            features, out = _student_features(model, micro, with_star)
+            scale, bias = out["logit_scale"], out.get("logit_bias")
+            if cached is not None:
+                features = {k: torch.cat([c[k] for c in cached[:j]] + [v] + [c[k] for c in cached[j + 1:]])
+                            for k, v in features.items()}
+                if j > 0:
+                    scale, bias = _value_without_gradient(scale), _value_without_gradient(bias)
+            terms = loss(features["image"], features["text"], scale, bias,
+                         spurious_features=features.get("spurious"), output_dict=True, **star_inputs)
+        star_term = terms.get("star_loss")
+        losses = {"contrastive_loss": terms["contrastive_loss"],
+                  "star_loss": lam * star_term if with_star else torch.zeros((), device=scale.device)}
+        yield losses, out["logit_scale"], star_term.detach() if with_star else None
+
+
+def starft_losses(model, teacher: Teacher | None, loss, batch: Batch, lam: float, autocast, trim: bool = False):
+    """One forward of the StarFT objective on one batch: ``(losses, logit_scale, star_term)`` as
+    ``accumulated_losses`` yields them for a single micro-batch."""
+    return next(accumulated_losses(model, teacher, loss, [batch], lam, autocast, trim))
+
+
+@dataclass
+class StepReport:
+    """What one process reports of a step to the others, in the step's one all-gather: whether its data
+    check failed, whether it received a stop signal, and its loss terms (name → 0-dim tensor before the
+    gather, float after). ``to_tensor``/``from_tensor``: the float row ``[data_error, stop_signal, *terms]``
+    that travels."""
+    data_error: bool
+    stop_signal: bool
+    terms: dict
+
+    def to_tensor(self, device) -> torch.Tensor:
+        flags = torch.tensor([self.data_error, self.stop_signal], dtype=torch.float32, device=device)
+        values = [torch.as_tensor(v, device=device).detach().float().reshape(1) for v in self.terms.values()]
+        return torch.cat([flags, *values])
+
+    @classmethod
+    def from_tensor(cls, row, names) -> "StepReport":
+        values = row.tolist()
+        return cls(bool(values[0]), bool(values[1]), dict(zip(names, values[2:])))
+
+    @classmethod
+    def gather(cls, report: "StepReport", device) -> list["StepReport"]:
+        """Every process's report, in rank order (one all-gather under torch.distributed)."""
+        rows = all_gather_cat(report.to_tensor(device)[None])
+        return [cls.from_tensor(row, list(report.terms)) for row in rows]
 
 
 class StarftStep:
@@ -127,7 +180,7 @@ class StarftStep:
     def start_epoch(self, epoch: int, data: dict, args) -> int:
         """Batches of ``epoch`` already done (a resumed preemption checkpoint), else 0."""
         self.train = data["train"]
-        self.num_batches = self.train.dataloader.num_batches
+        self.num_batches = self.train.dataloader.num_batches // args.accum_freq  # optimizer steps, as upstream counts
         self.state.note_step(epoch, self.num_batches)
         resumed = self.state.resumed
         if resumed is not None and resumed.bare and self.teacher is not None and not self.teacher_resumed:
@@ -141,7 +194,8 @@ class StarftStep:
         self.start_batch = resumed.batches_done if resumed is not None and resumed.epoch == epoch else 0
         if self.start_batch:
             logging.info(f"StarFT: resuming epoch {epoch} after batch {self.start_batch} (preemption checkpoint)")
-            self.train.start_from(epoch, self.start_batch)  # the data continues the same sample order
+            # the data continues the same sample order (the dataloader counts micro-batches)
+            self.train.start_from(epoch, self.start_batch * args.accum_freq)
         if self.state.validation is not None:  # a new run: the zero-shot model's scores first (epoch 0)
             self.state.validation.start(epoch, self.start_batch, args)
         return self.start_batch
@@ -149,43 +203,50 @@ class StarftStep:
     def __call__(self, model, batch, loss, args, *, step: int, epoch: int, num_batches_per_epoch: int):
         """``(losses {"contrastive_loss", "star_loss" = λ·L_star}, logit_scale, log {"star_lambda",
         "step", "star_term" = L_star when λ > 0})`` for one batch (as the dataloader gave it)."""
+        return next(self.accumulate(model, [batch], loss, args, step=step, epoch=epoch,
+                                    num_batches_per_epoch=num_batches_per_epoch))
+
+    def accumulate(self, model, batches, loss, args, *, step: int, epoch: int, num_batches_per_epoch: int):
+        """``--accum-freq``: yields ``__call__``'s triple for each micro-batch of ``batches`` (as the dataloader
+        gave them), the losses being the whole accumulated batch's with gradient through that micro-batch
+        only (``accumulated_losses``): the loop calls backward on each in turn, then steps the optimizer once."""
         self.loop_model = model
         if self.frozen_batchnorm is not None:
             self.frozen_batchnorm.hold()  # after the loop's model.train() and any mid-epoch evaluation
-        batch = Batch.of(batch)
+        batches = [Batch.of(b) for b in batches]
         lam = star_lambda(args.starft_schedule, args.starft_lambda, step, num_batches_per_epoch, args.epochs)
-        teacher = self.teacher if lam else None
+        teacher = self.teacher if lam > 0 else None  # λ decides FLYP or StarFT, here only
         data_error = self._label_error(args)
         if teacher is not None:
-            batch = batch._replace(keys=teacher.cache_keys(batch.spurious))
-        batch = batch.to(self.device, self.input_dtype)
-        losses, logit_scale, star_term = starft_losses(model, teacher, loss, batch, lam, self.autocast,
-                                                       trim=has_prefix_encoding(model))
+            batches = [b._replace(keys=teacher.cache_keys(b.spurious)) for b in batches]
+        batches = [b.to(self.device, self.input_dtype) for b in batches]
+        micro_steps = accumulated_losses(model, teacher, loss, batches, lam, self.autocast,
+                                         trim=has_prefix_encoding(model))
+        losses, logit_scale, star_term = next(micro_steps)  # each micro-batch's terms are the whole batch's
         terms = {**losses, **({"star_term": star_term} if star_term is not None else {})}
         # One all-gather per step: every process's data error and signal flags and loss values, so
         # all processes stop, or save and stop, at the same step (none is left waiting in a collective).
-        flags = torch.tensor([data_error is not None, FLAG.pending], dtype=torch.float32, device=self.device)
-        rows = _gather_rows(torch.cat([flags, torch.stack([v.detach().float() for v in terms.values()])]))
-        own = rows[dist.get_rank() if _distributed() else 0][2:]
-        self.last_terms = ", ".join(f"{name}={value:.6g}" for name, value in zip(terms, own))
-        self._check_rows(rows, list(terms), data_error, step=step, epoch=epoch,
-                         batches_done=step - epoch * num_batches_per_epoch, lam=lam, args=args)
-        self.preempt = any(row[1] for row in rows)
-        log = {"star_lambda": lam, "step": step}
-        if star_term is not None:
-            log["star_term"] = own[list(terms).index("star_term")]
-        return losses, logit_scale, log
+        reports = StepReport.gather(StepReport(data_error is not None, FLAG.pending, terms), self.device)
+        own = reports[rank_and_world()[0]].terms
+        self.last_terms = ", ".join(f"{name}={value:.6g}" for name, value in own.items())
+        self._check_reports(reports, data_error, step=step, epoch=epoch,
+                            batches_done=step - epoch * num_batches_per_epoch, lam=lam, args=args)
+        self.preempt = any(report.stop_signal for report in reports)
+        log = {"star_lambda": lam, "step": step, **({"star_term": own["star_term"]} if star_term is not None else {})}
+        yield losses, logit_scale, log
+        for losses, logit_scale, _ in micro_steps:
+            yield losses, logit_scale, log
 
-    def _check_rows(self, rows, names, data_error, *, step, epoch, batches_done, lam, args) -> None:
+    def _check_reports(self, reports: list[StepReport], data_error, *, step, epoch, batches_done, lam, args) -> None:
         """Stop every process at this step when any found a data error (``_stop_late``) or a non-finite loss
-        term; ``rows``: every process's [data error, signal, loss terms ``names``...] (one all-gather)."""
-        if any(row[0] for row in rows):
+        term; ``reports``: every process's ``StepReport`` of this step (one all-gather)."""
+        if any(report.data_error for report in reports):
             self._stop_late(data_error, epoch, batches_done, args)
-        bad = [(rank, row) for rank, row in enumerate(rows) if not all(math.isfinite(v) for v in row[2:])]
+        bad = [(rank, r) for rank, r in enumerate(reports) if not all(math.isfinite(v) for v in r.terms.values())]
         if bad:
-            rank, row = bad[0]
-            values = ", ".join(f"{name}={value:.6g}" for name, value in zip(names, row[2:]))
-            where = f" on rank {rank}" if len(rows) > 1 else ""
+            rank, report = bad[0]
+            values = ", ".join(f"{name}={value:.6g}" for name, value in report.terms.items())
+            where = f" on rank {rank}" if len(reports) > 1 else ""
             raise NumericError(
                 f"non-finite loss at step {step} (epoch {epoch}, batch {batches_done}){where}: {values} (λ={lam:g}); "
                 "the step was not taken and nothing was saved from it: lower --lr, check the data, or use "
@@ -216,7 +277,7 @@ class StarftStep:
         except StarftError as e:
             error = e
         flag = torch.tensor([error is not None], dtype=torch.float32, device=self.device)
-        if any(row[0] for row in _gather_rows(flag)):
+        if all_gather_cat(flag).any():
             self._stop_late(error, epoch, batches_done, args)
         if is_master(args):
             logging.info(f"StarFT data, epoch {epoch}: {self.train.label_stats.summary()}")

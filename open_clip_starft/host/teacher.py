@@ -107,10 +107,12 @@ class TeacherImageCache:
 
 class TeacherFeatures(NamedTuple):
     """The teacher's view of a batch: ``image [B, D]`` and ``spurious [B, D]`` features
-    (L2-normalised) and ``scale``, its ``logit_scale.exp()`` (0-dim)."""
+    (L2-normalised), ``scale``, its ``logit_scale.exp()`` (0-dim), and ``bias``, its ``logit_bias``
+    (SigLIP models; None for a model without one)."""
     image: torch.Tensor
     spurious: torch.Tensor
     scale: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 class Teacher:
@@ -153,7 +155,9 @@ class Teacher:
             keys = batch.keys if batch.keys is not None else self.text_cache.keys(batch.spurious)
             spurious = self.text_cache(teacher, batch.spurious, keys, autocast)
         # Inference tensors may not enter the student's autograd graph; clones of these [B, D] are cheap.
-        return TeacherFeatures(image.clone(), spurious.clone(), scale.clone())
+        bias = getattr(teacher, "logit_bias", None)
+        return TeacherFeatures(image.clone(), spurious.clone(), scale.clone(),
+                               bias.detach().clone() if bias is not None else None)
 
     def load_weights(self, state_dict: dict) -> None:
         """Replace the teacher's weights (a bare model state dict; DDP's ``module.`` prefixes are dropped)."""
