@@ -10,6 +10,7 @@ import math
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.method.captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
 from open_clip_starft.method.descriptors import CONCEPTS
+from open_clip_starft.method.loss import STAR_FORMS
 from open_clip_starft.method.schedule import list_schedules
 
 
@@ -30,6 +31,12 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
                    help="words appended by --starft-suffix random. Default 3.")
     g.add_argument("--starft-no-mask", action="store_true",
                    help="keep same-class pairs in the Star softmax (ablation; the default masks them).")
+    g.add_argument("--starft-star-form", choices=STAR_FORMS, default="softmax",
+                   help="the Star term's form. softmax (default, the paper's, for every model): KL between the "
+                        "teacher's and the student's softmax over each image's other-class spurious captions, at the "
+                        "teacher's logit scale (a SigLIP bias cancels). sigmoid (--siglip models only): a Bernoulli KL "
+                        "per image-caption pair between σ(t·s + b) of teacher and student, at the teacher's scale t "
+                        "and bias b, summed over the same pairs and averaged over images.")
 
 
 def add_caption_flags(parser: argparse.ArgumentParser) -> None:
@@ -147,15 +154,15 @@ def starft_settings(namespace: argparse.Namespace) -> dict:
 
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """One-line errors for OpenCLIP flags (on upstream's parsed ``args``) that StarFT cannot honour."""
-    if args.accum_freq > 1:
-        raise ConfigError(f"--accum-freq {args.accum_freq} is not supported by StarFT: "
-                          "use --accum-freq 1 with a larger --batch-size or more processes")
     if args.distill_model is not None:
         raise ConfigError("--distill-model cannot be combined with StarFT: the frozen zero-shot model is "
                           "StarFT's teacher already; drop --distill-model/--distill-pretrained")
-    if args.siglip or "coca" in args.model.lower():
-        raise ConfigError("StarFT fine-tunes CLIP-style models with the contrastive loss: "
-                          "drop --siglip or pick a non-CoCa --model")
+    if "coca" in args.model.lower():
+        raise ConfigError(f"--model {args.model}: CoCa's captioning loss has no StarFT counterpart in the paper; "
+                          "pick a CLIP or SigLIP --model")
+    if args.starft_star_form == "sigmoid" and not args.siglip:
+        raise ConfigError("--starft-star-form sigmoid is the per-pair form of a sigmoid-loss model: add --siglip "
+                          "(a SigLIP model with a logit_bias) or drop the flag (softmax, the default)")
     if args.model.startswith("local-dir:") and args.pretrained:
         raise ConfigError(
             f"--pretrained {args.pretrained} is ignored by OpenCLIP for --model {args.model} (the run would "

@@ -20,6 +20,8 @@ import importlib.util
 import logging
 from importlib.metadata import entry_points
 
+import open_clip
+
 from open_clip_starft.method.loss import StarLoss
 
 NAME = "starft"
@@ -37,16 +39,11 @@ def host_has_plugin_hook() -> bool:
 
 
 def create_loss(args) -> StarLoss:
-    """``StarLoss`` from OpenCLIP's loss flags and ``--starft-no-mask`` (``open_clip_train.losses`` entry point)."""
-    if args.world_size > 1 and args.starft_lambda > 0 and not args.gather_with_grad:
+    """``StarLoss`` around upstream's contrastive loss for these flags (``open_clip.create_loss``: ``ClipLoss``,
+    or ``SigLipLoss`` with ``--siglip`` and its ``--loss-dist-impl``), with ``--starft-no-mask`` and
+    ``--starft-star-form`` (``open_clip_train.losses`` entry point)."""
+    if args.world_size > 1 and args.starft_lambda > 0 and not args.gather_with_grad and not args.siglip:
         logging.warning("StarFT under DDP without --gather-with-grad: the Star term's columns from other processes "
                         "carry no gradient (as ClipLoss's); pass --gather-with-grad for the exact global-batch gradient")
-    return StarLoss(
-        mask_same_class=not args.starft_no_mask,
-        local_loss=args.local_loss,
-        gather_with_grad=args.gather_with_grad,
-        cache_labels=True,
-        rank=args.rank,
-        world_size=args.world_size,
-        use_horovod=args.horovod,
-    )
+    return StarLoss(open_clip.create_loss(args), mask_same_class=not args.starft_no_mask,
+                    star_form=args.starft_star_form)

@@ -60,7 +60,7 @@ def star_loss(
         form: ``softmax`` (KL of the row softmaxes; a bias would cancel) or ``sigmoid`` (Bernoulli KL per pair).
         logit_bias: the zero-shot model's ``logit_bias`` ``b``, both sides; required by ``sigmoid``.
 
-    Computed in float32 with autocast disabled whatever the input dtype, so a float16 run
+    Computed in float32 (float64 for float64 inputs) with autocast disabled, so a float16 run
     cannot overflow the mask.
     """
     if form not in STAR_FORMS:
@@ -72,16 +72,17 @@ def star_loss(
         if num_rows != num_cols:
             raise ValueError(f"col_labels is required when rows ({num_rows}) and columns ({num_cols}) differ")
         col_labels = row_labels
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
     with torch.autocast(device_type=image_features.device.type, enabled=False):
-        scale = torch.as_tensor(logit_scale, device=image_features.device).float()
-        student_logits = scale * image_features.float() @ spurious_features.float().T
-        teacher_logits = scale * teacher_image_features.float() @ teacher_spurious_features.float().T
+        scale = torch.as_tensor(logit_scale, device=image_features.device).to(dtype)
+        student_logits = scale * image_features.to(dtype) @ spurious_features.to(dtype).T
+        teacher_logits = scale * teacher_image_features.to(dtype) @ teacher_spurious_features.to(dtype).T
         if mask_same_class:
             valid = row_labels.view(-1, 1) != col_labels.view(1, -1)
         else:
             valid = torch.ones_like(student_logits, dtype=torch.bool)
         if form == "sigmoid":
-            bias = torch.as_tensor(logit_bias, device=image_features.device).float()
+            bias = torch.as_tensor(logit_bias, device=image_features.device).to(dtype)
             student_logits, teacher_logits = student_logits + bias, teacher_logits + bias
             # KL(Bern(σ(a)) ‖ Bern(σ(z))) = σ(a)(log σ(a) − log σ(z)) + σ(−a)(log σ(−a) − log σ(−z))
             kl = (torch.sigmoid(teacher_logits) * (F.logsigmoid(teacher_logits) - F.logsigmoid(student_logits))
