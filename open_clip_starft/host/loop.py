@@ -112,22 +112,27 @@ def optimizer_step(model, optimizer, scaler, args):
 
 
 def train_one_epoch_with_step(model, data, loss, epoch, optimizer, scaler, scheduler, train_step, args, tb_writer=None):
-    """One epoch in which a plugin's ``train_step`` (see ``open_clip_train.plugins``) turns each batch into losses."""
+    """One epoch in which a plugin's ``train_step`` (see ``open_clip_train.plugins``) turns each batch into losses.
+
+    With ``--accum-freq`` K > 1 each optimizer step takes K consecutive batches (micro-batches; a last
+    incomplete group is dropped, as upstream's loop drops it) and ``train_step.accumulate`` yields their
+    losses one micro-batch at a time; each is backpropagated before the next micro-batch's forward."""
     model.train()
     data['train'].set_epoch(epoch)  # set epoch in process safe manner via sampler or shared_epoch
     dataloader = data['train'].dataloader
-    num_batches_per_epoch = dataloader.num_batches
+    num_batches_per_epoch = dataloader.num_batches // args.accum_freq
     sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
     start_epoch = getattr(train_step, "start_epoch", None)
     first_batch = (start_epoch(epoch, data, args) or 0) if start_epoch else 0
     after_step = getattr(train_step, "after_step", None)
+    batches = dataloader if args.accum_freq == 1 else zip(*[iter(dataloader)] * args.accum_freq)
 
     losses_m = {}
     batch_time_m = AverageMeter()
     data_time_m = AverageMeter()
     end = time.time()
     batch_count = first_batch
-    for i, batch in enumerate(dataloader, start=first_batch):
+    for i, batch in enumerate(batches, start=first_batch):
         if i >= num_batches_per_epoch:  # resumed mid-epoch: fewer batches are left in this epoch
             break
         step = num_batches_per_epoch * epoch + i
@@ -136,11 +141,16 @@ def train_one_epoch_with_step(model, data, loss, epoch, optimizer, scaler, sched
 
         data_time_m.update(time.time() - end)
         optimizer.zero_grad()
-        losses, logit_scale, extra = train_step(
-            model, batch, loss, args, step=step, epoch=epoch, num_batches_per_epoch=num_batches_per_epoch)
-        total_loss = sum(losses.values())
-        losses["loss"] = total_loss
-        backward(total_loss, scaler)
+        if args.accum_freq == 1:
+            micro_steps = [train_step(
+                model, batch, loss, args, step=step, epoch=epoch, num_batches_per_epoch=num_batches_per_epoch)]
+        else:
+            micro_steps = train_step.accumulate(
+                model, batch, loss, args, step=step, epoch=epoch, num_batches_per_epoch=num_batches_per_epoch)
+        for losses, logit_scale, extra in micro_steps:
+            total_loss = sum(losses.values())
+            losses["loss"] = total_loss
+            backward(total_loss, scaler)
         optimizer_step(model, optimizer, scaler, args)
 
         # Note: we clamp to 4.6052 = ln(100), as in the original paper.
