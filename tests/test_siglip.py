@@ -173,3 +173,50 @@ def test_flyp_siglip_is_upstreams_siglip_step(tmp_path):
         assert torch.equal(value, weights["ours"][key]), key
         changed += not torch.equal(value, build_tiny_model(seed=0, siglip=True)[0].state_dict()[key])
     assert changed > 10 and "logit_bias" in weights["ours"]
+
+
+@pytest.fixture(scope="module")
+def siglip_ws(small_data, tmp_path_factory):
+    """``small_data``'s shards (64 samples, 2 shards) with the tiny SigLIP as the model."""
+    from runs import workspace
+    from open_clip_starft.tools.tiny_model import write_tiny_model
+    root = tmp_path_factory.mktemp("siglip")
+    return {**workspace(small_data, root), "model": write_tiny_model(str(root / "model"), siglip=True)}
+
+
+def test_siglip_trains_with_the_sigmoid_form_and_accumulation_and_exports_a_folder_open_clip_loads(siglip_ws, tmp_path):
+    import open_clip
+    from runs import checkpoints, log_of, metric, run, train_args
+    from open_clip_starft.tools.export import main as export_main
+    ws = siglip_ws
+    result = run(train_args(ws, "sigmoid", "--siglip", "--starft-lambda", "0.5", "--starft-star-form", "sigmoid",
+                            "--accum-freq", "2", epochs=1, batch_size=16))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(ws, "sigmoid")
+    assert metric(log, "Step") == [0, 1]  # 64 samples = 4 micro-batches of 16 = 2 steps of 2
+    star = metric(log, "Star term")
+    assert len(star) == 2 and abs(star[0]) < 1e-6 and star[1] > 0  # 0 while the student is the teacher
+    assert all(math.isfinite(v) for v in metric(log, "Contrastive_loss"))
+    ckpt = os.path.join(ws["root"], "logs", "sigmoid", "checkpoints", "epoch_1.pt")
+    assert checkpoints(ws, "sigmoid") == ["epoch_1.pt"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert state["logit_bias"].item() != -10.0  # trained
+    out = tmp_path / "export"
+    assert export_main(["--checkpoint", ckpt, "--model", ws["model"], "--out", str(out)]) == 0
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")  # plain OpenCLIP loads it
+    assert type(model).__name__ == "CustomTextCLIP" and torch.equal(model.logit_bias, state["logit_bias"])
+    card = (out / "README.md").read_text()
+    assert "SigLipLoss" in card and "sigmoid" in card  # the loss and --starft-star-form
+
+
+def test_siglip_trains_in_two_processes(siglip_ws):
+    import sys
+    from runs import log_of, metric, run, train_args
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+                "-m", "--", "open_clip_starft.main")
+    result = run(train_args(siglip_ws, "ddp", "--siglip", "--starft-lambda", "0.5", "--loss-dist-impl", "gather",
+                            epochs=1, batch_size=16), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(siglip_ws, "ddp")
+    star = metric(log, "Star term")
+    assert metric(log, "Step") == [0, 1] and abs(star[0]) < 1e-6 and star[1] > 0

@@ -89,8 +89,9 @@ def test_corrupt_tar_among_good_ones_is_skipped_and_training_finishes(ws):
     assert metric(log, "Step")[-1] == 2  # 96 samples / 32 per batch = 3 steps (0, 1, 2)
 
 
-def test_accum_freq_is_refused_clearly(ws):
-    one_line_error(run(train_args(ws, "accum", "--accum-freq", "2")), "--accum-freq 2", "--batch-size")
+def test_coca_is_refused_saying_why(ws):
+    one_line_error(run(train_args(ws, "coca", "--model", "coca_ViT-B-32")), "CoCa's captioning loss",
+                   "no StarFT counterpart")
 
 
 def test_infinite_lambda(ws):

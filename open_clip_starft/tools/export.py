@@ -245,6 +245,9 @@ def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: di
     data_name = data_name or (public_name(str(params["train_data"])) if params.get("train_data") else None)
     details = {"Architecture": architecture(model_cfg) if model_cfg else public_name(model), "Base model": base_model,
                "Method": PAPER,
+               "Loss": "not recorded (no params.txt)" if "siglip" not in params else (
+                   ("SigLIP's sigmoid loss (OpenCLIP's SigLipLoss, --siglip)" if params["siglip"] is True
+                    else "CLIP's contrastive loss (OpenCLIP's ClipLoss)") + " + λ · the Star term"),
                "Checkpoint": f"{os.path.basename(checkpoint)} (run {meta.get('name', '?')})", "Epochs trained": trained}
     details.update({label: _public(params[key]) for label, key in TRAINING_KEYS if params.get(key) not in (None, "None", "", {}, [])})
     if data_name:
