@@ -220,3 +220,25 @@ def test_siglip_trains_in_two_processes(siglip_ws):
     log = log_of(siglip_ws, "ddp")
     star = metric(log, "Star term")
     assert metric(log, "Step") == [0, 1] and abs(star[0]) < 1e-6 and star[1] > 0
+
+
+def test_siglip_eval_keeps_top1_and_takes_ece_of_the_models_sigmoid_probabilities():
+    from open_clip_starft.eval.metrics import SampleScores, ece_of_confidence, metrics_of_scores
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 10 * torch.randn(50, 7, generator=g), torch.randint(0, 7, (50,), generator=g)
+    softmax, sigmoid = SampleScores.from_logits(logits, labels), SampleScores.from_logits(logits, labels, logit_bias=-3.0)
+    assert torch.equal(softmax.predictions, sigmoid.predictions) and torch.equal(softmax.top5_hits, sigmoid.top5_hits)
+    # independently: each image's predicted class's own sigmoid probability
+    want = 1 / (1 + torch.exp(-(logits.double().max(dim=1).values - 3.0)))
+    assert torch.allclose(sigmoid.confidence, want, rtol=1e-12)
+    correct = logits.argmax(dim=1) == labels
+    assert metrics_of_scores(sigmoid)["ece"] == ece_of_confidence(want, correct)
+    assert metrics_of_scores(sigmoid)["ece"] != metrics_of_scores(softmax)["ece"]
+    assert metrics_of_scores(sigmoid)["top1"] == metrics_of_scores(softmax)["top1"]
+
+
+def test_the_evaluator_scores_a_siglip_model_with_its_bias():
+    from open_clip_starft.eval.evaluator import Evaluator
+    model, _ = build_tiny_model(seed=0, siglip=True)
+    assert Evaluator(model, None, None).logit_bias() == -10.0
+    assert Evaluator(build_tiny_model(seed=0)[0], None, None).logit_bias() is None

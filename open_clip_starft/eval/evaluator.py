@@ -103,6 +103,11 @@ class Evaluator:
         scale = getattr(self.model, "logit_scale", None)
         return float(scale.detach().exp()) if scale is not None else 100.0
 
+    def logit_bias(self) -> float | None:
+        """A SigLIP model's ``logit_bias`` (its probabilities are sigmoids, for ECE); None for CLIP."""
+        bias = getattr(self.model, "logit_bias", None)
+        return float(bias.detach()) if bias is not None else None
+
     @torch.no_grad()
     def scores(self, prepared: PreparedSet, *, distributed: bool = False, progress: bool = False,
                label: str = "model") -> tuple[SampleScores, list[str]]:
@@ -121,7 +126,8 @@ class Evaluator:
         finally:
             self.model.train(was_training)
         local = SampleScores.from_logits(logits.reshape(len(labels), -1) if len(labels) else
-                                         torch.zeros(0, max(prepared.num_classes, 1)), labels, groups)
+                                         torch.zeros(0, max(prepared.num_classes, 1)), labels, groups,
+                                         logit_bias=self.logit_bias())
         scores, skipped = _gather(local, skipped, world)
         if not scores.labels.numel() and not skipped:
             files = prepared.shards or [str(it.ref) for it in prepared.items or ()]
@@ -150,7 +156,9 @@ class Evaluator:
             "ece": m["ece"], "n": m["n"], "skipped": len(skipped),
             "settings": {**(settings or {}), **prepared.settings, "logit_scale": self.logit_scale(),
                          "precision": self.precision, "ece_bins": self.ece_bins,
-                         "head_seconds": round(self.heads.seconds, 3)},
+                         "head_seconds": round(self.heads.seconds, 3),
+                         # a SigLIP model: its ECE is of its sigmoid probabilities σ(logit + bias)
+                         **({"logit_bias": self.logit_bias()} if self.logit_bias() is not None else {})},
             "seconds": round(time.perf_counter() - start, 3),
         }
         if skipped:

@@ -24,7 +24,8 @@ from open_clip_starft.method.captions import check_class_prompts
 class SampleScores:
     """What the metrics need of each scored image, ``[N]`` tensors on the CPU: the label, group and
     predicted class, whether the label is in the top 5 (None with fewer than 5 classes) and the
-    confidence (maximum softmax probability, float64). Small enough to gather across processes."""
+    confidence (the model's probability of its prediction, float64: maximum softmax probability, or a SigLIP
+    model's sigmoid, see ``from_logits``). Small enough to gather across processes."""
     labels: torch.Tensor
     groups: torch.Tensor
     predictions: torch.Tensor
@@ -32,11 +33,17 @@ class SampleScores:
     confidence: torch.Tensor
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> "SampleScores":
-        """Scores of scaled logits ``[N, K]`` (softmax gives the probabilities)."""
+    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
+                    logit_bias: float | None = None) -> "SampleScores":
+        """Scores of scaled logits ``[N, K]``: the probabilities are the model's own, a softmax over the classes,
+        or with ``logit_bias`` (a SigLIP model) each class's sigmoid ``σ(logit + bias)``, so the confidence
+        (and ECE) is ``σ(max logit + bias)``; the prediction (top-1, top-5) is the same either way."""
         logits, labels = logits.float().cpu(), labels.long().cpu()
         groups = torch.zeros_like(labels) if groups is None else groups.long().cpu()
-        confidence, predictions = torch.softmax(logits.double(), dim=1).max(dim=1)
+        if logit_bias is None:
+            confidence, predictions = torch.softmax(logits.double(), dim=1).max(dim=1)
+        else:
+            confidence, predictions = torch.sigmoid(logits.double() + logit_bias).max(dim=1)
         top5 = None if logits.shape[1] < 5 else (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
         return cls(labels, groups, predictions, top5, confidence)
 
