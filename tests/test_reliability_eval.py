@@ -353,7 +353,6 @@ LONG_TEMPLATE = "a blurry low resolution grainy photograph taken at night with a
 
 def test_a_template_that_truncates_the_class_name_away_is_refused(ws, amp_run, folder_set, tmp_path, capsys, caplog):
     from open_clip_starft.eval import cli as eval_cli
-    from open_clip_starft.method.captions import check_class_prompts
     tokenizer = open_clip.get_tokenizer(ws["model"])
     assert tokenizer.context_length == 32 and len(tokenizer.encode(LONG_TEMPLATE.replace("{}", ""))) + 2 > 32
     templates = tmp_path / "templates.txt"
@@ -367,6 +366,7 @@ def test_a_template_that_truncates_the_class_name_away_is_refused(ws, amp_run, f
                             str(templates), epochs=1, batch_size=16, workers=0))
     run_refused(result, "caption template 'a blurry low resolution", "loses the class name to truncation", status=2)
     # a template that is cut but keeps the names apart is allowed with a warning; one that fits passes quietly
+    from open_clip_starft.method.captions import check_class_prompts
     cut = "a " + "very " * 24 + "blurry photo of a {}."  # 33 tokens: the final period is cut, the names stay apart
     check_class_prompts(tokenizer, CLASSNAMES, ["a photo of a {}.", cut])
     assert "1 of 4 class prompts" not in caplog.text and "4 of 4 class prompts are longer than" in caplog.text
