@@ -20,6 +20,7 @@ from open_clip_starft.eval.training_validation import TrainingValidation, parse_
 from open_clip_starft.host.hooks import StarftHooks
 from open_clip_starft.host.params import build_parser, check
 from open_clip_starft.host.preemption import FLAG, Preempted
+from open_clip_starft.host.preflight import RunFolderGuard, finished, preflight
 
 
 # an OSError from upstream's own writes that is about the disk or folder, not a bug: reported in one line
@@ -51,9 +52,16 @@ def main(argv=None) -> int:
             validation = TrainingValidation
         elif starft.starft_select:
             raise ConfigError(f"--starft-select {starft.starft_select} needs --starft-val NAME=ROOT: the set it names")
+        args = preflight(starft, rest)  # nothing is written before every flag that can be checked is
+        done = finished(args)
+        if done:
+            print(f"open-clip-starft: {done}", file=sys.stderr)
+            return 0
         FLAG.install()
-        with StarftHooks(starft, validation=validation) as hooks:
+        with StarftHooks(starft, validation=validation) as hooks, RunFolderGuard(args, hooks) as guard:
             status = hooks.main(rest)
+            if status == -1:
+                guard.refused()
     except StarftError as e:
         print(f"open-clip-starft: error: {e}", file=sys.stderr)
         return 2

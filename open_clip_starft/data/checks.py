@@ -15,7 +15,7 @@ from multiprocessing import Array, Value
 from open_clip_train.data import expand_urls
 
 from open_clip_starft.data.samples import IMAGE_KEYS, BrokenShard, iter_shard, parse_label
-from open_clip_starft.errors import StarftError
+from open_clip_starft.errors import DataError, StarftError
 
 PRESCAN_ALL_SHARDS, PRESCAN_ALL_BYTES = 4, 256 << 20  # the pre-scan reads every shard up to these, else the first
 
@@ -132,15 +132,17 @@ class LabelStats:
 
 
 def check_shards_exist(pattern: str) -> list[str]:
-    """The local shard files of ``pattern``; a StarftError when none exists (remote URLs pass)."""
+    """The shard URLs of ``pattern``; a one-line DataError when a local one does not exist (remote URLs
+    pass): a pattern with some shards missing would train on the others or stop in upstream's reader."""
     urls, _ = expand_urls(pattern)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.exists(u)]
     if local and len(missing) == len(local):
-        raise StarftError(f"--train-data {pattern!r} matches no file (first: {missing[0]!r}): "
-                          "check the path and the brace pattern, e.g. 'shards/train-{0000..0099}.tar'")
+        raise DataError(f"--train-data {pattern!r} matches no file (first: {missing[0]!r}): "
+                        "check the path and the brace pattern, e.g. 'shards/train-{0000..0099}.tar'")
     if missing:
-        logging.warning(f"{len(missing)} of {len(local)} shards of --train-data do not exist, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} of {len(local)} shards of --train-data {pattern!r} do not exist (first: "
+                        f"{missing[0]!r}): fix the pattern, or write the missing shards")
     return urls
 
 

@@ -542,16 +542,22 @@ def get_csv_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int
     return _CsvDataInfo(dataloader, sampler, label_stats=stats)
 
 
-def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
-                   preprocess_plain=None) -> DataInfo:
-    """The StarFT training data for ``--dataset-type`` webdataset, csv or auto; with
-    ``preprocess_plain`` (the eval transform) batches also carry un-augmented images and sample ids."""
+def train_data_kind(args) -> str:
+    """``--dataset-type``, with ``auto`` told from the ``--train-data`` file extension (webdataset or csv)."""
     kind = args.dataset_type
     if kind == "auto":
         ext = args.train_data.split("::")[0].rsplit(".", 1)[-1]
         kind = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}.get(ext)
         if kind is None:
             raise StarftError(f"cannot tell the type of --train-data {args.train_data!r}: pass --dataset-type webdataset or csv")
+    return kind
+
+
+def get_train_data(args, preprocess_img, builder: CaptionBuilder, epoch: int = 0, tokenizer=None,
+                   preprocess_plain=None) -> DataInfo:
+    """The StarFT training data for ``--dataset-type`` webdataset, csv or auto; with
+    ``preprocess_plain`` (the eval transform) batches also carry un-augmented images and sample ids."""
+    kind = train_data_kind(args)
     if kind == "webdataset":
         return get_wds_train_data(args, preprocess_img, builder, epoch, tokenizer, preprocess_plain)
     if kind == "csv":

@@ -36,7 +36,7 @@ import numpy as np
 import open_clip
 import torch
 
-from open_clip_starft.data.files import json_line, read_json, write_json
+from open_clip_starft.data.files import atomic_open, json_line, read_json, write_json
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.report import ScalarReporter, record_scalars
@@ -231,8 +231,13 @@ class TrainingValidation:
         scalars = {k: v for r in records.values() for k, v in record_scalars(r, "val", METRICS).items()}
         logging.info(f"StarFT val epoch {epoch} step {step}: "
                      + "  ".join(f"{k}: {v:.4f}" for k, v in scalars.items()))
-        if self.folder:
-            with open(os.path.join(self.folder, "results.jsonl"), "a", encoding="utf-8") as f:
+        if self.folder:  # a resumed run replaces the lines a killed run logged at or after this step (lost)
+            path = os.path.join(self.folder, "results.jsonl")
+            with open(path, "a+", encoding="utf-8") as f:
+                f.seek(0)
+                kept = [line for line in f.read().splitlines() if not _logged_from(line, step)]
+            with atomic_open(path) as f:
+                f.writelines(line + "\n" for line in kept)
                 for name, r in records.items():
                     line = {"epoch": epoch, "step": step, "set": name, **{m: r[m] for m in METRICS},
                             "groups": r["groups"], "n": r["n"], "skipped": r["skipped"]}
@@ -255,6 +260,15 @@ class TrainingValidation:
         """Record the best so far (``best.json``) once the step has written its weights (``best.pt``)."""
         if _is_master(args) and self.folder and self.best is not None:
             write_json(os.path.join(self.folder, BEST_RECORD), self.best)
+
+
+def _logged_from(line: str, step: int) -> bool:
+    """True for a ``results.jsonl`` line of ours (with ``set``) logged at global step ``step`` or later."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "set" in record and record.get("step", -1) >= step
 
 
 def _is_master(args) -> bool:

@@ -145,11 +145,36 @@ def load_resume(loader, path: str, map_location="cpu"):
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise DataError(f"--resume {path} holds a {type(checkpoint).__name__}, not a training checkpoint or "
                         "model state dict")
+    refuse_weights_only(checkpoint, path)
     weights = checkpoint.get("state_dict") if "epoch" in checkpoint else checkpoint
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise DataError(f"--resume {path} is neither a training checkpoint (epoch, state_dict, optimizer) nor a "
                         "model state dict (names → tensors)")
     return checkpoint
+
+
+def refuse_weights_only(checkpoint: dict, path: str) -> None:
+    """A one-line ``DataError`` for a checkpoint with an ``epoch`` but no optimizer state (``best.pt``): it
+    holds weights only, nothing to continue training from (upstream would stop with ``KeyError: 'optimizer'``)."""
+    if "epoch" not in checkpoint or "optimizer" in checkpoint:
+        return
+    what = ("best.pt, the epoch --starft-select kept" if "starft_best" in checkpoint
+            else f"epoch {checkpoint['epoch']} without optimizer state")
+    run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    raise DataError(f"--resume {path} holds weights only ({what}), not a training position to continue: score it "
+                    f"with `open-clip-starft eval --run {run} --epochs best`, export it with `open-clip-starft export "
+                    f"--checkpoint {path}`, or continue its run with --resume latest")
+
+
+def peek_resume(path: str) -> None:
+    """``refuse_weights_only`` on a ``--resume`` file, read lazily (memory-mapped, tensors not loaded), before
+    anything is written; a file it cannot read this way is left to ``load_resume``."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - load_resume reads it again and names what is wrong
+        return
+    if isinstance(checkpoint, dict):
+        refuse_weights_only(checkpoint, path)
 
 
 def check_fits(model: torch.nn.Module, checkpoint: dict, path: str, model_name: str) -> None:

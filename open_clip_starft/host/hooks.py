@@ -25,7 +25,8 @@ on exit), and the two steps that have no name there are reached as follows:
                                corrupt ``--resume`` file is one line; a training checkpoint's
                                settings are compared with this run's (``state.changes``)
 ``get_data``                   StarFT's labelled training data; val/ImageNet eval upstream's
-``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass, ``plugin.create_loss``)
+``create_loss``                ``StarLoss`` (a ``ClipLoss`` subclass, ``plugin.create_loss``), built
+                               just before the epoch loop: marks the run started (``RunState.started``)
 ``train_one_epoch``            without patches/0003 only: ``host/loop.py``'s loop around the step
                                (the loop patches/0003 adds, character for character)
 ``save_checkpoint``            each checkpoint dict gets the StarFT settings and is written under a
@@ -305,7 +306,9 @@ class StarftHooks:
         return data
 
     def create_loss(self, args):
-        """``StarLoss`` (``plugin.create_loss``)."""
+        """``StarLoss`` (``plugin.create_loss``), built just before the epoch loop: from here on the run has
+        started (``RunState.started``: a failure keeps its folder, ``preflight.RunFolderGuard``)."""
+        self.state.started = True
         return plugin.create_loss(args)
 
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):

@@ -184,8 +184,8 @@ def check(starft: argparse.Namespace) -> None:
         raise ConfigError(f"unknown --starft-suffix {starft.starft_suffix!r}: use one of {', '.join(list_suffix_modes())}")
     if starft.starft_random_words < 1:
         raise ConfigError(f"--starft-random-words {starft.starft_random_words} must be ≥ 1")
-    if starft.starft_freeze_bn_stats and starft.starft_teacher_batchnorm == "batch":
-        raise ConfigError("--starft-freeze-bn-stats keeps the student on running statistics, but --starft-teacher-"
-                          "batchnorm batch puts the teacher on the batch's: drop --starft-teacher-batchnorm batch")
+    if starft.starft_val_frequency < 1 or starft.starft_val_steps < 0:
+        raise ConfigError(f"--starft-val-frequency {starft.starft_val_frequency} must be ≥ 1 and --starft-val-steps "
+                          f"{starft.starft_val_steps} ≥ 0")
     if not 0 <= starft.starft_max_skipped_fraction <= 1:
         raise ConfigError(f"--starft-max-skipped-fraction {starft.starft_max_skipped_fraction:g} must be within 0..1")

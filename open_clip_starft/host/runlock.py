@@ -6,16 +6,54 @@ write the same ``epoch_N.pt`` names, each overwriting the other's. The master pr
 an exclusive lock on ``RUN/train.lock`` before upstream writes anything there; a second run refuses in
 one line naming the folder and the process holding it. The kernel drops the lock when its holder
 exits, however it ends (a killed run never leaves a stale lock).
+
+A run killed while writing a file (``kill -9`` during ``best.pt`` or ``epoch_N.pt``) leaves its temporary
+``NAME.partial-PID`` (``data.files.atomic_path``); the next run to take the lock removes those of processes
+that no longer exist (``remove_stale_partials``).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import re
+import shutil
 
+from open_clip_starft.data.files import PARTIAL
 from open_clip_starft.errors import ConfigError, StorageError
 
 NAME = "train.lock"
+_PARTIAL_PID = re.compile(re.escape(PARTIAL) + r"-(\d+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str) -> list[str]:
+    """Remove the temporary files (and folders) under ``folder`` that a process which no longer exists
+    left (``NAME.partial-PID``, ``NAME.partial-PID-old``); returns their paths."""
+    removed = []
+    for parent, dirs, names in os.walk(folder):
+        for name in [*names, *dirs]:
+            match = _PARTIAL_PID.search(name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            path = os.path.join(parent, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+        dirs[:] = [d for d in dirs if not _PARTIAL_PID.search(d)]
+    return removed
 
 
 class RunLock:
@@ -47,6 +85,8 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        for path in remove_stale_partials(self.folder):  # no training process of this folder is writing now
+            logging.warning(f"StarFT: removed {path}, the unfinished write of a run that was killed")
 
     def release(self) -> None:
         if self._fd is not None:

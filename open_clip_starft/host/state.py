@@ -22,7 +22,9 @@ from typing import Any
 NOT_OBJECTIVE = ("starft_teacher_text_cache_mb", "starft_max_skipped_fraction", "starft_csv_label_key",
                  # evaluation during training: what is scored and kept, never what is trained
                  "starft_val", "starft_val_frequency", "starft_val_steps", "starft_val_classnames",
-                 "starft_val_templates", "starft_select")
+                 "starft_val_templates", "starft_select",
+                 # the weights' memory layout: the same numbers up to float summation order
+                 "starft_channels_last")
 # run settings beside the --starft-* ones that a resumed run must keep: (key, flag, mid-epoch only)
 RUN_KEYS = (("batch_size", "--batch-size", True), ("world_size", "processes", True), ("epochs", "--epochs", False))
 
@@ -46,13 +48,16 @@ class RunState:
     ``history``: the settings history the checkpoints carry (list of dicts, see ``history_entry``).
     ``validation``: the run's evaluation during training (``--starft-val``; an object with ``start``,
     ``after_step`` and ``end_epoch``, ``eval.training_validation.TrainingValidation``), built by the hooks
-    through the factory ``main`` gives them; None without ``--starft-val``.
+    through the factory ``main`` gives them; None without ``--starft-val``. ``started``: the run reached its
+    epoch loop (its loss is built just before it): a failure after that keeps the run folder
+    (``preflight.RunFolderGuard``).
     """
     settings: dict
     num_classes: int = 0
     resumed: Resumed | None = None
     history: list[dict] = field(default_factory=list)
     validation: Any = None
+    started: bool = False
 
     def history_entry(self, args, epoch: int = 0, batches_done: int = 0) -> dict:
         """This run's settings as a history entry, from ``epoch``/``batches_done`` on (``step``:
