@@ -478,12 +478,16 @@ def _run(args, argv) -> int:
                 continue
         for unit in units:
             _zero_shot(out, unit)  # pre-trained, and usable here
+        if args.stage == "gate":  # the pre-training stage's record (competence on validation) first: kept if cut short
+            docs = args.docs or os.path.join(out, "report")
+            os.makedirs(docs, exist_ok=True)
+            write_json(os.path.join(docs, "zero_shot.json"), read_json(os.path.join(out, "zero_shot.json"), {}))
         units, bad = competent_units(out, units, scale["competent_val_avg"], log, allow_none=one_at_a_time)
         failed.update(bad)
         if not units:
             continue
         if args.stage == "gate":
-            _timed(out, "gate", units, lambda: _gate(study, units, args.docs or os.path.join(out, "report")))
+            _timed(out, "gate", units, lambda: _gate(study, units, docs))
             continue
         log(f"waterbirds-lite: {'run' if args.stage != 'report' else 'report'} {', '.join(units)}")
         p1, seconds = _timed(out, "run", units, lambda: _fine_tune(study, units, run=args.stage != "report"))
