@@ -399,10 +399,12 @@ def _gate(study: Study, units: list[str], docs: str) -> dict:
                          "p1_epochs": list(schedule.p1_epochs)}
     merge_json(os.path.join(study.out, "gate.json"), entries)
     kept = read_json(os.path.join(study.out, "gate.json"), {})
+    with open(os.path.join(study.out, "commands.txt")) as f:
+        commands = f.read().strip()
     record = {"title": study.scale["title"], "schedule": dataclasses.asdict(schedule),
               "sizes": study.manifest["sizes"], "machine": benchmark.MACHINE, "units": kept,
               "passes": any(e["damage"] for e in kept.values()),
-              "command": open(os.path.join(study.out, "commands.txt")).read().strip()}
+              "command": commands}
     os.makedirs(docs, exist_ok=True)
     write_json(os.path.join(docs, "gate.json"), record)
     write_text(os.path.join(docs, "gate.md"), report.gate_markdown(record))
