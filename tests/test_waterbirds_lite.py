@@ -254,6 +254,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         p1_flyp["val_worst_group"] - p1_zero_shot["val_worst_group"], abs=1e-9)
     assert entry["damage"] == gate["passes"] == (run["flyp_minus_zero_shot_val_worst_group"] < 0)
     assert "VALIDATION only" in (docs / "gate.md").read_text()
+    assert json.loads((docs / "zero_shot.json").read_text()) == json.loads((out / "zero_shot.json").read_text())
     # FLYP and StarFT alike kept the zero-shot BatchNorm statistics, trained in channels-last layout
     name = "P2-identity-s0-p0-seed0-flyp-e1"  # the mini scale's one P2 epoch
     flyp_state = torch.load(str(out / "logs" / name / "checkpoints" / "epoch_1.pt"),

@@ -399,10 +399,12 @@ def _gate(study: Study, units: list[str], docs: str) -> dict:
                          "p1_epochs": list(schedule.p1_epochs)}
     merge_json(os.path.join(study.out, "gate.json"), entries)
     kept = read_json(os.path.join(study.out, "gate.json"), {})
+    with open(os.path.join(study.out, "commands.txt")) as f:
+        commands = f.read().strip()
     record = {"title": study.scale["title"], "schedule": dataclasses.asdict(schedule),
               "sizes": study.manifest["sizes"], "machine": benchmark.MACHINE, "units": kept,
               "passes": any(e["damage"] for e in kept.values()),
-              "command": open(os.path.join(study.out, "commands.txt")).read().strip()}
+              "command": commands}
     os.makedirs(docs, exist_ok=True)
     write_json(os.path.join(docs, "gate.json"), record)
     write_text(os.path.join(docs, "gate.md"), report.gate_markdown(record))
@@ -478,12 +480,16 @@ def _run(args, argv) -> int:
                 continue
         for unit in units:
             _zero_shot(out, unit)  # pre-trained, and usable here
+        if args.stage == "gate":  # the pre-training stage's record (competence on validation) first: kept if cut short
+            docs = args.docs or os.path.join(out, "report")
+            os.makedirs(docs, exist_ok=True)
+            write_json(os.path.join(docs, "zero_shot.json"), read_json(os.path.join(out, "zero_shot.json"), {}))
         units, bad = competent_units(out, units, scale["competent_val_avg"], log, allow_none=one_at_a_time)
         failed.update(bad)
         if not units:
             continue
         if args.stage == "gate":
-            _timed(out, "gate", units, lambda: _gate(study, units, args.docs or os.path.join(out, "report")))
+            _timed(out, "gate", units, lambda: _gate(study, units, docs))
             continue
         log(f"waterbirds-lite: {'run' if args.stage != 'report' else 'report'} {', '.join(units)}")
         p1, seconds = _timed(out, "run", units, lambda: _fine_tune(study, units, run=args.stage != "report"))
