@@ -12,15 +12,36 @@ STEP_KEYS = {"model", "device", "batch_size", "precision", "flyp_step_s", "starf
 
 
 def test_bench_step_tiny(tmp_path, capsys):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from open_clip_starft.tools.tiny_model import build_tiny_model
     out = tmp_path / "step.json"
     # through the console command's dispatcher, as README gives it
     assert cli_main(["bench", "step", "--model", "tiny", "--batch-size", "4", "--steps", "1", "--out", str(out)]) == 0
     record, = json.loads(out.read_text())
-    assert STEP_KEYS <= set(record)
-    # FLOPs are exact counts: StarFT adds the teacher's image forward and the spurious-caption text work
+    assert STEP_KEYS <= set(record) and record["loss"] == "ClipLoss"
+    # FLOPs are exact counts: the teacher's image forward is the tiny model's, counted here independently
+    model, _ = build_tiny_model(0)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.encode_image(torch.randn(4, 3, 32, 32))
+    assert record["teacher_image_forward_flops"] == counter.get_total_flops() > 0
+    # StarFT adds at least the teacher's image forward and the spurious captions' text work; the naive port more
     assert record["naive_flops"] > record["starft_flops"] > record["flyp_flops"] + record["teacher_image_forward_flops"]
-    assert record["flop_floor_ratio"] == (record["flyp_flops"] + record["teacher_image_forward_flops"]) / record["flyp_flops"]
     assert "StarFT/FLYP" in capsys.readouterr().out
+
+
+def test_bench_step_siglip_beside_clip_with_accumulation(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert main(["step", "--model", "tiny-siglip", "--beside", "tiny", "--batch-size", "4", "--accum-freq", "2",
+                 "--steps", "1", "--out", str(out)]) == 0
+    one, = json.loads(out.read_text())
+    assert one["loss"] == "SigLipLoss" and one["beside"]["loss"] == "ClipLoss" and one["accum_freq"] == 2
+    assert set(one["peak_mem_mb"]) == {"flyp", "starft"} and "naive_step_s" not in one
+    # an accumulated FLYP step: the cached pass (forward) + forward and backward of each micro-batch, more
+    # than twice a one-micro-batch step's FLOPs (counted here in-process)
+    from open_clip_starft.bench.step import StepBench
+    assert one["flyp_flops"] > 2 * StepBench("tiny-siglip", 4, "fp32", "cpu", with_teacher=False).flops("flyp")
+    assert "beside, same run: tiny (ClipLoss)" in capsys.readouterr().out
 
 
 def test_bench_data_compares_with_upstream(tmp_path):
