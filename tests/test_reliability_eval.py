@@ -19,9 +19,8 @@ from open_clip_starft.demo.data import BACKGROUNDS, CLASSNAMES, brace_pattern, w
 from open_clip_starft.errors import StarftError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
-from open_clip_starft.tools.tiny_model import write_tiny_model
 
-from runs import make_workspace, one_line_error as run_refused, run, train_args
+from runs import one_line_error as run_refused, run, train_args, workspace
 
 
 def strict_json(text):
@@ -32,11 +31,10 @@ def strict_json(text):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    classes = root / "classes.txt"
-    classes.write_text("\n".join(CLASSNAMES) + "\n")  # circle, square, triangle, cross: not in sorted order
-    return {"root": root, "classes": str(classes), "model": write_tiny_model(str(root / "model"), seed=5)}
+def ws(tiny_data, tmp_path_factory):
+    """The session's tiny model and class names (circle, square, triangle, cross: not in sorted order), with a
+    folder of this module's own."""
+    return {"root": tmp_path_factory.mktemp("reliability"), "classes": tiny_data["classes"], "model": tiny_data["model"]}
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +186,11 @@ GROUP_NAMES = [f"{c} on {b}" for c in CLASSNAMES for b in BACKGROUNDS]  # the de
 
 
 @pytest.fixture(scope="module")
-def amp_run(tmp_path_factory):
-    """A 2-epoch run at ``--precision amp`` validated on shards whose 16 groups (class × background) are named
-    by a ``group_names.txt`` beside them, keeping best.pt by val:top1."""
+def amp_run(small_data, tmp_path_factory):
+    """A 2-epoch run of the session's ``small_data`` at ``--precision amp`` validated on shards whose 16 groups
+    (class × background) are named by a ``group_names.txt`` beside them, keeping best.pt by val:top1."""
     root = tmp_path_factory.mktemp("amp-run")
-    w = make_workspace(root, n=64, shards=2)
+    w = workspace(small_data, root)
     w["val"] = brace_pattern(write_shards(str(root / "val"), 32, seed=21, biased=False, image_size=32,
                                           samples_per_shard=16))
     (root / "val" / "group_names.txt").write_text("\n".join(GROUP_NAMES) + "\n")
@@ -226,7 +224,8 @@ def test_eval_of_a_run_is_at_its_precision_and_its_card_says_so_names_its_archit
     assert export_main(["--checkpoint", ckpt, "--out", str(folder), "--results", str(out)]) == 0
     card = (folder / "README.md").read_text()
     # item 15: --starft-val's pattern by its folder's name, no path of this machine anywhere
-    assert str(amp_run["root"]) not in card and os.path.expanduser("~") + "/" not in card
+    training_data = os.path.dirname(amp_run["shards"][0])
+    assert str(amp_run["root"]) not in card and training_data not in card and os.path.expanduser("~") + "/" not in card
     assert "val=val" in card
     # item 18: the architecture from the model's config, not the model folder's name ("model")
     assert "**Architecture:** custom CLIP: image tower ViT (2 layers, width 64, patch 8, 32 px); text tower transformer " \
@@ -304,6 +303,10 @@ def test_sets_whose_clip_benchmark_files_collide_are_refused_before_scoring(ws, 
                         "--classnames", ws["classes"], "--workers", "0", "--results-format", "clip_benchmark",
                         "--out", str(out), "--no-plots", "--no-progress"])
     assert rc == 0 and len(os.listdir(tmp_path / "r_clip_benchmark")) == 2
+    for name in os.listdir(tmp_path / "r_clip_benchmark"):  # item 15: files for sharing name no local path
+        text = (tmp_path / "r_clip_benchmark" / name).read_text()
+        assert ws["model"].removeprefix("local-dir:") not in text and str(tmp_path) not in text
+        assert strict_json(text)["model"] == os.path.basename(ws["model"])
     # the writer itself refuses records that would share a file
     record = {"checkpoint": "a b", "dataset": "v", "top1": 1.0, "top5": None, "worst_group": 1.0, "avg_group": 1.0,
               "per_class_mean": 1.0, "ece": 0.0, "n": 1, "settings": {"model": "m"}}

@@ -185,6 +185,9 @@ def run(args) -> int:
     for position, ckpt in enumerate(checkpoints):
         model, preprocess, tokenizer = cache.load(ckpt)
         precision = args.precision or ckpt.precision or "fp32"  # a run's numbers at the precision it trained at
+        if ckpt.run and not args.precision and not ckpt.precision:
+            print(f"  note: {ckpt.label}: params.txt of {os.path.basename(ckpt.run)} gives no precision eval runs at: "
+                  "scored at fp32 (pass --precision to choose)")
         evaluator = Evaluator(model, tokenizer, preprocess, device=args.device, precision=precision,
                               batch_size=args.batch_size, workers=args.workers, ece_bins=args.ece_bins)
         records += evaluator.evaluate_sets(

@@ -40,6 +40,7 @@ class Checkpoint:
     model: str
     pretrained: str | None = None   # a weights file, an OpenCLIP tag, or None (the model's own weights)
     precision: str | None = None    # the precision its run trained at (--run), else None
+    run: str | None = None          # the run folder it belongs to (--run), else None
 
 
 EVAL_PRECISIONS = ("fp32", "amp", "amp_bf16")
@@ -48,9 +49,10 @@ EVAL_PRECISIONS = ("fp32", "amp", "amp_bf16")
 
 def run_precision(run_dir: str) -> str | None:
     """The precision a training run used, as an ``EVAL_PRECISIONS`` value (upstream's ``amp_bfloat16`` is
-    ``amp_bf16``), from its ``params.txt``; None when it records none or one eval cannot run (pure fp16/bf16)."""
+    ``amp_bf16``), from its ``params.txt``; None when it has none (or an empty one), records none, or records
+    one eval cannot run (pure fp16/bf16)."""
     path = os.path.join(run_dir, "params.txt")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     precision = str(read_params(path).get("precision", "") or "")
     precision = {"amp_bfloat16": "amp_bf16"}.get(precision, precision)
@@ -176,7 +178,7 @@ def checkpoints_from_args(model: str | None, pretrained: list[str], runs: list[s
         run_model = model or model_of_run(run)
         for path in run_checkpoints(run, epochs):
             out.append(Checkpoint(f"{os.path.basename(run)}/{os.path.splitext(os.path.basename(path))[0]}", run_model, path,
-                                  run_precision(run)))
+                                  run_precision(run), run))
     if not out:
         if not model:
             raise StarftError("no checkpoint to evaluate: pass --model (with --pretrained FILE) or --run DIR")
