@@ -12,16 +12,58 @@ from open_clip_starft.cli import COMMANDS, main
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _run(argv, capsys):
+    """``open-clip-starft ARGV`` in this process: (exit status, stdout, stderr); argparse's exits included."""
+    try:
+        status = main(argv)
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _help_names(module):
+    """What ``--help`` must show for a subcommand module: every visible flag of its own ``build_parser()``,
+    or for a command with subcommands (``SUBCOMMANDS``) each subcommand's name."""
+    if hasattr(module, "SUBCOMMANDS"):
+        return set(module.SUBCOMMANDS)
+    return _options(module.build_parser()) - {"-h", "--help"}
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_every_subcommand_has_build_parser_and_main(name):
+def test_every_subcommand_answers_help_with_its_own_parser_and_refuses_an_unknown_flag(name, capsys):
+    """The dispatcher reaches the module the table names: its ``--help`` is that module's parser's (every
+    flag listed, exit 0), and a flag it does not have is an argparse error (exit 2) naming the flag or the
+    missing required ones, never a traceback."""
     module = importlib.import_module(COMMANDS[name][0])
-    assert callable(module.main) and callable(module.build_parser), name
+    status, out, err = _run([name, "--help"], capsys)
+    expected = _help_names(module)
+    assert status == 0 and expected and not [flag for flag in expected if flag not in out], (name, out[-2000:])
+    status, out, err = _run([name, "--no-such-flag"], capsys)
+    assert status == 2 and "Traceback" not in err, (name, err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert "error: " in last and ("--no-such-flag" in last or "are required: " in last), (name, last)
 
 
 @pytest.mark.parametrize("name", sorted(bench_cli.SUBCOMMANDS))
-def test_every_bench_subcommand_has_build_parser_and_main(name):
+def test_every_bench_subcommand_answers_help_with_its_own_parser(name, capsys):
     module = importlib.import_module(bench_cli.SUBCOMMANDS[name][0])
-    assert callable(module.main) and callable(module.build_parser), name
+    status, out, _ = _run(["bench", name, "--help"], capsys)
+    expected = _help_names(module)
+    assert status == 0 and expected and not [flag for flag in expected if flag not in out], (name, out[-2000:])
+    assert f"usage: open-clip-starft bench {name}" in out
+
+
+def test_a_refused_training_flag_is_one_line_before_any_data_is_read(tmp_path, capsys):
+    """``open-clip-starft train`` refuses a bad StarFT flag in one line (exit 2) before upstream starts:
+    the training data named does not exist and nothing is written under --logs."""
+    argv = ["train", "--starft-lambda", "-1", "--train-data", str(tmp_path / "none-{0..3}.tar"),
+            "--logs", str(tmp_path / "logs")]
+    status, _, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("open-clip-starft: error: --starft-lambda -1 "), err
+    assert "≥ 0" in lines[0]
+    assert not (tmp_path / "logs").exists()
 
 
 def test_help_lists_every_command_and_unknown_ones_are_one_line(capsys):

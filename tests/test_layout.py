@@ -60,13 +60,63 @@ def subpackage(module):
 ALL = list(modules())
 
 
-def test_the_subpackages_exist_and_say_what_they_hold():
-    for sub in ("method", "data", "host", "eval", "tools", "bench", "demo"):
-        init = os.path.join(PKG_DIR, sub, "__init__.py")
-        assert os.path.exists(init), sub
-        with open(init, encoding="utf-8") as f:
-            doc = ast.get_docstring(ast.parse(f.read()))
-        assert doc and "import" in doc.lower(), f"{sub}/__init__.py must say what it may import"
+SUBPACKAGES = ("method", "data", "host", "eval", "tools", "bench", "demo")
+
+
+def declared_imports(doc):
+    """(allowed, forbidden): the subpackages a subpackage's docstring says it may import ("May import
+    ``a``, ``b`` ...", "Imports ... ``a``"; "every lower layer" by ``LAYER``) and those it says it never
+    imports ("never ``c``"), from the sentence that states the rule."""
+    match = re.search(r"(May import|Imports)\b(.*?)(?:\.\s|\.$)", doc, re.S)
+    assert match, "no 'May import ...' / 'Imports ...' sentence"
+    sentence = match.group(2).split("imported by")[0]
+    allowed_part, _, never_part = sentence.partition("never")
+    names = lambda text: {n.split(".")[0] for n in re.findall(r"``([\w.]+)``", text)}  # noqa: E731
+    allowed = names(allowed_part)
+    if "every lower layer" in allowed_part:
+        allowed |= {"errors", *SUBPACKAGES}  # narrowed to the lower layers by the caller
+    return allowed, names(never_part)
+
+
+def imported_by(sub):
+    """(the other subpackages and ``errors``, the outside packages) that the modules of subpackage ``sub`` import."""
+    ours, outside = set(), set()
+    for name, path, source in ALL:
+        if subpackage(name) == sub:
+            for module, imported in imports(name, path, source):
+                there = subpackage(f"{module}.{imported}" if module == "open_clip_starft" and imported else module)
+                if there is None and module.split(".")[0] != "open_clip_starft":
+                    outside.add(module.split(".")[0])
+                elif there not in (None, sub):
+                    ours.add(there)
+    return ours, outside
+
+
+@pytest.mark.parametrize("sub", SUBPACKAGES)
+def test_each_subpackage_says_what_it_may_import_and_its_code_keeps_to_it(sub):
+    """Each subpackage's ``__init__`` docstring states its import rule; the rule is read from the sentence
+    and checked against the subpackage's code: nothing imported that it does not name, nothing it says it
+    never imports."""
+    init = os.path.join(PKG_DIR, sub, "__init__.py")
+    assert os.path.exists(init), sub
+    with open(init, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    allowed, forbidden = declared_imports(doc)
+    if "every lower layer" in doc:
+        allowed = {s for s in allowed if LAYER.get(s, TOP) < LAYER.get(sub, TOP)}
+    assert allowed, f"{sub}/__init__.py names no subpackage it may import"
+    used, outside = imported_by(sub)
+    assert used <= allowed, f"{sub} imports {sorted(used - allowed)}, which its docstring does not allow ({sorted(allowed)})"
+    never = (used | outside) & forbidden
+    assert not never, f"{sub} imports {sorted(never)}, which its docstring says it never imports"
+
+
+def test_the_import_rule_reader_reads_both_kinds_of_sentence():
+    assert declared_imports("Imports torch and open_clip only (of this package: ``errors``); never "
+                            "``open_clip_train``, so ...") == ({"errors"}, {"open_clip_train"})
+    assert declared_imports("May import ``method`` (captions) and ``errors``; never ``host``, ``eval`` or the "
+                            "tools.") == ({"method", "errors"}, {"host", "eval"})
+    assert declared_imports("May import ``data`` and ``errors``; imported by ``main``.") == ({"data", "errors"}, set())
 
 
 @pytest.mark.parametrize("name,path,source", ALL, ids=[m[0] for m in ALL])
