@@ -1,9 +1,10 @@
 """The error types for bad StarFT input, and how commands report them.
 
 ``StarftError`` is the base every entry point turns into one line; its kinds let a caller catch one:
-``ConfigError`` (a setting or argument), ``DataError`` (a file or sample), ``NumericError`` (a
-non-finite loss or weight), ``StorageError`` (the disk: no space, not writable). Library layers name the
-value and the fix, never a command-line flag; a command adds its flag (``with_flag``).
+``ConfigError`` (a setting or argument), ``DataError`` (a file or sample; ``UntrustedCheckpoint``: a
+checkpoint that would run code to load), ``NumericError`` (a non-finite loss or weight), ``StorageError``
+(the disk: no space, not writable). Library layers name the value and the fix, never a command-line flag;
+a command adds its flag (``with_flag``). This module imports nothing heavy: every command's refusals use it.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ class ConfigError(StarftError):
 
 class DataError(StarftError):
     """A file or sample that cannot be used as given (missing, malformed, crafted, truncated)."""
+
+
+class UntrustedCheckpoint(DataError):
+    """A checkpoint that would run code to load: its pickle needs a global outside the weights-only
+    allow-list (a crafted file, or objects that are not weights), or it is a TorchScript archive."""
 
 
 class NumericError(StarftError):

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import json
 import pathlib
 import re
 import shlex
@@ -217,3 +218,13 @@ def test_links_between_pages_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_the_startup_table_quotes_its_record():
+    """docs/performance.md's start-up rows are docs/bench/startup.json's medians, every record shown."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    for r in json.loads((ROOT / "docs" / "bench" / "startup.json").read_text())["records"]:
+        b, a, q = r["before"], r["after"], r["after_over_before"]
+        row = (f"| `{r['command']}` | {b['wall_s']['median']:.1f} / {b['cpu_s']['median']:.2f} | "
+               f"{a['wall_s']['median']:.2f} / {a['cpu_s']['median']:.3f} | {q['wall']['median']:.3f} |")
+        assert row in page, row

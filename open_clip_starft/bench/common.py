@@ -1,16 +1,10 @@
-"""What every benchmark command shares: the default device and the JSON record files."""
+"""What every benchmark command shares: the default device (``eval.models``'s) and the JSON record files."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import torch
-
 from open_clip_starft.data.files import merge_json
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu`` (the ``--device`` default of every bench command)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from open_clip_starft.eval.models import default_device  # noqa: F401 - the --device default of every bench command
 
 
 def today() -> str:

@@ -32,7 +32,6 @@ import time
 from open_clip_starft.data.files import write_text
 from open_clip_starft.tools import stages
 from open_clip_starft.demo import data as demo_data
-from open_clip_starft.tools.tiny_model import write_tiny_model
 from open_clip_starft.errors import ConfigError, one_line_errors
 from open_clip_starft.tools import sweep
 
@@ -120,6 +119,7 @@ def pretrain(out: str, seed: int, data: dict) -> str:
         return f"local-dir:{target}"
     logs = os.path.join(out, "logs")
     shutil.rmtree(os.path.join(logs, "zero-shot-pretrain"), ignore_errors=True)
+    from open_clip_starft.tools.tiny_model import write_tiny_model  # torch: not on the --help path
     init = write_tiny_model(init_dir, seed=seed, image_size=IMAGE_SIZE)
     run_stage("pre-training the zero-shot model (open_clip_train.main, captions; 1 in 10 names the background)",
               "open_clip_train.main", ["--model", init, *common_args(data["pretrain"], logs, "zero-shot-pretrain", seed,

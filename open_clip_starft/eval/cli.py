@@ -21,15 +21,15 @@ import os
 import sys
 import time
 
-import torch
-
-from open_clip_starft.errors import StarftError, one_line_errors
-from open_clip_starft.eval.models import EVAL_PRECISIONS, ModelCache, UntrustedCheckpoint, checkpoints_from_args
+from open_clip_starft.errors import StarftError, UntrustedCheckpoint, one_line_errors
+from open_clip_starft.eval.precision import EVAL_PRECISIONS
 from open_clip_starft.eval.report import (ScalarReporter, check_clip_benchmark_files, plot_groups, record_scalars,
                                          write_clip_benchmark, write_jsonl, write_table)
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
-from open_clip_starft.eval.sets.dataset import default_workers
-from open_clip_starft.eval.evaluator import Evaluator
+
+# The parser and everything it needs import neither torch nor open_clip: ``--help`` and a refused flag answer
+# at once. The modules that run models (``models``, ``evaluator``, ``sets.dataset``) are imported by the
+# functions that use them, after the command line is parsed.
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +57,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, default=default_workers(),
+    g.add_argument("--workers", type=int,
                    help="data-loader workers (default: the CPUs this process has, at most 4)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--precision", default=None, choices=EVAL_PRECISIONS,
                    help="autocast precision of the forward passes (default: a --run's own precision, from its "
                         "params.txt, so the numbers match its training log; fp32 otherwise)")
@@ -115,8 +115,16 @@ def trust_flag():
 
 
 def check_run_args(args) -> None:
-    if args.batch_size < 1 or args.workers < 0 or args.ece_bins < 1:
+    """The running options' ranges; the defaults that need torch's modules are filled in here, once the
+    command line is read: ``--device`` cuda when available, else cpu; ``--workers`` the CPUs, at most 4."""
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0) or args.ece_bins < 1:
         raise StarftError("--batch-size and --ece-bins must be ≥ 1 and --workers ≥ 0")
+    if args.workers is None:
+        from open_clip_starft.eval.sets.dataset import default_workers
+        args.workers = default_workers()
+    if args.device is None:
+        from open_clip_starft.eval.models import default_device
+        args.device = default_device()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +175,10 @@ def default_paths(out: str, table: str | None, plots: str | None) -> tuple[str, 
 
 
 def run(args) -> int:
-    check_run_args(args)
     specs, id_set = set_specs_from_args(args)
+    check_run_args(args)
+    from open_clip_starft.eval.evaluator import Evaluator
+    from open_clip_starft.eval.models import ModelCache, checkpoints_from_args
     checkpoints = checkpoints_from_args(args.model, args.pretrained, args.run, args.epochs)
     if args.results_format == "clip_benchmark":  # file names that collide are refused before anything runs
         check_clip_benchmark_files([(s.name, c.label, c.model) for c in checkpoints for s in specs])
@@ -209,8 +219,9 @@ def run(args) -> int:
 
 @one_line_errors
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     with trust_flag():
-        return run(build_parser().parse_args(argv))
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 from open_clip_starft.data import files
 from open_clip_starft.errors import StarftError
-from open_clip_starft.eval.models import interpolate_state_dicts
 from open_clip_starft.eval.report import _pyplot, save_png
+
 
 def t975(df: int) -> float:
     """The two-sided 95 % Student-t quantile for ``df ≥ 1`` degrees of freedom (scipy's ``t.ppf``)."""
@@ -87,6 +87,7 @@ def wise_curve(zero_shot: dict, fine_tuned: dict, alphas: Sequence[float],
                evaluate: Callable[[float, dict], dict]) -> list[dict]:
     """Evaluate θ(α) for each α: ``evaluate(alpha, state_dict) -> dict`` of metrics (e.g.
     ``in_dist``, ``worst_group``), returned with ``alpha`` added, in α order."""
+    from open_clip_starft.eval.models import interpolate_state_dicts  # torch: imported when a curve is drawn
     return [{"alpha": a, **evaluate(a, interpolate_state_dicts(zero_shot, fine_tuned, a))} for a in sorted(alphas)]
 
 

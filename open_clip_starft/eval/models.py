@@ -26,7 +26,8 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from open_clip_starft.data import files
-from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line, with_flag
+from open_clip_starft.errors import ConfigError, DataError, StarftError, UntrustedCheckpoint, one_line, with_flag
+from open_clip_starft.eval.precision import EVAL_PRECISIONS
 
 CONFIG_FILE = HF_CONFIG_NAME            # open_clip_config.json
 WEIGHTS_FILE = HF_SAFE_WEIGHTS_NAME     # open_clip_model.safetensors, the name OpenCLIP's Hub upload and loader prefer
@@ -41,10 +42,6 @@ class Checkpoint:
     pretrained: str | None = None   # a weights file, an OpenCLIP tag, or None (the model's own weights)
     precision: str | None = None    # the precision its run trained at (--run), else None
     run: str | None = None          # the run folder it belongs to (--run), else None
-
-
-EVAL_PRECISIONS = ("fp32", "amp", "amp_bf16")
-"""The precisions ``eval`` scores at (autocast over fp32 weights, as upstream's evaluation does)."""
 
 
 def run_precision(run_dir: str) -> str | None:
@@ -202,6 +199,11 @@ class _DropRecords(logging.Filter):
         return not str(record.msg).startswith(self.prefixes)
 
 
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``: the ``--device`` default of every command that runs models."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def create_model(model: str, device="cpu", pretrained_tag: str | None = None, trust: bool = False, own_weights: bool = True):
     """``(model, preprocess_val, tokenizer)`` of an OpenCLIP model name or ``local-dir:``; errors as StarftError.
 
@@ -247,11 +249,6 @@ dicts, lists, numbers, strings) and OpenCLIP's released weights (bare state dict
 
 _CORRUPT = (RuntimeError, EOFError, MemoryError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError)
-
-
-class UntrustedCheckpoint(DataError):
-    """A checkpoint that would run code to load: its pickle needs a global outside the weights-only
-    allow-list (a crafted file, or objects that are not weights), or it is a TorchScript archive."""
 
 
 def _refusal(path: str, error: BaseException) -> DataError:

@@ -24,11 +24,11 @@ from open_clip_starft.errors import ConfigError, StarftError, one_line_errors, w
 from open_clip_starft.eval.cli import (TRUST_HELP, add_data_args, add_report_args, add_run_args, check_run_args,
                                       reporter_from_args, set_specs_from_args, trust_flag)
 from open_clip_starft.eval.progress import Progress
-from open_clip_starft.eval.models import (check_weights_value, create_model, interpolate_state_dicts, load_weights,
-                                          local_dir_weights, read_params, save_openclip)
 from open_clip_starft.eval.report import layout, plot_wise, record_scalars, summary, write_jsonl, write_table
 from open_clip_starft.eval.sets import prepare_set
-from open_clip_starft.eval.evaluator import Evaluator
+
+# As in ``eval.cli``: ``models`` and ``evaluator`` (torch, open_clip) are imported by the functions that run
+# models, so ``--help`` and a refused flag answer at once.
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -133,6 +133,7 @@ def choose_alpha(points: list[dict], spec: str) -> float:
 def _check_weights_args(args) -> None:
     """``--fine-tuned`` is an existing file; ``--zero-shot`` an existing file or a pretrained tag OpenCLIP knows
     for a model name; without ``--zero-shot`` the ``--model`` must hold weights of its own."""
+    from open_clip_starft.eval.models import check_weights_value, local_dir_weights
     if args.zero_shot is not None:
         try:
             check_weights_value(args.zero_shot, args.model)
@@ -148,6 +149,7 @@ def _check_weights_args(args) -> None:
 
 def _trained_image_size(checkpoint: str) -> int | None:
     """The ``--force-image-size`` of the run a training checkpoint belongs to (``RUN/params.txt``), if any."""
+    from open_clip_starft.eval.models import read_params
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "params.txt")
     size = read_params(path).get("force_image_size") if os.path.isfile(path) and os.path.getsize(path) else None
     size = size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else size
@@ -157,6 +159,7 @@ def _trained_image_size(checkpoint: str) -> int | None:
 def endpoints(args):
     """``(model, preprocess, tokenizer, zero-shot state dict, fine-tuned state dict)``: both loaded into
     ``--model`` without any position-embedding resize (weights of another image size are refused)."""
+    from open_clip_starft.eval.models import create_model, load_weights
     zero_shot_is_file = args.zero_shot is not None and os.path.isfile(args.zero_shot)
     tag = args.zero_shot if args.zero_shot is not None and not zero_shot_is_file else None
     model, preprocess, tokenizer = create_model(args.model, args.device, tag, trust=args.trust_checkpoint,
@@ -176,6 +179,8 @@ def endpoints(args):
 
 
 def run(args) -> int:
+    from open_clip_starft.eval.evaluator import Evaluator
+    from open_clip_starft.eval.models import interpolate_state_dicts, local_dir_weights, save_openclip
     check_run_args(args)
     alphas = parse_alphas(args.alphas)
     _check_weights_args(args)
@@ -222,8 +227,9 @@ def run(args) -> int:
 
 @one_line_errors
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     with trust_flag():
-        return run(build_parser().parse_args(argv))
+        return run(args)
 
 
 if __name__ == "__main__":

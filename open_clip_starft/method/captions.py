@@ -20,26 +20,33 @@ import logging
 import random
 from typing import Callable, Sequence
 
-from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SimpleTokenizer
-
 from open_clip_starft.method.descriptors import count_tokens, read_lines_or_json_list, validate_template
 from open_clip_starft.errors import ConfigError, DataError
 from open_clip_starft.method.registry import Registry
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
-# OpenCLIP keeps its templates as lambdas; rendering each with "{}" gives the format string back.
-CAPTION_TEMPLATE_SETS = {
-    "single": (SINGLE_TEMPLATE,),
-    "openai": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
-}
+# OpenCLIP's names, templates and tokenizer are imported where they are used, so that importing this module
+# (every command line's parser does) does not import open_clip and torch.
+CAPTION_TEMPLATE_SETS = ("single", "openai")
+"""The built-in caption template sets (``builtin_templates``)."""
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_templates(name: str) -> tuple[str, ...]:
+    """A built-in template set: ``single`` ("a photo of a {}.") or ``openai`` (OpenCLIP's 80 ImageNet templates)."""
+    if name == "single":
+        return (SINGLE_TEMPLATE,)
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+    # OpenCLIP keeps its templates as lambdas; rendering each with "{}" gives the format string back.
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
 
 
 def load_templates(spec: str) -> list[str]:
     """Caption templates: ``single``, ``openai`` (OpenCLIP's 80 ImageNet templates) or a file
     (``.txt`` one per line with ``#`` comments, or a ``.json`` list), each with one ``{}``."""
     if spec in CAPTION_TEMPLATE_SETS:
-        return list(CAPTION_TEMPLATE_SETS[spec])
+        return list(builtin_templates(spec))
     located = read_lines_or_json_list(spec, "caption-template file", located=True)
     if not located:
         raise DataError(f"caption-template file {spec!r} has no templates: add one per line, e.g. 'a photo of a {{}}.'")
@@ -53,6 +60,7 @@ def load_classnames(spec: str) -> list[str]:
     names. Names given more than once in a file are logged as a warning (the zero-shot head
     cannot tell those classes apart)."""
     if spec == "imagenet":
+        from open_clip import IMAGENET_CLASSNAMES
         return list(IMAGENET_CLASSNAMES)
     names = read_lines_or_json_list(spec, "class-names file", comments=False, blank_lines="refuse", id_mapping=True)
     if not names:
@@ -76,6 +84,7 @@ def strip_period(caption: str) -> str:
 @functools.lru_cache(maxsize=1)
 def vocabulary_words() -> tuple[str, ...]:
     """Whole, alphabetic words (≥ 3 letters) from OpenCLIP's BPE vocabulary, for random suffixes."""
+    from open_clip import SimpleTokenizer
     words = (t[:-4] for t in SimpleTokenizer().encoder if t.endswith("</w>"))
     return tuple(sorted({w for w in words if len(w) >= 3 and w.isascii() and w.isalpha()}))
 

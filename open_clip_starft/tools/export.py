@@ -27,17 +27,16 @@ import os
 import re
 import sys
 
-import open_clip
-import torch
 import yaml
-from open_clip.push_to_hf_hub import generate_readme
 
 from open_clip_starft.data import files
 from open_clip_starft.errors import ConfigError, StarftError, one_line_errors
 from open_clip_starft.eval.cli import trust_flag
-from open_clip_starft.eval.models import checkpoint_state, model_config, read_params, save_local_dir
 from open_clip_starft.host.params import build_parser as training_parser
 from open_clip_starft.eval.report import layout, markdown_table, read_jsonl
+
+# open_clip, torch and ``eval.models`` are imported by the functions that read, write and check weights, so
+# the parser and the one-line refusals of bad flags answer at once.
 
 # params.txt entries the card shows under "Training", in this order (label, key)
 TRAINING_KEYS = (
@@ -53,6 +52,7 @@ def run_params(checkpoint: str) -> tuple[dict, str | None]:
     """``(params, path)`` of the run a checkpoint belongs to (``RUN/params.txt`` for
     ``RUN/checkpoints/epoch_N.pt``); ``({}, None)`` when there is none; an empty one is a one-line error."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "params.txt")
+    from open_clip_starft.eval.models import read_params
     return (read_params(path), path) if os.path.isfile(path) else ({}, None)
 
 
@@ -199,6 +199,7 @@ def _tower(cfg: dict, kind: str) -> str:
 def architecture(model_cfg: dict) -> str:
     """The architecture of a ``model_cfg``, named from the config itself (never a folder's name): the OpenCLIP
     model name whose registered config it equals, else its towers in words."""
+    import open_clip
     for name in open_clip.list_models():
         if open_clip.get_model_config(name) == model_cfg:
             return f"{name} (OpenCLIP config)"
@@ -279,6 +280,7 @@ def model_card(*, name: str, model: str, checkpoint: str, meta: dict, params: di
         records = read_jsonl(results)
         card["comparison"] = robustness_section(records, checkpoint, results)
         extra["model-index"] = model_index(records, checkpoint, results, name)
+    from open_clip.push_to_hf_hub import generate_readme
     return _front_matter(generate_readme(card, name), extra)
 
 
@@ -302,6 +304,10 @@ def export_model(checkpoint: str, out: str, *, model: str | None = None, trust: 
     """The checkpoint's weights as the ``local-dir:`` folder ``out`` (config, weights, tokenizer files),
     with the changes the run's ``--force-*``/``--image-*`` flags made, checked by loading it back with
     plain OpenCLIP. Returns ``("local-dir:OUT", checkpoint entries, run params, model)``."""
+    import open_clip
+    import torch
+
+    from open_clip_starft.eval.models import checkpoint_state, save_local_dir
     if not os.path.isfile(checkpoint):
         raise StarftError(f"--checkpoint {checkpoint!r} does not exist: give a training checkpoint (LOGS/NAME/checkpoints/epoch_N.pt)")
     params, _ = run_params(checkpoint)
@@ -327,6 +333,7 @@ def export(checkpoint: str, out: str, *, model: str | None = None, results: str 
     returns ``"local-dir:OUT"``. ``out`` is written whole beside itself (``OUT.partial-PID``) and swapped
     in at the end: a non-empty ``out`` is replaced only with ``overwrite``, and never when it is or
     holds the source model, the checkpoint or the results."""
+    from open_clip_starft.eval.models import model_config
     if results is not None:
         if not os.path.isfile(results):
             raise StarftError(f"--results {results!r} does not exist: give the results.jsonl of open-clip-starft eval")

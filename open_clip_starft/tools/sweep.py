@@ -45,14 +45,11 @@ import sys
 import time
 from typing import Callable
 
-import torch
 from braceexpand import braceexpand
 
 from open_clip_starft.data.files import merge_json, read_json, write_json
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors, with_flag
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve
-from open_clip_starft.eval.evaluator import Evaluator
-from open_clip_starft.eval.models import check_weights_value, create_model, load_weights, run_checkpoints
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
 from open_clip_starft.eval.wise import parse_alphas
 from open_clip_starft.method.descriptors import load_descriptors
@@ -60,6 +57,9 @@ from open_clip_starft.tools.stages import run_stage
 from open_clip_starft.tools.sweep_reuse import (FINGERPRINTS, Fingerprints, content_differences, content_of,
                                                 expected_params, key_differences, params_differences, record_run,
                                                 run_records, summary)
+
+# ``eval.models`` and ``eval.evaluator`` (torch, open_clip) are imported by the code that trains and scores, so
+# the parser and the one-line refusals of bad flags answer at once.
 
 logger = logging.getLogger(__name__)
 MISMATCH = ("refuse", "rerun")
@@ -266,6 +266,7 @@ def train_run(ctx: SweepContext, setting: Setting, plan: str) -> str:
     seconds = run_stage("open_clip_starft.main", args, os.path.join(ctx.logs, f"{setting.name}.console.txt"),
                         what=f"sweep run {setting.name}", threads=ctx.threads)
     if not os.path.isfile(final):
+        from open_clip_starft.eval.models import run_checkpoints
         found = run_checkpoints(ctx.run_dir(setting), "last")
         raise ConfigError(f"run {setting.name} ended without {final} (last: {found[-1]}): check --save-frequency")
     record_run(ctx.out, setting.name, {**entry, "checkpoint": ctx.fingerprints.file(final)})
@@ -288,6 +289,8 @@ class WeightsScorer:
 
     def __init__(self, model: str, pretrained: str | None, sets: dict[str, str], classnames: str,
                  device: str = "cpu", batch_size: int = 256, cache_images: bool = False, prepared: dict | None = None):
+        from open_clip_starft.eval.evaluator import Evaluator
+        from open_clip_starft.eval.models import check_weights_value, create_model, load_weights
         self.model_name = model
         if pretrained:
             check_weights_value(pretrained, model)  # a file, or a tag OpenCLIP knows for a model name
@@ -305,6 +308,7 @@ class WeightsScorer:
         """The weights of a checkpoint file (None: the zero-shot model's)."""
         if checkpoint is None:
             return self.zero_shot
+        from open_clip_starft.eval.models import load_weights
         load_weights(self.model, checkpoint, self.model_name)
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -600,7 +604,9 @@ def run(args, log: Callable[[str], None] | None = None) -> dict:
     check_cached_scores(ctx, cache, set_keys, reused, alphas)
     ctx.report(f"sweep: {len(grid)} fine-tune(s) into {ctx.logs}; choice on {roots['val']}")
     checkpoints = {s.name: train_run(ctx, s, plans[s.name]) for s in grid}
-    scoring = Scoring(ctx, WeightsScorer(ctx.model, ctx.pretrained, roots, ctx.classnames, args.device,
+    from open_clip_starft.eval.models import default_device
+    device = args.device or default_device()
+    scoring = Scoring(ctx, WeightsScorer(ctx.model, ctx.pretrained, roots, ctx.classnames, device,
                                      cache_images=args.cache_images, prepared=prepared), cache, set_keys)
     rows = grid_rows(scoring, grid, checkpoints)
     chosen = select(rows)
@@ -662,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-images", action="store_true",
                         help="keep the sets' preprocessed images in memory across models (small sets: faster)")
     parser.add_argument("--threads", type=int, default=1, help="compute threads per training run (default 1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device",
                         help="device of the evaluations (default cuda when available)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the training flags of every run")
     return parser

@@ -27,7 +27,6 @@ import open_clip_train.params as host_params
 from open_clip_starft.data.files import PARTIAL, merge_json, read_json
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.host.params import build_parser as starft_parser
-from open_clip_starft.tools.export import read_params
 
 RUN_RECORDS = "runs.json"
 """File under --out: per run name, the content fingerprints of its files when it was started, and of
@@ -128,6 +127,7 @@ def params_differences(params_path: str, expected: dict[str, str], defaults: dic
     """Each setting whose ``params.txt`` value differs from ``expected``, as ``name OLD (now NEW)``; a
     setting the file does not record (a flag newer than the run) differs when ``expected`` is not its
     default."""
+    from open_clip_starft.eval.models import read_params  # torch: imported when a run is compared
     recorded = {k: str(v) for k, v in read_params(params_path).items()}
     diffs = []
     for key, want in sorted(expected.items()):

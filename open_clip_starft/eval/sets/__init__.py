@@ -50,7 +50,6 @@ from open_clip_starft.eval.sets.classes import (SUBSETS, builtin_subset, load_su
                                                 resolve_classnames, resolve_templates)
 from open_clip_starft.eval.sets.prepare import prepare_set
 from open_clip_starft.eval.sets.suite import load_suite
-from open_clip_starft.eval.sets.dataset import ItemDataset, batches, collate, open_image
 
 FORMATS = ("auto", *list_layouts())
 """The ``format`` values: ``auto`` and every registered layout."""
@@ -63,3 +62,15 @@ __all__ = [
     "open_image", "parse_subset_text", "prepare_set", "register_layout", "resolve_classnames", "resolve_templates",
     "set_error", "shard_urls",
 ]
+
+
+# ``dataset`` (torch's Dataset and collation) is imported on first use of its names, so that a command's
+# parser can list the formats and built-in sets without importing torch.
+_DATASET_NAMES = ("ItemDataset", "batches", "collate", "open_image")
+
+
+def __getattr__(name: str):
+    if name in _DATASET_NAMES:
+        from open_clip_starft.eval.sets import dataset
+        return getattr(dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
