@@ -78,10 +78,12 @@ def test_identity_splits_group_stamps_by_species_and_shared_splits_keep_every_sp
             sides = {part: {stamps[i].group for i in idx} for part, idx in parts.items()}
             assert not sides["train"] & sides["val"] and not sides["train"] & sides["test"] \
                 and not sides["val"] & sides["test"], (seed, kind, sides)
-            assert sum(map(len, parts.values())) == sum(s.kind == kind for s in stamps)  # every bird on one side
+            # every bird on one side; pre-training shows the train part only (in transfer splits: every bird)
+            assert sum(len(parts[p]) for p in ("train", "val", "test")) == sum(s.kind == kind for s in stamps)
+            assert parts["pretrain"] == parts["train"]
         shared = build.make_split(stamps, scenes, "shared", seed, 0.6)
         for kind, parts in shared["birds"].items():
-            assert parts["train"] == parts["val"] == parts["test"]
+            assert parts["train"] == parts["val"] == parts["test"] == parts["pretrain"]
         for place in build.PLACES:  # scene photographs never shared between parts
             p = shared["scenes"][place]
             assert not set(p["train"]) & set(p["test"]) and not set(p["val"]) & set(p["test"])
