@@ -241,3 +241,13 @@ def test_one_all_gather():
     """Every all-gather of plain values (class ids, the step's report, evaluation scores) is method.distributed's."""
     gathers = [n for n, _, s in ALL if re.search(r"\b(all_gather|all_gather_object|allgather)\(", s)]
     assert gathers == ["open_clip_starft.method.distributed"]
+
+
+def test_one_checkpoint_reader_and_one_state_dict_normaliser():
+    """Weights files are read in one place (``data.weights.read_checkpoint``: safetensors or weights-only
+    ``torch.load``) and DDP's ``module.`` prefix is dropped in one place (``data.weights.strip_ddp_prefix``)."""
+    readers = [n for n, _, s in ALL if re.search(r"\btorch\.load\(|\bload_file\(|safe_open\(", s)]
+    assert readers == ["open_clip_starft.data.weights"]
+    normalisers = [n for n, _, s in ALL if re.search(r"""(removeprefix|startswith)\(\s*["']module\.|len\(["']module\.""", s)]
+    assert normalisers == []  # data.weights names the prefix once, as DDP_PREFIX
+    assert [n for n, _, s in ALL if "DDP_PREFIX" in s] == ["open_clip_starft.data.weights"]

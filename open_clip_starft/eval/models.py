@@ -18,7 +18,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 import open_clip
@@ -26,6 +25,7 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from open_clip_starft.data import files
+from open_clip_starft.data.weights import CORRUPT, read_checkpoint, refusal, strip_ddp_prefix
 from open_clip_starft.errors import ConfigError, DataError, StarftError, UntrustedCheckpoint, one_line, with_flag
 from open_clip_starft.eval.precision import EVAL_PRECISIONS
 
@@ -227,7 +227,7 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None, tr
                               "or local-dir:DIR") from None
         raise StarftError(f"cannot create --model {model!r} with weights {pretrained_tag!r}: {one_line(e)}") from None
     except pickle.UnpicklingError as e:  # OpenCLIP reads a tag's downloaded weights with weights_only=True
-        raise _refusal(f"{pretrained_tag} of --model {model}", e) from None
+        raise refusal(f"{pretrained_tag} of --model {model}", e) from None
     except (ValueError, OSError) as e:
         raise StarftError(f"cannot create --model {model!r}: {one_line(e)}") from None
     finally:
@@ -240,62 +240,7 @@ def create_model(model: str, device="cpu", pretrained_tag: str | None = None, tr
     return created, preprocess, tokenizer
 
 
-# -- reading checkpoints -------------------------------------------------------------------------
-SAFE_GLOBALS: tuple = ()
-"""Globals allowed beyond torch's weights-only defaults when unpickling a checkpoint. Our training
-checkpoints (``state_dict``, ``optimizer``, ``scaler``, ``epoch``, ``name``, ``starft``: tensors,
-dicts, lists, numbers, strings) and OpenCLIP's released weights (bare state dicts) need none
-(``tests/test_security.py`` loads both)."""
-
-_CORRUPT = (RuntimeError, EOFError, MemoryError, OSError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError)
-
-
-def _refusal(path: str, error: BaseException) -> DataError:
-    """The one-line error for a checkpoint torch's weights-only unpickler refused or could not read."""
-    text = str(error)
-    refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", text)
-    if refused:
-        return UntrustedCheckpoint(f"checkpoint {path} was refused: loading it would call {refused[1]}, which is "
-                                   "not a weights type and can run code (a crafted file, or objects that are not "
-                                   "weights): load only files you made yourself, and trust them explicitly")
-    if "TorchScript" in text:
-        return UntrustedCheckpoint(f"checkpoint {path} was refused: it is a TorchScript archive (code, not only "
-                                   "weights): use the OpenCLIP pretrained tag of these weights, or trust the file "
-                                   "explicitly if you made it yourself")
-    detail = re.search(r"(Unsupported operand \d+|failed finding central directory|[^.\n]*(?:truncated|corrupt)[^.\n]*)", text)
-    return DataError(f"cannot read checkpoint {path} ({type(error).__name__}: {detail[1] if detail else one_line(text, 120)}): "
-                     "the file is truncated, corrupt or not a PyTorch/safetensors weights file: use another copy")
-
-
-def read_checkpoint(path: str, trust: bool = False):
-    """What a weights file holds (a state dict, a training checkpoint dict, OpenCLIP's released weights),
-    read without running code from it: ``.safetensors`` through safetensors, anything else through
-    ``torch.load(weights_only=True)`` with ``SAFE_GLOBALS``. ``trust=True`` (for the user's own files
-    only) allows any pickle (``weights_only=False``). A refused file is an ``UntrustedCheckpoint`` naming
-    the global it needed; a missing, empty, truncated or corrupt file is a one-line DataError naming it."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist: check the path")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"checkpoint {path} is empty (0 bytes: a save cut short?): use another checkpoint")
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except (SafetensorError, *_CORRUPT) as e:
-            raise _refusal(path, e) from None
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=not trust)
-    except _CORRUPT as e:
-        raise _refusal(path, e) from None
-    except Exception as e:  # noqa: BLE001 - torch's readers (and a trusted pickle while it runs) raise many kinds
-        raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}: {one_line(e, 120)}): "
-                        "use another copy") from None
-
-
+# -- reading checkpoints (data.weights: the one reader and normaliser) --------------------------------
 def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
     """``(state dict without DDP's "module." prefix, the checkpoint's other entries: epoch, name,
     starft, ...)`` of a weights file (see ``read_checkpoint``), as OpenCLIP's ``load_state_dict`` takes
@@ -312,10 +257,9 @@ def checkpoint_state(path: str, trust: bool = False) -> tuple[dict, dict]:
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise DataError(f"checkpoint {path} holds no state dict (name -> tensor): give OpenCLIP weights or a "
                         "training checkpoint")
-    if next(iter(raw)).startswith("module."):  # as OpenCLIP's load_state_dict does
-        raw = {k[len("module."):]: v for k, v in raw.items()}
+    raw = strip_ddp_prefix(raw)
     check_finite(raw, f"checkpoint {path}")
-    return dict(raw), meta
+    return raw, meta
 
 
 def first_non_finite(tensors) -> tuple[str, str, int] | None:
@@ -396,7 +340,7 @@ def load_weights(model: torch.nn.Module, path: str, model_name: str, trust: bool
     if str(path).endswith((".npz", ".npy")):  # big_vision (SigLIP) weights: numpy without pickles
         try:
             open_clip.load_checkpoint(model, path)
-        except (*_CORRUPT, AssertionError) as e:
+        except (*CORRUPT, AssertionError) as e:
             raise DataError(f"checkpoint {path!r} is not a {model_name} checkpoint ({one_line(e)}): pass the --model "
                             "it was trained with") from None
         check_finite(model.state_dict(), f"checkpoint {path}")

@@ -21,6 +21,7 @@ import re
 import torch
 
 from open_clip_starft.data import files
+from open_clip_starft.data.weights import read_checkpoint, strip_ddp_prefix
 from open_clip_starft.errors import DataError, one_line
 from open_clip_starft.host.state import RunState
 
@@ -105,7 +106,7 @@ def training_position(path: str) -> tuple[int, int] | None:
     if match:
         return int(match.group(1)), int(match.group(2) or 0)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path, mmap=True)
         return int(checkpoint["epoch"]), int(checkpoint.get("starft", {}).get("batches_done", 0))
     except Exception as e:  # noqa: BLE001 - a file we cannot read is no candidate; say so
         logging.warning(f"StarFT: --resume latest skips {path}: cannot read its epoch ({one_line(e)})")
@@ -181,7 +182,7 @@ def check_fits(model: torch.nn.Module, checkpoint: dict, path: str, model_name: 
     """A ``DataError`` naming ``path`` when its weights (a training checkpoint's ``state_dict`` or a bare
     state dict; DDP's ``module.`` prefixes ignored) do not fit ``model``'s names and shapes."""
     weights = checkpoint["state_dict"] if "epoch" in checkpoint else checkpoint
-    have = {k.removeprefix("module."): tuple(v.shape) for k, v in weights.items()}
+    have = {k: tuple(v.shape) for k, v in strip_ddp_prefix(weights).items()}
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
     shapes = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from open_clip_starft.data.weights import strip_ddp_prefix
 from open_clip_starft.host.batchnorm import batchnorm_layers
 from open_clip_starft.host.text_prefix import install_prefix_encoding, prefix_length
 
@@ -161,7 +162,7 @@ class Teacher:
 
     def load_weights(self, state_dict: dict) -> None:
         """Replace the teacher's weights (a bare model state dict; DDP's ``module.`` prefixes are dropped)."""
-        self.model.load_state_dict({k.removeprefix("module."): v for k, v in state_dict.items()})
+        self.model.load_state_dict(strip_ddp_prefix(state_dict))
 
     def fingerprint(self) -> float:
         return fingerprint(self.model)
