@@ -177,8 +177,13 @@ def test_non_finite_weights_are_refused_by_eval_wise_sweep_and_export(ws, folder
 def test_workers_default_to_the_cpus_this_process_has(monkeypatch, cpus, expected):
     from open_clip_starft.eval import cli as eval_cli, wise
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    assert eval_cli.build_parser().parse_args(["--out", "x"]).workers == expected
-    assert wise.build_parser().parse_args(["--model", "m", "--fine-tuned", "f", "--out", "x"]).workers == expected
+    for args in (eval_cli.build_parser().parse_args(["--out", "x"]),
+                 wise.build_parser().parse_args(["--model", "m", "--fine-tuned", "f", "--out", "x"])):
+        eval_cli.check_run_args(args)  # where both commands fill in the defaults that need the machine
+        assert args.workers == expected
+    args = eval_cli.build_parser().parse_args(["--out", "x", "--workers", "3"])
+    eval_cli.check_run_args(args)
+    assert args.workers == 3  # a given value is kept
 
 
 # -- a trained run with --starft-val and --starft-select, at OpenCLIP's amp (items 2, 15, 16, 18) ----------------

@@ -53,7 +53,7 @@ def _image_size(model) -> int:
 def _write_images(root: str, n: int, size: int, classes: int = 4) -> None:
     rng = np.random.default_rng(0)
     for i in range(n):
-        folder = os.path.join(root, f"class{i % classes}")
+        folder = os.path.join(root, f"class_{i % classes}")
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
