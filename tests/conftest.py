@@ -3,16 +3,21 @@
 - ``tiny_data``: 128 real-JPEG samples in 4 shards, the tiny model (seed 0) and a class-names file;
 - ``small_data``: the same with 64 samples in 2 shards (2 steps an epoch at batch 32);
 - ``tiny_run``: a finished 2-epoch StarFT run on ``small_data`` (non-default StarFT settings, see
-  ``TINY_RUN_FLAGS``) that tests read: its checkpoints, params.txt and out.log.
+  ``TINY_RUN_FLAGS``) that tests read: its checkpoints, params.txt and out.log;
+- ``wheel_files``: the file names in the wheel ``pip wheel`` builds from this checkout (what ``pip install .``
+  installs), built once.
 
 Never write into them: a test that trains takes ``workspace(data, folder)`` (runs.py), which shares the
 data and model but puts its runs' logs under a folder of its own.
 """
 import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
-from runs import TINY_RUN_FLAGS, checkpoints, log_of, make_workspace, run, train_args, workspace
+from runs import ROOT, TINY_RUN_FLAGS, checkpoints, log_of, make_workspace, run, train_args, workspace
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +41,12 @@ def tiny_run(small_data, tmp_path_factory):
     folder = os.path.join(ws["root"], "logs", "run")
     saved = [os.path.join(folder, "checkpoints", name) for name in checkpoints(ws, "run")]
     return {**ws, "name": "run", "folder": folder, "log": log_of(ws, "run"), "checkpoints": saved}
+
+
+@pytest.fixture(scope="session")
+def wheel_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), ROOT],
+                   check=True, capture_output=True)
+    (wheel,) = out.glob("open_clip_starft-*.whl")
+    return zipfile.ZipFile(wheel).namelist()

@@ -127,6 +127,7 @@ def _worker(rank, tmp_path, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_processes_accumulating_two_micro_batches_equal_one_process_on_the_global_batch(tmp_path):
     mp.spawn(_worker, args=(tmp_path, 29700), nprocs=WORLD, join=True)
     for kind, form in KINDS:

@@ -283,6 +283,7 @@ def test_a_sample_without_cls_stops_the_run_before_its_first_step(ws, tmp_path):
     assert "Train Epoch" not in result.stdout + result.stderr  # not after an epoch: before any step
 
 
+@pytest.mark.e2e
 def test_two_processes_with_workers_0_and_one_shard_stop_with_one_line(ws):
     from runs import run, train_args
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29647",

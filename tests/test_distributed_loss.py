@@ -2,6 +2,7 @@
 SigLIP with either Star form under each of SigLipLoss's --loss-dist-impl exchanges."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -53,6 +54,7 @@ def worker(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     feats, labels = global_batch()

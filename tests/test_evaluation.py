@@ -88,6 +88,7 @@ def _ddp_worker(rank, init_file, shards, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     shards = brace_pattern(write_shards(str(tmp_path / "wds"), 60, seed=4, biased=False, image_size=32,
                                         samples_per_shard=15))

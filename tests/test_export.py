@@ -14,19 +14,14 @@ from open_clip_starft.demo.data import CLASSNAMES, render_sample
 from open_clip_starft.eval import cli as eval_cli
 from open_clip_starft.eval.models import checkpoint_state, local_dir_weights
 from open_clip_starft.tools import export as ex
-from runs import make_workspace, run, train_args
-
-STARFT_FLAGS = ["--starft-lambda", "0.7", "--starft-schedule", "constant", "--starft-concepts", "texture",
-                "--starft-teacher-text-cache-mb", "16"]
-
+from runs import workspace
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch StarFT run of the tiny model (non-default StarFT settings) and eval results of its checkpoint."""
-    ws = make_workspace(tmp_path_factory.mktemp("export"), n=64, shards=2)
-    result = run(train_args(ws, "ft", *STARFT_FLAGS, epochs=1, batch_size=16, workers=0))
-    assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = os.path.join(ws["root"], "logs", "ft", "checkpoints", "epoch_1.pt")
+def trained(tiny_run, tmp_path_factory):
+    """The session's finished StarFT run (conftest.tiny_run: non-default StarFT settings, TINY_RUN_FLAGS), its
+    epoch_1.pt, and eval results of that checkpoint."""
+    ws = workspace(tiny_run, tmp_path_factory.mktemp("export"))
+    ckpt = tiny_run["checkpoints"][0]
     results = os.path.join(ws["root"], "results.jsonl")
     zero_shot = local_dir_weights(ws["model"])
     assert eval_cli.main(["--model", ws["model"], "--pretrained", f"zero-shot={zero_shot}", "--pretrained", f"starft={ckpt}",
@@ -78,7 +73,7 @@ def test_round_trip_gives_the_checkpoints_logits_and_a_card_with_every_setting(t
         assert f"`--{key.replace('_', '-')}`: {shown}" in card, key
     assert "`--starft-lambda`: 0.7" in card and "`--starft-concepts`: texture" in card
     assert "`--starft-classnames`: classes.txt" in card
-    assert "**Epochs trained:** 1 of 1" in card and "**Training data:** shards" in card
+    assert "**Epochs trained:** 1 of 2" in card and "**Training data:** shards" in card
     records = {r["checkpoint"]: r for r in map(json.loads, open(trained["results"]))}
     row = next(line for line in card.splitlines() if line.startswith("| shard"))
     assert row.split(" | ")[1] == f"{100 * records['starft']['top1']:.1f}"  # this checkpoint's row, not the zero-shot's

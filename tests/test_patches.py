@@ -33,6 +33,7 @@ def test_patched_zero_shot_accuracy_works_with_this_numpy(tmp_path):
     assert result.stdout.strip() == "[1.0, 2.0]"
 
 
+@pytest.mark.e2e
 def test_patched_main_trains_with_two_cpu_processes(tmp_path):
     ws = make_workspace(tmp_path / "ws", n=64, shards=2)
     args = ["--train-data", ws["data"], "--dataset-type", "webdataset", "--model", ws["model"], "--device", "cpu",
@@ -61,6 +62,7 @@ def run_params(ws, name):
     return dict(line.split(": ", 1) for line in text.splitlines())
 
 
+@pytest.mark.e2e
 def test_starft_trains_through_the_plugin_hook_as_through_the_runtime_hooks(tmp_path):
     """patches 0001-0003 installed: upstream calls StarFT's hooks (nothing rebound) and the run is the one the
     rebound hooks give on OpenCLIP as released: the same losses, checkpoints (weights, optimizer state,
@@ -108,6 +110,7 @@ def test_starft_trains_through_the_plugin_hook_as_through_the_runtime_hooks(tmp_
             torch.testing.assert_close(state["exp_avg"], moments["runtime"][index]["exp_avg"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.e2e
 def test_plugin_train_step_refuses_to_run_without_starft_main(tmp_path):
     copy = patched_copy(tmp_path / "copy", [p for p in PATCHES if "plugin-hook" in p])
     ws = make_workspace(tmp_path / "ws", n=32, shards=1)
@@ -120,6 +123,7 @@ def test_plugin_train_step_refuses_to_run_without_starft_main(tmp_path):
     assert unknown.returncode != 0 and "No open_clip_train.train_steps entry point named 'nonesuch'" in unknown.stderr
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_same_losses_at_every_step_with_and_without_the_plugin_hook(tmp_path):
     """One StarftStep behind both loops: patches/0003's train_one_epoch_with_step and host/loop.py."""
     from runs import NO_CROP, log_of, metric, train_args

@@ -209,6 +209,7 @@ def test_siglip_trains_with_the_sigmoid_form_and_accumulation_and_exports_a_fold
     assert "SigLipLoss" in card and "sigmoid" in card  # the loss and --starft-star-form
 
 
+@pytest.mark.e2e
 def test_siglip_trains_in_two_processes(siglip_ws):
     import sys
     from runs import log_of, metric, run, train_args

@@ -209,6 +209,7 @@ def _rank_stops_with_the_other(rank, tmp_path, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_every_process_stops_at_the_same_step_when_one_finds_a_data_error(tmp_path):
     mp.spawn(_rank_stops_with_the_other, args=(tmp_path, 29641), nprocs=2, join=True)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]

@@ -179,6 +179,7 @@ def _wait_gone(pids, seconds=5.0):
     return [p for p in pids if not _gone(p)]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
 def test_killed_sweep_leaves_no_training_and_an_interrupt_stops_its_whole_group(tmp_path):
     import signal

@@ -6,12 +6,12 @@ import pytest
 import webdataset as wds
 
 from open_clip_starft.demo.data import brace_pattern, render_sample
-from runs import checkpoints, log_of, make_workspace, metric, one_line_error, run, tiny_weights, train_args
+from runs import checkpoints, log_of, metric, one_line_error, run, tiny_weights, train_args, workspace
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("errors"), n=64, shards=2)
+def ws(small_data, tmp_path_factory):
+    return workspace(small_data, tmp_path_factory.mktemp("errors"))
 
 
 def write_shard(path, n, *, cls=True, seed=5):

@@ -14,13 +14,13 @@ from PIL import Image
 from open_clip_starft.demo.data import CLASSNAMES, brace_pattern, write_shards
 from open_clip_starft.eval.cli import main as eval_main
 
-from runs import log_of, make_workspace, run, train_args
+from runs import log_of, run, train_args, workspace
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
+def ws(small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("val")
-    ws = make_workspace(root, n=64, shards=2)
+    ws = workspace(small_data, root)
     # a validation set with groups (the demo's shards carry 'group') and a plain folder set without
     ws["val"] = brace_pattern(write_shards(str(root / "val"), 48, seed=21, biased=False, image_size=32,
                                            samples_per_shard=24))
@@ -114,6 +114,7 @@ def test_validation_does_not_change_training(ws):
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
+@pytest.mark.e2e
 def test_two_processes_score_the_numbers_of_one(ws, tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
                 "-m", "--", "open_clip_starft.main")

@@ -151,6 +151,7 @@ def test_transfer_split_keeps_every_target_species_cut_out_out_of_every_fine_tun
     assert sum(birds) / len(birds) > 0.85
 
 
+@pytest.mark.e2e
 def test_miniature_benchmark_end_to_end(tmp_path):
     out, docs = tmp_path / "wbl", tmp_path / "docs"
     argv = ["all", "--out", str(out), "--docs", str(docs), "--scale", "mini", "--splits", "identity:0",
