@@ -18,11 +18,10 @@ from open_clip_train.params import parse_args as host_parse_args
 from open_clip_starft.errors import ConfigError, StarftError
 from open_clip_starft.host.params import build_parser, check
 from open_clip_starft.host.preemption import FLAG, Preempted
-from open_clip_starft.host.preflight import RunFolderGuard, finished, preflight
 
 # Both parsers (ours and upstream's ``open_clip_train.params``) and the StarFT checks import neither torch nor
-# open_clip, so a refused flag answers at once; upstream's ``main``, the hooks and ``--starft-val``'s
-# evaluation are imported once the command line has been read.
+# open_clip, so a refused flag answers at once; the preflight, the hooks (upstream's ``main``) and
+# ``--starft-val``'s evaluation are imported once the command line has been read.
 
 
 # an OSError from upstream's own writes that is about the disk or folder, not a bug: reported in one line
@@ -48,9 +47,9 @@ def main(argv=None) -> int:
     try:
         check(starft)
         host_parse_args(rest)  # upstream's flags, refused here in one line before anything is imported or started
-        import open_clip_train.main as host
         from open_clip_starft.eval.training_validation import TrainingValidation, parse_select, parse_val_sets
         from open_clip_starft.host.hooks import StarftHooks
+        from open_clip_starft.host.preflight import RunFolderGuard, finished, preflight
         validation = None
         if starft.starft_val:  # the sets are checked when the model exists, before the first step
             names = [name for name, _ in parse_val_sets(starft.starft_val)]

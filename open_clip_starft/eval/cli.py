@@ -26,10 +26,11 @@ from open_clip_starft.eval.precision import EVAL_PRECISIONS
 from open_clip_starft.eval.report import (ScalarReporter, check_clip_benchmark_files, plot_groups, record_scalars,
                                          write_clip_benchmark, write_jsonl, write_table)
 from open_clip_starft.eval.sets import BUILTIN_SETS, FORMATS, EvalSetSpec, load_suite, prepare_set
+from open_clip_starft.eval.sets.workers import default_workers
 
 # The parser and everything it needs import neither torch nor open_clip: ``--help`` and a refused flag answer
-# at once. The modules that run models (``models``, ``evaluator``, ``sets.dataset``) are imported by the
-# functions that use them, after the command line is parsed.
+# at once. The modules that run models (``models``, ``evaluator``) are imported by the functions that use
+# them, after the command line is parsed.
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +58,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int,
+    g.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loader workers (default: the CPUs this process has, at most 4)")
     g.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--precision", default=None, choices=EVAL_PRECISIONS,
@@ -115,13 +116,10 @@ def trust_flag():
 
 
 def check_run_args(args) -> None:
-    """The running options' ranges; the defaults that need torch's modules are filled in here, once the
-    command line is read: ``--device`` cuda when available, else cpu; ``--workers`` the CPUs, at most 4."""
-    if args.batch_size < 1 or (args.workers is not None and args.workers < 0) or args.ece_bins < 1:
+    """The running options' ranges; ``--device`` not given becomes cuda when available, else cpu (torch is
+    imported here, once the command line is read)."""
+    if args.batch_size < 1 or args.workers < 0 or args.ece_bins < 1:
         raise StarftError("--batch-size and --ece-bins must be ≥ 1 and --workers ≥ 0")
-    if args.workers is None:
-        from open_clip_starft.eval.sets.dataset import default_workers
-        args.workers = default_workers()
     if args.device is None:
         from open_clip_starft.eval.models import default_device
         args.device = default_device()

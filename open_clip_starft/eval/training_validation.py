@@ -41,7 +41,7 @@ from open_clip_starft.errors import ConfigError
 from open_clip_starft.eval.evaluator import Evaluator
 from open_clip_starft.eval.report import ScalarReporter, record_scalars
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
-from open_clip_starft.eval.sets.dataset import default_workers
+from open_clip_starft.eval.sets.workers import default_workers
 
 METRICS = ("top1", "top5", "worst_group", "avg_group", "per_class_mean", "ece")
 """The metrics logged per set; all are higher-is-better but ``ece``."""

@@ -10,7 +10,7 @@ import math
 from open_clip_starft.errors import ConfigError
 from open_clip_starft.method.captions import CAPTION_TEMPLATE_SETS, list_suffix_modes
 from open_clip_starft.method.descriptors import CONCEPTS
-from open_clip_starft.method.loss import STAR_FORMS
+from open_clip_starft.method.forms import STAR_FORMS
 from open_clip_starft.method.schedule import list_schedules
 
 

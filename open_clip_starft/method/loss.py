@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 
 from open_clip_starft.method.distributed import all_gather_cat
-
-STAR_FORMS = ("softmax", "sigmoid")
+from open_clip_starft.method.forms import STAR_FORMS
 
 
 def star_loss(

@@ -2,7 +2,6 @@
 unreadable samples are dropped from the batch and named, never fatal."""
 from __future__ import annotations
 
-import os
 import tarfile
 from typing import Iterator
 
@@ -74,20 +73,6 @@ def collate(samples):
     images = torch.stack([s[0] for s in kept]) if kept else None
     return (images, torch.tensor([s[1] for s in kept], dtype=torch.long),
             torch.tensor([s[2] for s in kept], dtype=torch.long), [s[3] for s in kept], skipped)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them; else the CPU count)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_workers(cap: int = 4) -> int:
-    """Data-loader workers by default: the CPUs this process has, at most ``cap`` (more than it has makes
-    torch warn and only adds processes)."""
-    return min(cap, available_cpus())
 
 
 def batches(prepared: PreparedSet, preprocess, batch_size: int = 128, workers: int = 0) -> Iterator[tuple]:
