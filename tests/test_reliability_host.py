@@ -244,6 +244,10 @@ def test_resume_latest_on_a_finished_run_says_nothing_is_left(ws, finished_run):
     said = done.stderr
     assert "nothing is left to train" in said and "--epochs above 2" in said and "epoch_2.pt" in said
     assert os.path.getsize(out_log) == size  # nothing started, nothing written
+    epoch_2 = os.path.join(finished_run["folder"], "epoch_2.pt")  # the file named, under a new name
+    done = run(train_args(ws, "from-finished", *finished_run["val"], "--resume", epoch_2, epochs=2))
+    assert done.returncode == 0 and f"nothing is left to train: {epoch_2}" in done.stderr, done.stderr[-3000:]
+    assert not os.path.exists(logs(ws, "from-finished"))
 
 
 def test_best_pt_as_resume_says_it_holds_weights_only(ws, finished_run):

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 
+import torch
 from open_clip_train.params import parse_args
 
 from open_clip_starft.data.checks import check_shards_exist
@@ -120,6 +121,16 @@ def check_run_folder(args: argparse.Namespace) -> None:
                           "--resume latest to continue that run")
 
 
+def resume_position(path: str) -> tuple[int, int] | None:
+    """(epochs completed, batches done of the next epoch) of the training checkpoint at ``path``, read lazily
+    (memory-mapped); None for model-only weights or a file this cannot read (``load_resume`` names it)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["epoch"]), int((checkpoint.get("starft") or {}).get("batches_done", 0))
+    except Exception:  # noqa: BLE001 - not a training checkpoint: nothing to tell here
+        return None
+
+
 def finished(args: argparse.Namespace) -> str | None:
     """When ``--resume`` (``latest`` or a file) holds a run that has done all ``--epochs``: what to tell the
     user (nothing is left to train, and how to train longer); else None."""
@@ -129,10 +140,10 @@ def finished(args: argparse.Namespace) -> str | None:
     if path == "latest":
         folder = run_folder(args)
         path = latest_checkpoint(os.path.join(folder, "checkpoints")) if folder else None
-    if not path or not os.path.isfile(path):
-        return None
-    position = training_position(path)
-    if position is None or position != (args.epochs, 0):
+        position = training_position(path) if path else None
+    else:
+        position = resume_position(path) if os.path.isfile(path) else None
+    if position != (args.epochs, 0):
         return None
     run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     return (f"nothing is left to train: {path} has all {args.epochs} epoch(s) of --epochs {args.epochs} done. "
