@@ -171,7 +171,7 @@ def peek_resume(path: str) -> None:
     """``refuse_weights_only`` on a ``--resume`` file, read lazily (memory-mapped, tensors not loaded), before
     anything is written; a file it cannot read this way is left to ``load_resume``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path, mmap=True)
     except Exception:  # noqa: BLE001 - load_resume reads it again and names what is wrong
         return
     if isinstance(checkpoint, dict):
