@@ -154,16 +154,17 @@ def test_transfer_split_keeps_every_target_species_cut_out_out_of_every_fine_tun
 @pytest.mark.e2e
 def test_miniature_benchmark_end_to_end(tmp_path):
     out, docs = tmp_path / "wbl", tmp_path / "docs"
-    argv = ["all", "--out", str(out), "--docs", str(docs), "--scale", "mini", "--splits", "identity:0",
+    argv = ["all", "--out", str(out), "--docs", str(docs), "--scale", "mini", "--splits", "transfer:0",
             "--train-seeds", "0", "--lambdas", "2", "--schedules", "constant", "--parallel", "2",
             "--protocols", "P1,P2"]
     assert wbl_main(argv) == 0
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    split = manifest["splits"]["identity-s0"]
-    # identity split: no bird species and no scene photograph in two parts
+    split = manifest["splits"]["transfer-s0"]
+    # transfer split (the default): source species (train) and target species (val = test) apart, no scene
+    # photograph in two parts
     for kind, parts in split["species"].items():
-        assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), kind
+        assert not set(parts["train"]) & set(parts["test"]) and parts["val"] == parts["test"], kind
     for place, parts in split["scenes"].items():
         assert not set(parts["train"]) & set(parts["test"]) and not set(parts["val"]) & set(parts["test"]), place
     # every photograph recorded with its package and its one part; val/test photographs are in no training set
@@ -175,10 +176,10 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         for part in ("train", "val", "test"):
             assert sorted(split["scenes"][place][part]) == sorted(
                 p["file"] for p in photos if p["place"] == place and p["parts"] == [part])
-    # pre-training saw the train-part birds only (their names, some with the superclass), no val/test bird
-    pre_names = set((out / "data" / "identity-s0" / "pretrain" / "classnames.txt").read_text().splitlines())
-    held_out = split["birds"]["waterbird"]["test"] + split["birds"]["landbird"]["val"]
-    assert not pre_names & set(held_out) and f"waterbird, a {split['birds']['waterbird']['train'][0]}" in pre_names
+    # pre-training named every bird, source and target (their names, some with the superclass)
+    pre_names = set((out / "data" / "transfer-s0" / "pretrain" / "classnames.txt").read_text().splitlines())
+    assert set(split["birds"]["waterbird"]["pretrain"] + split["birds"]["landbird"]["pretrain"]) <= pre_names
+    assert {f"waterbird, a {split['birds']['waterbird'][part][0]}" for part in ("train", "test")} <= pre_names
     # wb-train is biased, wb-test balanced over the four groups (group = 2·label + place)
     train_groups, test_groups = split["sets"]["wb-train"]["groups"], split["sets"]["wb-test"]["groups"]
     aligned = (train_groups.get("0", 0) + train_groups.get("3", 0)) / sum(train_groups.values())
@@ -187,18 +188,18 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
     assert int(sample["group"]) // 2 == int(sample["cls"])
     # P1's fine-tune length was chosen on source-val among the mini schedule's (1, 2) epochs
-    p1 = json.loads((out / "p1_epochs.json").read_text())["identity-s0-p0"]["0"]
+    p1 = json.loads((out / "p1_epochs.json").read_text())["transfer-s0-p0"]["0"]
     assert set(p1["source_val"]) == {"1", "2"} and p1["chosen"] in (1, 2)
     # v3's LiT pre-training on cached outputs locked both towers: the whole trunk (weights and BatchNorm statistics)
     # is as mapped from the package, while both projections learnt
     from safetensors.torch import load_file
     from studies.waterbirds_lite import efficientnet
-    init = load_file(str(out / "models" / "identity-s0-p0" / "init" / "open_clip_model.safetensors"))
-    zero_shot = load_file(str(out / "models" / "identity-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
+    init = load_file(str(out / "models" / "transfer-s0-p0" / "init" / "open_clip_model.safetensors"))
+    zero_shot = load_file(str(out / "models" / "transfer-s0-p0" / "zero-shot" / "open_clip_model.safetensors"))
     import timm  # the trunk's keys in module order (a safetensors file sorts them)
     imagenet = efficientnet.timm_state_dict(timm.create_model(efficientnet.TIMM_NAME, num_classes=0).state_dict())
     assert len(imagenet) > 200 and all(torch.equal(zero_shot[f"visual.trunk.{k}"], imagenet[k]) for k in imagenet)
-    check = json.loads((out / "zero_shot.json").read_text())["identity-s0-p0"]
+    check = json.loads((out / "zero_shot.json").read_text())["transfer-s0-p0"]
     assert check["pretrain_recipe"] == "lit-cached" and len(check["pretrain_loss"]) == 1
     assert not torch.equal(zero_shot["visual.head.proj.weight"], init["visual.head.proj.weight"])
     assert not torch.equal(zero_shot["text.proj.weight"], init["text.proj.weight"])
@@ -213,7 +214,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
         assert r["fine_tune_seed"] == r["seed"] and "CPU cores" in r["machine"]
         assert 0 <= r["worst_group"] <= r["avg"] <= 1 and len(r["groups"]) == 4
         assert r["worst_group"] == min(r["groups"].values())
-        assert r["unit"] == "identity-s0-p0" and r["pretrain_seed"] == 0
+        assert r["unit"] == "transfer-s0-p0" and r["pretrain_seed"] == 0
     for protocol in ("P1", "P2"):
         starft = [r for r in records if r["protocol"] == protocol and r["method"] == "starft"]
         assert len(starft) == 1 and starft[0]["selected"] and (starft[0]["lam"], starft[0]["schedule"]) == (2, "constant")
@@ -246,7 +247,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     # records', its difference theirs, its verdict its sign
     assert wbl_main(["gate", *argv[1:]]) == 0
     gate = json.loads((docs / "gate.json").read_text())
-    entry = gate["units"]["identity-s0-p0"]
+    entry = gate["units"]["transfer-s0-p0"]
     run = entry["seeds"]["0"]
     assert run["chosen_epochs"] == p1["chosen"] and set(run["flyp"]) == {"1", "2"}
     flyp_val = run["flyp"][str(p1["chosen"])]
@@ -259,7 +260,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     assert "VALIDATION only" in (docs / "gate.md").read_text()
     assert json.loads((docs / "zero_shot.json").read_text()) == json.loads((out / "zero_shot.json").read_text())
     # FLYP and StarFT alike kept the zero-shot BatchNorm statistics, trained in channels-last layout
-    name = "P2-identity-s0-p0-seed0-flyp-e1"  # the mini scale's one P2 epoch
+    name = "P2-transfer-s0-p0-seed0-flyp-e1"  # the mini scale's one P2 epoch
     flyp_state = torch.load(str(out / "logs" / name / "checkpoints" / "epoch_1.pt"),
                             map_location="cpu", weights_only=True)["state_dict"]
     stats = [k for k in zero_shot if "running_" in k]
@@ -274,7 +275,7 @@ def test_miniature_benchmark_end_to_end(tmp_path):
     assert zero_shot_record["competent"] and set(zero_shot_record["stage_wall_s"]) == {"pretrain", "run", "evaluate"}
     assert "nearest evaluated α point" in text and "dominates" in text
     # a second call reuses the finished stages (nothing is retrained) and the unit's records (nothing re-evaluated)
-    kept = out / "records" / "identity-s0-p0.json"
+    kept = out / "records" / "transfer-s0-p0.json"
     stamp = kept.stat().st_mtime_ns
     assert wbl_main(["run", *argv[1:]]) == 0
     assert wbl_main(["report", *argv[1:]]) == 0
