@@ -10,6 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from open_clip_starft.demo import data as dd
+from open_clip_starft.demo import run as demo_run
 
 N_CLS, N_BG = len(dd.CLASSNAMES), len(dd.BACKGROUNDS)
 
@@ -172,3 +173,120 @@ def test_backgrounds_differ_in_mean_colour():
     for a in range(N_BG):
         for b in range(a + 1, N_BG):
             assert np.linalg.norm(means[a] - means[b]) > 30, (dd.BACKGROUNDS[a], dd.BACKGROUNDS[b])
+
+
+# ------------------------------------------------------------------------------------------------ transfer design
+SIZES = {"pretrain": 160, "finetune": 160, "val": 64, "test": 64, "val_in_dist": 64, "test_in_dist": 64}
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory):
+    """The demo's parts for unit 0, as the demo writes them (small sizes)."""
+    root = tmp_path_factory.mktemp("transfer")
+    return demo_run.write_data(str(root), 0, sizes=SIZES)
+
+
+def shard_samples(pattern):
+    """[(fields decoded, RGB array)] of every sample of a brace pattern's shards, in key order."""
+    from braceexpand import braceexpand
+    out = []
+    for key, s in sorted(read_tar_samples(list(braceexpand(pattern))).items()):
+        fields = {"cls": int(s["cls"]), "group": int(s["group"]), "txt": s["txt"].decode(), **json.loads(s["json"])}
+        out.append((fields, np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), dtype=np.float32)))
+    return out
+
+
+def colour_pixels(pixels):
+    """Pixels within 30 (RGB distance) of each palette colour: {colour name: count}. Background colours are
+    farther than that from every palette colour, so this reads the object's colour from the pixels alone (edges
+    blended with a background may look like another colour: the object's own colour dominates)."""
+    flat = pixels.reshape(-1, 3)
+    return {name: int((np.linalg.norm(flat - np.array(rgb), axis=1) < 30).sum()) for name, rgb in dd.COLOURS.items()}
+
+
+def test_no_target_image_and_no_held_out_colour_in_any_finetune_shard(transfer):
+    held_out = set(demo_run.DESIGN["target_colours"])
+    finetune = shard_samples(transfer["finetune"])
+    assert len(finetune) == SIZES["finetune"]
+    def held_out_share(samples):
+        """Of the pixels that match a palette colour, the share matching a held-out one; and how many images'
+        dominant colour is held out (a small patterned object may match none: skipped)."""
+        total = {c: 0 for c in dd.COLOURS}
+        dominant = []
+        for _, pixels in samples:
+            counts = colour_pixels(pixels)
+            total = {c: total[c] + counts[c] for c in total}
+            if max(counts.values()) >= 5:
+                dominant.append(max(counts, key=counts.get) in held_out)
+        return sum(total[c] for c in held_out) / sum(total.values()), np.mean(dominant), len(dominant)
+
+    for fields, _ in finetune:
+        assert fields["colour"] not in held_out
+        assert not any(c in fields["txt"] for c in held_out)
+    share, dominant, read = held_out_share(finetune)
+    assert share < 0.1 and dominant == 0 and read > 0.8 * len(finetune), (share, dominant, read)
+    # the pixel check sees the held-out colours where they are: in every target image
+    for part in ("val", "test"):
+        share, dominant, read = held_out_share(shard_samples(transfer[part]))
+        assert share > 0.9 and dominant == 1 and read == SIZES[part], (part, share, dominant, read)
+    # and no target image (decoded pixels) is a fine-tuning image
+    tuned = {p.tobytes() for _, p in finetune}
+    assert not any(p.tobytes() in tuned for part in ("val", "test") for _, p in shard_samples(transfer[part]))
+
+
+def test_transfer_parts_are_drawn_as_designed(transfer):
+    pre = [f for f, _ in shard_samples(transfer["pretrain"])]
+    # pre-training covers every concept; captions name shape (always), colour, background, never the pattern
+    for key, values in (("colour", dd.COLOURS), ("shape", dd.SHAPES), ("pattern", dd.PATTERNS),
+                        ("background", dd.BACKGROUNDS)):
+        assert {f[key] for f in pre} == set(values), key
+    assert all(f["shape"] in f["txt"] and not any(p in f["txt"] for p in dd.PATTERNS) for f in pre)
+    assert 0.3 < np.mean([f["colour"] in f["txt"] for f in pre]) < 0.7  # p_colour 0.5
+    assert 0.05 < np.mean(["on the" in f["txt"] or "in the" in f["txt"] for f in pre]) < 0.4  # p_background 0.2
+    # source: 12 "pattern shape" classes, each shape on its own background 95 % of the time
+    for part in ("finetune", "val_in_dist", "test_in_dist"):
+        src = [f for f, _ in shard_samples(transfer[part])]
+        assert all(dd.SOURCE_CLASSNAMES[f["cls"]] == f"{f['pattern']} {f['shape']}" for f in src)
+        assert all(f["group"] == f["cls"] * 4 + dd.BACKGROUNDS.index(f["background"]) for f in src)
+        own = np.mean([dd.BACKGROUNDS.index(f["background"]) == dd.SHAPES.index(f["shape"]) for f in src])
+        assert own > 0.88, (part, own)
+    # target: plain, class = shape, every background about equally often
+    tgt = [f for part in ("val", "test") for f, _ in shard_samples(transfer[part])]
+    assert all(f["pattern"] == "plain" and f["cls"] == dd.SHAPES.index(f["shape"]) for f in tgt)
+    own = np.mean([dd.BACKGROUNDS.index(f["background"]) == f["cls"] for f in tgt])
+    assert own < 0.4
+    assert open(transfer["target_classnames"]).read().split("\n")[:4] == dd.SHAPES
+    assert open(transfer["source_classnames"]).read().split("\n")[:12] == dd.SOURCE_CLASSNAMES
+
+
+def test_patterns_differ_in_pixels():
+    imgs = {p: np.asarray(dd.draw_object(0, 3, "red", p, np.random.default_rng(5), 32), dtype=np.float32)
+            for p in dd.PATTERNS}
+    for a in dd.PATTERNS:
+        for b in dd.PATTERNS:
+            if a < b:
+                assert np.abs(imgs[a] - imgs[b]).mean() > 2.0, (a, b)
+    with pytest.raises(ValueError, match="overlap"):
+        dd.render_transfer_sample(0, seed=0, part="source", design={**demo_run.DESIGN, "source_colours": ["orange"]})
+
+
+def test_units_never_share_an_image_in_any_part(tmp_path):
+    """Part seeds come from (unit, part): no sample (decoded pixels) is shared between two parts of one unit or
+    between units (unit seed + offset once made unit 1's test unit 0's validation set)."""
+    import hashlib
+    seen, seeds = {}, {}
+    sizes = {part: 24 for part in demo_run.PART_IDS}
+    for unit in (0, 1, 3):
+        data = demo_run.write_data(str(tmp_path / f"u{unit}"), unit, sizes=sizes)
+        for part in demo_run.PART_IDS:
+            seeds[(unit, part)] = demo_run.part_seed(unit, part)
+            samples = shard_samples(data[part])
+            assert len(samples) == 24, (unit, part)
+            for key, (_, pixels) in enumerate(samples):
+                digest = hashlib.sha1(pixels.tobytes()).hexdigest()
+                assert digest not in seen, f"{(unit, part, key)} repeats {seen[digest]}"
+                seen[digest] = (unit, part, key)
+    assert len(set(seeds.values())) == len(seeds)  # no (unit, part) draws from another's sample seed
+    assert demo_run.part_seed(1, "test") != demo_run.part_seed(0, "val")  # the old scheme's collision
+    with pytest.raises(Exception, match="seed -1 is negative"):
+        demo_run.part_seed(-1, "val")

@@ -65,3 +65,16 @@ def test_plot_frontiers_writes_a_png(tmp_path):
                            "unit b": {"curves": {"WiSE-FT": CURVE}}}, str(tmp_path / "f.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nearest_point_and_domination():
+    from open_clip_starft.eval.frontier import dominated_by, nearest_point_worst_group
+    # 0.84: 0.04 from α 0.5 (0.80), 0.06 from α 1 (0.90) → α 0.5's 0.60
+    assert nearest_point_worst_group(CURVE, 0.84) == 0.60
+    assert nearest_point_worst_group(CURVE, 0.86) == 0.20  # 0.04 from 0.90, 0.06 from 0.80
+    assert nearest_point_worst_group(CURVE + [{"in_dist": 0.90, "worst_group": 0.3}], 0.9) == 0.3  # ties: higher WG
+    assert dominated_by(CURVE, {"in_dist": 0.80, "worst_group": 0.55})      # α 0.5: same source, better WG
+    assert not dominated_by(CURVE, {"in_dist": 0.80, "worst_group": 0.60})  # equal on both: not dominated
+    assert not dominated_by(CURVE, {"in_dist": 0.85, "worst_group": 0.50})  # the interpolated line is not a point
+    with pytest.raises(StarftError):
+        nearest_point_worst_group([], 0.5)

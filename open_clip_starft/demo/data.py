@@ -195,3 +195,128 @@ def write_csv(out_dir, n_samples, *, seed, biased=True, p_spurious=0.9, image_si
             img.save(path)
             writer.writerow([path, cls, group_id(cls, bg), caption(cls, bg)])
     return csv_path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transfer design (the demo's protocol since issue 27): pre-train on everything, fine-tune on a SOURCE task,
+# score a TARGET task zero-shot that the fine-tune never saw.
+#
+# An object has a shape (SHAPES), a colour (COLOURS), a fill pattern (PATTERNS) and a background (BACKGROUNDS).
+# - pre-training: every colour, shape, pattern and background; captions name the shape, often its colour, sometimes
+#   its background, never its pattern (``transfer_caption``);
+# - source task: classes "pattern shape" (``SOURCE_CLASSNAMES``, 12) in the source colours only; each shape sits on
+#   its own background (shape k on background k) with probability ``p_spurious``: a shortcut for the shape, while
+#   the pattern (drawn in pre-training, never named) is what the fine-tune must learn;
+# - target task: classes "shape" (``SHAPES``), plain objects in the held-out colours only, every background equally
+#   likely, group = shape × background. No target colour is ever drawn in a source image.
+# ---------------------------------------------------------------------------------------------------------------
+
+SHAPES = CLASSNAMES  # the target's classes: circle, square, triangle, cross
+COLOURS = {"red": _PALETTE[0], "orange": _PALETTE[1], "pink": _PALETTE[2], "purple": _PALETTE[3],
+           "black": _PALETTE[4]}
+PATTERNS = ["plain", "striped", "dotted"]
+SOURCE_CLASSNAMES = [f"{pattern} {shape}" for shape in SHAPES for pattern in PATTERNS]  # id = shape * 3 + pattern
+TRANSFER_PARTS = ("pretrain", "source", "target")
+
+
+def _fill(colour, pattern, rng, size):
+    """The ``size`` px fill of an object: its colour, with light stripes (random angle, period 8 px at the 2x
+    canvas) or a light dot grid for the patterns. Returns an RGB image."""
+    fill = np.empty((size, size, 3), np.float32)
+    fill[:] = colour
+    light = 0.35 * np.array(colour, np.float32) + 0.65 * 255.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    if pattern == "striped":
+        theta, phase = rng.uniform(0, math.pi), rng.uniform(0, 8)
+        across = x * math.cos(theta) + y * math.sin(theta) + phase
+        fill[(across % 8) < 4] = light
+    elif pattern == "dotted":
+        ox, oy = rng.uniform(0, 8, 2)
+        dx, dy = (x + ox) % 8 - 4, (y + oy) % 8 - 4
+        fill[dx * dx + dy * dy < 4.0] = light
+    return Image.fromarray(fill.astype(np.uint8), "RGB")
+
+
+def draw_object(shape, bg, colour, pattern, rng, image_size=32):
+    """Shape ``shape`` (index into SHAPES) in ``colour`` (a COLOURS name) with fill ``pattern`` (a PATTERNS name)
+    on background ``bg``, drawn like ``draw_image`` (2x canvas, 35-65 % extent, rotation up to ±25°, fully
+    inside, LANCZOS down to ``image_size`` px). Returns an RGB image."""
+    size = 2 * image_size
+    img = _background(bg, rng, size)
+    d = rng.uniform(0.35, 0.65) * size
+    angle = np.deg2rad(rng.uniform(-_MAX_ANGLE_DEG, _MAX_ANGLE_DEG))
+    u = rng.random(2)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    if SHAPES[shape] == "circle":
+        cx, cy = d / 2 + u * (size - d)
+        draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=255)
+    else:
+        c, s = math.cos(angle), math.sin(angle)
+        verts = _shape_vertices(SHAPES[shape], d) @ np.array([[c, s], [-s, c]])
+        lo, hi = -verts.min(0), size - verts.max(0)
+        verts = verts + lo + u * (hi - lo)
+        draw.polygon([tuple(v) for v in verts], fill=255)
+    img.paste(_fill(COLOURS[colour], pattern, rng, size), (0, 0), mask)
+    return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def transfer_caption(shape, colour, bg, *, name_colour, name_background):
+    """A pre-training caption: "a photo of a [colour] shape[ background phrase]." (the pattern is never named)."""
+    words = f"{colour} {SHAPES[shape]}" if name_colour else SHAPES[shape]
+    where = f" {BACKGROUND_PHRASES[BACKGROUNDS[bg]]}" if name_background else ""
+    return f"a photo of a {words}{where}."
+
+
+def render_transfer_sample(index, *, seed, part, design):
+    """Sample ``index`` of part ``part`` (``TRANSFER_PARTS``) drawn from ``numpy.random.default_rng([seed, index])``.
+
+    ``design`` holds ``source_colours`` and ``target_colours`` (disjoint COLOURS names), ``p_spurious`` (source
+    images on their shape's background), ``p_plain`` (plain pre-training objects; the rest striped or dotted
+    equally), ``p_colour`` / ``p_background`` (pre-training captions naming the colour / the background) and
+    ``image_size``. Returns ``(image, fields)``: ``fields`` has ``cls`` (pre-training: the shape; source: the
+    ``SOURCE_CLASSNAMES`` id; target: the shape), ``group`` (``cls * len(BACKGROUNDS) + bg``), ``txt`` and
+    ``attributes`` (shape, colour, pattern, background names)."""
+    if set(design["source_colours"]) & set(design["target_colours"]):
+        raise ValueError(f"source and target colours overlap: {design['source_colours']} / {design['target_colours']}")
+    rng = np.random.default_rng([seed, index])
+    n_bg = len(BACKGROUNDS)
+    shape = int(rng.integers(len(SHAPES)))
+    if part == "pretrain":
+        colours = list(COLOURS)
+        pattern = "plain" if rng.random() < design["p_plain"] else PATTERNS[1 + int(rng.integers(2))]
+        bg = int(rng.integers(n_bg))
+    elif part == "source":
+        colours = design["source_colours"]
+        pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+        bg = shape % n_bg if rng.random() < design["p_spurious"] else int((shape + 1 + rng.integers(n_bg - 1)) % n_bg)
+    elif part == "target":
+        colours, pattern, bg = design["target_colours"], "plain", int(rng.integers(n_bg))
+    else:
+        raise ValueError(f"unknown part {part!r}: use one of {TRANSFER_PARTS}")
+    colour = colours[int(rng.integers(len(colours)))]
+    naming = rng.random(2)  # drawn for every part, so the image does not depend on the captions' shares
+    image = draw_object(shape, bg, colour, pattern, rng, design["image_size"])
+    if part == "source":
+        cls = shape * len(PATTERNS) + PATTERNS.index(pattern)
+        txt = f"a photo of a {SOURCE_CLASSNAMES[cls]}."
+    else:
+        cls = shape
+        txt = transfer_caption(shape, colour, bg, name_colour=part == "pretrain" and naming[0] < design["p_colour"],
+                               name_background=part == "pretrain" and naming[1] < design["p_background"])
+    attributes = {"shape": SHAPES[shape], "colour": colour, "pattern": pattern, "background": BACKGROUNDS[bg]}
+    return image, {"cls": cls, "group": cls * n_bg + bg, "txt": txt, "attributes": attributes}
+
+
+def write_transfer_shards(out_dir, n_samples, *, seed, part, design, samples_per_shard=256, prefix="shard"):
+    """Write ``n_samples`` samples of ``part`` as webdataset shards ``out_dir/{prefix}-NNNNNN.tar``: ``jpg``
+    (quality 90), ``cls``, ``group``, ``txt`` and ``json`` (the attributes), fixed tar mtimes, ``sizes.json``
+    (``data.samples.write_shards``). Returns the sorted shard paths."""
+    def samples():
+        for i in range(n_samples):
+            img, fields = render_transfer_sample(i, seed=seed, part=part, design=design)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            yield {"__key__": f"s{i:06d}", "jpg": buf.getvalue(), "cls": fields["cls"], "group": fields["group"],
+                   "txt": fields["txt"], "json": fields["attributes"]}
+    return _write_shards(out_dir, samples(), prefix=prefix, samples_per_shard=samples_per_shard)
