@@ -114,7 +114,7 @@ def test_bench_defaults_device_and_writes_nothing_without_out():
 def test_bench_errors_are_one_line(capsys):
     assert main(["bench", "step", "--batch-size", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "open-clip-starft: error: --batch-size and --steps must be ≥ 1"
+    assert err == "open-clip-starft: error: --batch-size, --steps and --accum-freq must be ≥ 1"
     if not torch.cuda.is_available():
         assert main(["bench", "step", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
