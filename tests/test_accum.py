@@ -109,6 +109,12 @@ def test_a_resumed_accumulating_run_continues_after_the_right_micro_batch(tmp_pa
     run = Run(args, resumed=Resumed("x.pt", epoch=0, batches_done=1))
     assert run.start() == 1 and run.data["train"].started_from == (0, 2)  # the dataloader counts micro-batches
     assert run.step.num_batches == STEPS // 2  # optimizer steps per epoch, as upstream counts them
+    # another --accum-freq would resume a mid-epoch checkpoint at another sample: named as a changed setting
+    from open_clip_starft.host.state import changes
+    old = run.state.history_entry(args)
+    args.accum_freq = 4
+    assert changes(old, run.state.history_entry(args), mid_epoch=True) == ["--accum-freq 2 → 4"]
+    assert changes(old, run.state.history_entry(args), mid_epoch=False) == []
 
 
 WORLD = 2

@@ -133,7 +133,7 @@ def test_a_data_error_after_a_step_saves_a_checkpoint_first(tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["starft"]["batches_done"] == 1 and ckpt["starft"]["starft_lambda"] == 0.5
     assert set(ckpt["starft"]) == set(starft_settings(run.args)) | {"history", "batches_done"}  # no run state
     assert ckpt["starft"]["history"] == [{"epoch": 0, "batches_done": 0, "step": 0, "batch_size": 8, "world_size": 1,
-                                          "epochs": 1, "settings": run.state.history[0]["settings"]}]
+                                          "accum_freq": 1, "epochs": 1, "settings": run.state.history[0]["settings"]}]
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 

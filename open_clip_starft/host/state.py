@@ -9,7 +9,7 @@ A later hook (e.g. evaluation during training) adds its fields here.
 
 The settings a checkpoint was trained with are compared with the resumed run's (``changes``):
 the ``--starft-*`` values that change the objective, the global batch (on a mid-epoch checkpoint:
-another batch size skips or repeats samples of that epoch) and the epoch count (the λ and learning
+another batch size or --accum-freq skips or repeats samples of that epoch) and the epoch count (the λ and learning
 rate schedules span it). Each checkpoint keeps the history of these settings (``history``: the
 first entry from step 0, one more from each resume that changed them, with the step it changed at).
 """
@@ -26,7 +26,8 @@ NOT_OBJECTIVE = ("starft_teacher_text_cache_mb", "starft_max_skipped_fraction", 
                  # the weights' memory layout: the same numbers up to float summation order
                  "starft_channels_last")
 # run settings beside the --starft-* ones that a resumed run must keep: (key, flag, mid-epoch only)
-RUN_KEYS = (("batch_size", "--batch-size", True), ("world_size", "processes", True), ("epochs", "--epochs", False))
+RUN_KEYS = (("batch_size", "--batch-size", True), ("world_size", "processes", True),
+            ("accum_freq", "--accum-freq", True), ("epochs", "--epochs", False))
 
 
 @dataclass
