@@ -31,11 +31,11 @@ import logging
 import os
 import shutil
 
-import torch
 from open_clip_train.params import parse_args
 
 from open_clip_starft.data.checks import check_shards_exist
 from open_clip_starft.data.training import train_data_kind
+from open_clip_starft.data.weights import read_checkpoint
 from open_clip_starft.errors import ConfigError, DataError
 from open_clip_starft.host import plugin
 from open_clip_starft.host.checkpoint import latest_checkpoint, peek_resume, training_position
@@ -125,7 +125,7 @@ def resume_position(path: str) -> tuple[int, int] | None:
     """(epochs completed, batches done of the next epoch) of the training checkpoint at ``path``, read lazily
     (memory-mapped); None for model-only weights or a file this cannot read (``load_resume`` names it)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path, mmap=True)
         return int(checkpoint["epoch"]), int((checkpoint.get("starft") or {}).get("batches_done", 0))
     except Exception:  # noqa: BLE001 - not a training checkpoint: nothing to tell here
         return None
