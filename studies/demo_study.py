@@ -391,10 +391,25 @@ def pruned_grid(out_root: str, seeds: list[int], full_units: int, keep: int) -> 
                     f"accuracy) over the first {full_units} units that ran the whole grid"}
 
 
+def check_design(docs: str) -> None:
+    """Refuse (one line) to run units when ``DOCS/demo-design.json`` exists and did not choose the design that
+    ``demo.run`` holds: the study runs only a design chosen on validation."""
+    record = read_json(os.path.join(docs, "demo-design.json"))
+    if record is None:
+        return
+    ours = next((c["name"] for c in DESIGN_CANDIDATES if (c["pretrain_samples"], c["pretrain_epochs"], c["p_plain"]) ==
+                 (demo_run.PRETRAIN_SAMPLES, demo_run.PRETRAIN["epochs"], demo_run.DESIGN["p_plain"])), None)
+    if record.get("chosen") != ours or ours is None:
+        raise StarftError(f"{os.path.join(docs, 'demo-design.json')} chose {record.get('chosen')!r} but demo.run holds "
+                          f"{ours or 'a design that is no candidate'}: run --design until a candidate meets the aims, "
+                          "then set demo.run's constants to it")
+
+
 def run(out_root: str, seeds: list[int], lambdas: str, schedules: str, docs: str, command: str,
         full_units: int = 3, keep: int = 4, worker: tuple[int, int] = (0, 1)) -> int:
     """Every unit of ``seeds`` (this worker's share: the seeds at positions ``i`` mod ``n``), recorded as it
     finishes; the report of all finished units after each."""
+    check_design(docs)
     index, workers = worker
     for position, seed in enumerate(seeds):
         path = unit_path(out_root, seed)

@@ -227,3 +227,13 @@ def test_the_study_pipeline_in_miniature(mini_demo, tmp_path):
     (docs / "demo.md").unlink()
     assert study.main(["--report", "--seeds", "0", "--lambdas", "0.5", "--docs", str(docs)]) == 0
     assert (docs / "demo.md").read_text() == text
+
+
+def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path):
+    from open_clip_starft.data.files import write_json
+    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p6144-e12", "candidates": []})
+    with pytest.raises(Exception, match="chose 'p6144-e12' but demo.run holds p8192-e30"):
+        study.check_design(str(tmp_path))
+    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e30", "candidates": []})
+    study.check_design(str(tmp_path))
+    study.check_design(str(tmp_path / "none"))  # no record (a miniature's docs): nothing to check
