@@ -10,6 +10,7 @@
 Never write into them: a test that trains takes ``workspace(data, folder)`` (runs.py), which shares the
 data and model but puts its runs' logs under a folder of its own.
 """
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,20 @@ import zipfile
 import pytest
 
 from runs import ROOT, TINY_RUN_FLAGS, checkpoints, log_of, make_workspace, run, train_args, workspace
+
+
+@pytest.fixture(autouse=True)
+def root_logger_as_found():
+    """Each test leaves the root logger's handlers as it found them (pytest's own aside), as a process per
+    run would: a handler a test's in-process call adds (upstream's ``setup_logging`` on a ``main([...])``
+    called directly, ``basicConfig``) writes to that test's captured stream, which is closed afterwards, and
+    every later log line would then print a '--- Logging error ---' traceback into later tests' stderr."""
+    before = set(logging.root.handlers)
+    yield
+    for handler in logging.root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            logging.root.removeHandler(handler)
+            handler.close()
 
 
 @pytest.fixture(scope="session")
