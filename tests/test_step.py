@@ -259,7 +259,7 @@ def test_frozen_batchnorm_statistics_stay_the_zero_shot_models_through_training_
     with, and keeps, the zero-shot running statistics, while its scale and shift train; the Star term
     is 0 at step 0 against the default (running-statistics) teacher. Without the flag the statistics move."""
     from open_clip_starft.errors import ConfigError
-    from open_clip_starft.host.params import check
+    from open_clip_starft.host.preflight import check_frozen_batchnorm as check
     moved = {}
     for frozen in (True, False):
         args = step_args(tmp_path / str(frozen), starft_lambda=1, starft_schedule="constant")
