@@ -190,7 +190,7 @@ def test_upstreams_frozen_batchnorm_with_a_batch_teacher_is_refused_like_ours(ws
 
 def test_the_memory_layout_is_no_setting_of_a_resumed_run():
     # also seen: dropping --starft-channels-last on resume was refused as a changed setting
-    args = SimpleNamespace(batch_size=4, world_size=1, epochs=2)
+    args = SimpleNamespace(batch_size=4, world_size=1, accum_freq=1, epochs=2)
     entries = []
     for layout in (True, False):
         starft, _ = build_parser().parse_known_args(["--starft-channels-last"] if layout else [])
