@@ -12,6 +12,8 @@ from studies import demo_study as study
 MINI_SIZES = dict(PRETRAIN_SAMPLES=128, FINETUNE_SAMPLES=64, EVAL_SAMPLES=64)
 MINI_PRETRAIN = dict(epochs=1, lr=1e-3, batch_size=64, warmup=1)
 MINI_FINETUNE = dict(epochs=2, lr=1e-4, batch_size=32, warmup=1)
+# the design demo.run holds, as imported (the module's miniature fixture patches these for its tests)
+HELD = dict(PRETRAIN_SAMPLES=demo_run.PRETRAIN_SAMPLES, PRETRAIN=dict(demo_run.PRETRAIN), DESIGN=dict(demo_run.DESIGN))
 
 
 def miniature(monkeypatch):
@@ -229,8 +231,10 @@ def test_the_study_pipeline_in_miniature(mini_demo, tmp_path):
     assert (docs / "demo.md").read_text() == text
 
 
-def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path):
+def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path, monkeypatch):
     from open_clip_starft.data.files import write_json
+    for name, value in HELD.items():  # the design as shipped, whatever a miniature patched before this test
+        monkeypatch.setattr(demo_run, name, value)
     write_json(str(tmp_path / "demo-design.json"), {"chosen": "p6144-e12", "candidates": []})
     with pytest.raises(Exception, match="chose 'p6144-e12' but demo.run holds p8192-e30"):
         study.check_design(str(tmp_path))

@@ -116,8 +116,10 @@ def write_data(root: str, seed: int, design: dict = DESIGN, sizes: dict | None =
     return paths
 
 
-def pretrain(out: str, seed: int, data: dict, settings: dict = PRETRAIN) -> str:
-    """The zero-shot model of ``seed`` as a ``local-dir:`` model (reused when already exported)."""
+def pretrain(out: str, seed: int, data: dict, settings: dict | None = None) -> str:
+    """The zero-shot model of ``seed`` as a ``local-dir:`` model (reused when already exported); ``settings``:
+    the pre-training's epochs, lr, batch size and warm-up (default ``PRETRAIN``, read at call time)."""
+    settings = PRETRAIN if settings is None else settings
     init_dir, target = os.path.join(out, "models", "init"), os.path.join(out, "models", "zero-shot")
     if any(os.path.isfile(os.path.join(target, f)) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
         print("  pre-trained zero-shot model found, not retrained")
@@ -156,9 +158,11 @@ def competence(zero_shot_row: dict, seed: int) -> str | None:
 
 
 def context(out: str, seed: int, data: dict, model: str, save_every_epoch: bool = False,
-            finetune: dict = FINETUNE) -> sweep.SweepContext:
+            finetune: dict | None = None) -> sweep.SweepContext:
     """The fine-tunes' context (``tools.sweep``): runs under ``out/runs/NAME``, the source class names, the
-    demo's fine-tuning flags; ``save_every_epoch`` keeps every epoch's checkpoint (an epoch choice)."""
+    demo's fine-tuning flags (``finetune``, default ``FINETUNE`` read at call time); ``save_every_epoch`` keeps every
+    epoch's checkpoint (an epoch choice)."""
+    finetune = FINETUNE if finetune is None else finetune
     return sweep.SweepContext(out=out, model=model, pretrained=None, classnames=data["source_classnames"],
                               train_args=common_args(data["finetune"], "", None, seed, **finetune,
                                                      save_every_epoch=save_every_epoch), report=lambda *_: None)
