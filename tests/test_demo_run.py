@@ -134,6 +134,7 @@ def test_the_demo_default_is_the_setting_the_shipped_study_chose():
     assert all(r["star_term_last"] is not None for r in records if r["method"] == "starft")
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_demo_stops_in_one_line_when_pretraining_fails(tmp_path, monkeypatch, capsys):
     # a 1-epoch pre-training on 64 images cannot learn the shapes: the demo must say so and stop
     for name, value in MINI_SIZES.items():
@@ -161,6 +162,7 @@ def mini_demo(tmp_path_factory):
     monkeypatch.undo()
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_the_demos_printed_table(mini_demo):
     status, text, out, _ = mini_demo
     assert status == 0, text
@@ -189,6 +191,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_the_study_pipeline_in_miniature(mini_demo, tmp_path):
     """One unit of the study at miniature sizes (λ 0.5 × linear/constant): its records, the teacher's scale
     and Star terms read from the logs, the epoch records, WiSE-FT's ends, the report, and resuming."""

@@ -54,6 +54,7 @@ def workspace(tmp_path_factory):
         "test_id": (32, 5, True)})
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_sweep_miniature_runs_chooses_on_validation_and_reuses_finished_runs(workspace, capsys):
     ws = workspace
     out = ws["root"] / "out"

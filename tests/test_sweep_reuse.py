@@ -53,6 +53,7 @@ def params(run_dir):
     return dict(line.rstrip("\n").split(": ", 1) for line in open(os.path.join(run_dir, "params.txt")) if ": " in line)
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_rerun_reuses_only_equal_settings_refuses_or_retrains_the_rest(ws, capsys):
     out = ws["root"] / "out"
     ckpt = out / "runs" / RUN / "checkpoints" / "epoch_1.pt"
