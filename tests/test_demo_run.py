@@ -13,7 +13,8 @@ MINI_SIZES = dict(PRETRAIN_SAMPLES=128, FINETUNE_SAMPLES=64, EVAL_SAMPLES=64)
 MINI_PRETRAIN = dict(epochs=1, lr=1e-3, batch_size=64, warmup=1)
 MINI_FINETUNE = dict(epochs=2, lr=1e-4, batch_size=32, warmup=1)
 # the design demo.run holds, as imported (the module's miniature fixture patches these for its tests)
-HELD = dict(PRETRAIN_SAMPLES=demo_run.PRETRAIN_SAMPLES, PRETRAIN=dict(demo_run.PRETRAIN), DESIGN=dict(demo_run.DESIGN))
+HELD = dict(PRETRAIN_SAMPLES=demo_run.PRETRAIN_SAMPLES, PRETRAIN=dict(demo_run.PRETRAIN), DESIGN=dict(demo_run.DESIGN),
+            FINETUNE=dict(demo_run.FINETUNE))
 
 
 def miniature(monkeypatch):
@@ -242,9 +243,10 @@ def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path, monkeypat
     from open_clip_starft.data.files import write_json
     for name, value in HELD.items():  # the design as shipped, whatever a miniature patched before this test
         monkeypatch.setattr(demo_run, name, value)
-    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p6144-e12", "candidates": []})
-    with pytest.raises(Exception, match="chose 'p6144-e12' but demo.run holds p8192-e30"):
-        study.check_design(str(tmp_path))
     write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e30", "candidates": []})
+    with pytest.raises(Exception, match="chose 'p8192-e30' but demo.run holds p8192-e30-ft16-lr2e-3"):
+        study.check_design(str(tmp_path))  # same pre-training, another fine-tune: not the design chosen
+    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e30-ft16-lr2e-3", "candidates": []})
     study.check_design(str(tmp_path))
+    study.check_design(os.path.join(os.path.dirname(__file__), "..", "docs"))  # the committed record: demo.run's
     study.check_design(str(tmp_path / "none"))  # no record (a miniature's docs): nothing to check
