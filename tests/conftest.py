@@ -5,7 +5,7 @@
 - ``tiny_run``: a finished 2-epoch StarFT run on ``small_data`` (non-default StarFT settings, see
   ``TINY_RUN_FLAGS``) that tests read: its checkpoints, params.txt and out.log;
 - ``wheel_files``: the file names in the wheel ``pip wheel`` builds from this checkout (what ``pip install .``
-  installs), built once.
+  installs), built once (one build shared by pytest-xdist's workers).
 
 Never write into them: a test that trains takes ``workspace(data, folder)`` (runs.py), which shares the
 data and model but puts its runs' logs under a folder of its own.
@@ -19,6 +19,15 @@ import zipfile
 import pytest
 
 from runs import ROOT, TINY_RUN_FLAGS, checkpoints, log_of, make_workspace, run, train_args, workspace
+
+
+def pytest_configure(config):
+    """Under ``-n N`` (pytest-xdist) each worker computes on its share of the cores: N workers each running torch
+    with every core would oversubscribe them (torch's threads spin while they wait)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)
@@ -60,8 +69,16 @@ def tiny_run(small_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wheel_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), ROOT],
-                   check=True, capture_output=True)
+    """Built once per test run, also with ``-n`` (pytest-xdist): ``pip wheel`` builds in the checkout's own
+    ``build/``, so two workers building at once would race; the first builds under a lock in the folder the
+    workers share, the others read its wheel."""
+    from filelock import FileLock  # torch's own dependency
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    out = shared / "wheel"
+    with FileLock(str(shared / "wheel.lock")):
+        if not list(out.glob("open_clip_starft-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(out), ROOT], check=True, capture_output=True)
     (wheel,) = out.glob("open_clip_starft-*.whl")
     return zipfile.ZipFile(wheel).namelist()

@@ -11,6 +11,7 @@ STEP_KEYS = {"model", "device", "batch_size", "precision", "flyp_step_s", "starf
              "starft_over_flyp", "starft_over_naive", "flop_floor_ratio", "peak_mem_mb"}
 
 
+@pytest.mark.e2e  # a benchmark: peak memory is read from one fresh process per variant
 def test_bench_step_tiny(tmp_path, capsys):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -30,6 +31,7 @@ def test_bench_step_tiny(tmp_path, capsys):
     assert "StarFT/FLYP" in capsys.readouterr().out
 
 
+@pytest.mark.e2e  # a benchmark: peak memory is read from one fresh process per variant
 def test_bench_step_siglip_beside_clip_with_accumulation(tmp_path, capsys):
     out = tmp_path / "step.json"
     assert main(["step", "--model", "tiny-siglip", "--beside", "tiny", "--batch-size", "4", "--accum-freq", "2",

@@ -52,6 +52,7 @@ def test_the_seam_rebinds_what_the_installed_host_needs_and_restores_it():
     assert all(getattr(host, n) is before[n] for n in names) and host_zero_shot.accuracy is accuracy_before
 
 
+@pytest.mark.e2e  # a patched host copy, in real processes
 def test_the_unpatched_host_gets_every_step_and_a_fully_patched_host_nothing(tmp_path):
     """Both paths whatever is installed here: upstream as released (every step rebound) and a copy with
     patches 0001-0003 (upstream calls the hooks itself: nothing rebound; the steps it calls are the seam's)."""

@@ -24,6 +24,7 @@ def test_patch_applies_cleanly_to_the_installed_release(tmp_path, patch):
     assert len(header.split()) > 30  # a paragraph saying what and why
 
 
+@pytest.mark.e2e  # a patched host copy, in a real process
 def test_patched_zero_shot_accuracy_works_with_this_numpy(tmp_path):
     copy = patched_copy(tmp_path, [p for p in PATCHES if "zero-shot" in p])
     code = ["-c", "import torch, open_clip_train.zero_shot as z; assert z.__file__.startswith(%r); "

@@ -135,6 +135,7 @@ def test_a_resume_file_of_another_architecture_is_refused_naming_both(tmp_path):
 
 
 # -- one process per run folder, read-only logs --------------------------------------------------------
+@pytest.mark.e2e  # the first run holds the folder from a real process
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(small_data, tmp_path):
     ws = workspace(small_data, tmp_path)
     lock = RunLock(os.path.join(ws["root"], "logs", "busy"))

@@ -209,6 +209,7 @@ def test_killed_sweep_leaves_no_training_and_an_interrupt_stops_its_whole_group(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.e2e  # trains in real processes (the stage runner)
 def test_sweep_can_choose_the_epoch_from_the_runs_logged_validation(workspace):
     ws = workspace
     out = ws["root"] / "out-epoch"
