@@ -150,6 +150,36 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(sma
     assert run(train_args(ws, "busy", "--resume", "latest", epochs=1)).returncode == 0  # free again
 
 
+def test_a_dead_runs_data_loader_workers_are_waited_for_not_named_as_the_holder(tmp_path, monkeypatch):
+    """After ``kill -9`` of a run, its forked data-loader workers still share its lock until they exit: a resume
+    started at once waits for them (``ORPHAN_WAIT_S``) instead of refusing with the dead run's pid."""
+    from open_clip_starft.host import runlock
+    folder = str(tmp_path / "run")
+    ready_r, ready_w = os.pipe()
+    run_pid = os.fork()
+    if run_pid == 0:  # the run: takes the lock, forks a worker that outlives it by 1.5 s, dies
+        try:
+            RunLock(folder).acquire()
+            if os.fork() == 0:
+                time.sleep(1.5)
+                os._exit(0)
+            os.write(ready_w, b"x")
+        finally:
+            os._exit(0)
+    assert os.read(ready_r, 1) == b"x"
+    os.waitpid(run_pid, 0)  # the run is gone; its worker holds the lock
+    monkeypatch.setattr(runlock, "ORPHAN_WAIT_S", 0, raising=False)
+    with pytest.raises(Exception, match=rf"in use by another training process \(pid {run_pid}, exited; its child "
+                                        "processes still hold it\)"):
+        RunLock(folder).acquire()
+    monkeypatch.setattr(runlock, "ORPHAN_WAIT_S", 30, raising=False)
+    start = time.monotonic()
+    lock = RunLock(folder)
+    lock.acquire()  # once the worker exits
+    lock.release()
+    assert time.monotonic() - start < 30
+
+
 @pytest.mark.parametrize("refused,message", [
     ("", "cannot write to the run folder {run}: Read-only file system"),  # the run folder itself (our lock)
     ("checkpoints", "cannot write {run}/checkpoints: Read-only file system: choose a --logs folder"),  # upstream's

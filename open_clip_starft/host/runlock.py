@@ -5,7 +5,9 @@ a requeue racing the job it replaces) would append to one ``out.log``, rewrite o
 write the same ``epoch_N.pt`` names, each overwriting the other's. The master process of a run takes
 an exclusive lock on ``RUN/train.lock`` before upstream writes anything there; a second run refuses in
 one line naming the folder and the process holding it. The kernel drops the lock when its holder
-exits, however it ends (a killed run never leaves a stale lock).
+exits, however it ends (a killed run never leaves a stale lock); its forked children (data-loader workers)
+share the lock until they exit too, so a run finding the lock held by a dead process waits for them
+(``ORPHAN_WAIT_S``).
 
 A run killed while writing a file (``kill -9`` during ``best.pt`` or ``epoch_N.pt``) leaves its temporary
 ``NAME.partial-PID`` (``data.files.atomic_path``); the next run to take the lock removes those of processes
@@ -19,11 +21,13 @@ import logging
 import os
 import re
 import shutil
+import time
 
 from open_clip_starft.data.files import PARTIAL
 from open_clip_starft.errors import ConfigError, StorageError
 
 NAME = "train.lock"
+ORPHAN_WAIT_S = 60  # how long a new run waits for a dead holder's child processes to let the lock go
 _PARTIAL_PID = re.compile(re.escape(PARTIAL) + r"-(\d+)")
 
 
@@ -73,15 +77,25 @@ class RunLock:
         except OSError as e:
             raise StorageError(f"cannot write to the run folder {self.folder}: {e.strerror}: choose a logs folder "
                                "you can write to") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise ConfigError(f"the run folder {self.folder} is in use by another training process (pid {holder}): "
-                              "wait for it to end, or pass another --name") from None
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                # the holder is dead but its forked children (data-loader workers) share the lock until they
+                # exit, seconds after a kill -9 of the run: wait for them rather than refuse a resume
+                orphans = holder.isdigit() and not _alive(int(holder))
+                if not orphans or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(f"the run folder {self.folder} is in use by another training process (pid "
+                                      f"{holder}{', exited; its child processes still hold it' if orphans else ''}): "
+                                      "wait for it to end, or pass another --name") from None
+                time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
