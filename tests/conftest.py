@@ -44,6 +44,17 @@ def root_logger_as_found():
             handler.close()
 
 
+@pytest.fixture(autouse=True)
+def open_clip_model_configs_as_found():
+    """Each test leaves OpenCLIP's model-config registry as it found it: a config a test registers
+    (``open_clip.add_model_config``) under a name would otherwise stay for every later test of the process, and
+    which tests share a process depends on ``-n`` (export's card names a registered config by its name)."""
+    import open_clip.factory as factory
+    configs, paths = dict(factory._MODEL_CONFIGS), list(factory._MODEL_CONFIG_PATHS)
+    yield
+    factory._MODEL_CONFIGS, factory._MODEL_CONFIG_PATHS[:] = configs, paths
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("tiny-data"), n=128, shards=4)

@@ -205,8 +205,8 @@ def test_readme_is_short_and_its_test_command_is_what_ci_runs():
     packages = re.search(r'^DEBIAN_PACKAGES="([^"]+)"', ci, re.M).group(1).split()
     pip_lines = [line.strip() for line in ci.splitlines() if re.match(r"\s*pip install -q (?!--upgrade)", line)]
     installs = [shlex.split(line.replace(" -q", "")) for line in pip_lines]
-    assert [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")] == ["python -m pytest -q"]
-    expected = [["apt-get", "install", "-y", *packages], *installs, ["python", "-m", "pytest", "-q"]]
+    assert [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")] == ["python -m pytest -q -n 2"]
+    expected = [["apt-get", "install", "-y", *packages], *installs, ["python", "-m", "pytest", "-q", "-n", "2"]]
     blocks = [shell_commands(b) for b in code_blocks(readme) if "pytest" in b]
     assert expected in blocks, f"README's test command should be {expected}; found {blocks}"
     demo = [shell_commands(b) for b in code_blocks(readme) if "open-clip-starft demo" in b]
