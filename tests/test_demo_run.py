@@ -243,10 +243,10 @@ def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path, monkeypat
     from open_clip_starft.data.files import write_json
     for name, value in HELD.items():  # the design as shipped, whatever a miniature patched before this test
         monkeypatch.setattr(demo_run, name, value)
-    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e30", "candidates": []})
-    with pytest.raises(Exception, match="chose 'p8192-e30' but demo.run holds p8192-e30-ft16-lr2e-3"):
-        study.check_design(str(tmp_path))  # same pre-training, another fine-tune: not the design chosen
     write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e30-ft16-lr2e-3", "candidates": []})
+    with pytest.raises(Exception, match="chose 'p8192-e30-ft16-lr2e-3' but demo.run holds p8192-e40-w256-lr2e-3"):
+        study.check_design(str(tmp_path))  # the same fine-tune, another pre-training: not the design chosen
+    write_json(str(tmp_path / "demo-design.json"), {"chosen": "p8192-e40-w256-lr2e-3", "candidates": []})
     study.check_design(str(tmp_path))
     study.check_design(os.path.join(os.path.dirname(__file__), "..", "docs"))  # the committed record: demo.run's
     study.check_design(str(tmp_path / "none"))  # no record (a miniature's docs): nothing to check

@@ -45,7 +45,7 @@ from open_clip_starft.tools import stages, sweep
 DESIGN = dict(source_colours=["red", "pink", "black"], target_colours=["orange", "purple"], p_spurious=0.95,
               p_plain=0.7, p_colour=0.5, p_background=0.2, image_size=32)
 PRETRAIN_SAMPLES = 8192
-PRETRAIN = dict(epochs=30, lr=3e-3, batch_size=128, warmup=20)  # 1920 steps: 576 and 960 left the target at chance
+PRETRAIN = dict(epochs=40, lr=2e-3, batch_size=128, warmup=256)  # 2560 steps; lr 3e-3 after 20 warm-up steps stalled some seeds
 FINETUNE_SAMPLES = 1024
 FINETUNE = dict(epochs=16, lr=2e-3, batch_size=64, warmup=10)  # 256 steps; 128 steps learned 7 points of source
 EVAL_SAMPLES = 2048  # each of target validation / test and source validation / test
