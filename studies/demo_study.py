@@ -432,8 +432,8 @@ def run(out_root: str, seeds: list[int], lambdas: str, schedules: str, docs: str
 
 
 # ------------------------------------------------------------------------------------------------- the design
-# Candidate designs, cheapest first; each is tried on DESIGN_SEEDS (no unit uses them), on validation only.
-# The rule (``design_choice``): the first candidate whose every design seed meets the aims.
+# Candidate designs, in the order tried; each on its design seeds (no unit uses them), on validation only.
+# The rule (``design_choice``): the first candidate, not withdrawn, whose every design seed meets the aims.
 DESIGN_SEEDS = (1000,)  # the first candidates'; a candidate may name its own ("seeds"), none that a unit uses
 FINETUNE_FIXED = dict(batch_size=64, warmup=10)  # each candidate names its fine-tune's epochs and lr
 AIMS = dict(zero_shot_val_avg=0.80, zero_shot_val_worst_group=0.50, flyp_source_val_gain=0.15)
