@@ -124,12 +124,6 @@ def test_the_demo_default_is_the_setting_the_shipped_study_chose():
     """``demo_run.DEFAULT`` is the pooled validation choice of the records in docs/demo.json, from independent
     units (one data seed each, no unit twice), each record with the teacher's scale and the Star terms."""
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "demo.json")
-    if not os.path.isfile(path):
-        # no study record yet: the default is then the provisional probe setting, and README must say so
-        readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-        assert demo_run.DEFAULT == dict(lam=8.0, schedule="constant")
-        assert "λ 8 constant: **provisional**" in readme and "not yet a validation choice" in readme
-        return
     records = json.load(open(path))
     s = study.summarise(records)
     assert s["pooled_choice"] == {"lam": demo_run.DEFAULT["lam"], "schedule": demo_run.DEFAULT["schedule"]}
