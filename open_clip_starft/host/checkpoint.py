@@ -98,6 +98,13 @@ def save_best(model, best: dict, args, state: RunState) -> str:
     return path
 
 
+def stored_position(path: str) -> tuple[int, int]:
+    """(epochs completed, batches done of the next epoch) recorded in the training checkpoint at ``path``, read
+    lazily (memory-mapped); raises for a file that is no readable training checkpoint."""
+    checkpoint = read_checkpoint(path, mmap=True)
+    return int(checkpoint["epoch"]), int((checkpoint.get("starft") or {}).get("batches_done", 0))
+
+
 def training_position(path: str) -> tuple[int, int] | None:
     """(epochs completed, batches done of the next epoch) that the checkpoint at ``path`` holds: from
     its name (``epoch_E.pt``, ``epoch_E_step_K.pt``), else (``epoch_latest.pt``) from its content;
@@ -106,8 +113,7 @@ def training_position(path: str) -> tuple[int, int] | None:
     if match:
         return int(match.group(1)), int(match.group(2) or 0)
     try:
-        checkpoint = read_checkpoint(path, mmap=True)
-        return int(checkpoint["epoch"]), int(checkpoint.get("starft", {}).get("batches_done", 0))
+        return stored_position(path)
     except Exception as e:  # noqa: BLE001 - a file we cannot read is no candidate; say so
         logging.warning(f"StarFT: --resume latest skips {path}: cannot read its epoch ({one_line(e)})")
         return None

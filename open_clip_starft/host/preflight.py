@@ -35,10 +35,9 @@ from open_clip_train.params import parse_args
 
 from open_clip_starft.data.checks import check_shards_exist
 from open_clip_starft.data.training import train_data_kind
-from open_clip_starft.data.weights import read_checkpoint
 from open_clip_starft.errors import ConfigError, DataError
 from open_clip_starft.host import plugin
-from open_clip_starft.host.checkpoint import latest_checkpoint, peek_resume, training_position
+from open_clip_starft.host.checkpoint import latest_checkpoint, peek_resume, stored_position, training_position
 from open_clip_starft.host.params import refuse_unsupported
 
 REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard"}
@@ -121,16 +120,6 @@ def check_run_folder(args: argparse.Namespace) -> None:
                           "--resume latest to continue that run")
 
 
-def resume_position(path: str) -> tuple[int, int] | None:
-    """(epochs completed, batches done of the next epoch) of the training checkpoint at ``path``, read lazily
-    (memory-mapped); None for model-only weights or a file this cannot read (``load_resume`` names it)."""
-    try:
-        checkpoint = read_checkpoint(path, mmap=True)
-        return int(checkpoint["epoch"]), int((checkpoint.get("starft") or {}).get("batches_done", 0))
-    except Exception:  # noqa: BLE001 - not a training checkpoint: nothing to tell here
-        return None
-
-
 def finished(args: argparse.Namespace) -> str | None:
     """When ``--resume`` (``latest`` or a file) holds a run that has done all ``--epochs``: what to tell the
     user (nothing is left to train, and how to train longer); else None."""
@@ -142,7 +131,10 @@ def finished(args: argparse.Namespace) -> str | None:
         path = latest_checkpoint(os.path.join(folder, "checkpoints")) if folder else None
         position = training_position(path) if path else None
     else:
-        position = resume_position(path) if os.path.isfile(path) else None
+        try:  # a file named by the user: its content, never its name
+            position = stored_position(path) if os.path.isfile(path) else None
+        except Exception:  # noqa: BLE001 - model-only weights or unreadable: load_resume names what is wrong
+            position = None
     if position != (args.epochs, 0):
         return None
     run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
