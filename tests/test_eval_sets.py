@@ -56,3 +56,17 @@ def test_the_listing_helpers_make_shards_uses_are_public(tmp_path):
     items, names, group_column = sets.csv_items(EvalSetSpec(name="c", root=str(tmp_path / "t.csv")), str(tmp_path / "t.csv"), None)
     assert names == ["cat", "dog"] and group_column == "domain"
     assert [(os.path.basename(it.ref), it.label, it.group) for it in items] == [("a.png", 1, 1), ("b.png", 0, 0)]
+
+
+def test_a_shard_pattern_with_missing_shards_is_refused_naming_the_first(tmp_path):
+    """An eval set read from part of its shards would score on the rest without a word; the refusal uses the
+    same test as --train-data's (``data.checks.missing_local_shards``)."""
+    from open_clip_starft.eval.sets.wds import shard_urls
+    (tmp_path / "s-0.tar").write_bytes(b"")
+    spec = EvalSetSpec(name="v", root=str(tmp_path / "s-{0..1}.tar"))
+    with pytest.raises(StarftError, match=r"1 of 2 shards of .*s-\{0\.\.1\}\.tar.* do not exist \(first: .*s-1\.tar"):
+        shard_urls(spec, spec.root)
+    with pytest.raises(StarftError, match=r"does not exist \(no shard found, first: .*t-0\.tar"):
+        shard_urls(spec, str(tmp_path / "t-{0..1}.tar"))
+    assert shard_urls(spec, str(tmp_path / "s-{0..0}.tar")) == [str(tmp_path / "s-0.tar")]
+    assert shard_urls(spec, "pipe:cat a.tar") == ["pipe:cat a.tar"]  # remote and pipe: sources are not checked

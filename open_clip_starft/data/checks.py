@@ -131,12 +131,18 @@ class LabelStats:
                 f"now {max_skipped_fraction}){broken}")
 
 
+def missing_local_shards(urls: list[str]) -> tuple[list[str], list[str]]:
+    """``(local, missing)``: the local URLs of ``urls`` (remote and ``pipe:`` ones are not checked) and
+    those of them that do not exist. The one test both training data and eval sets refuse on."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    return local, [u for u in local if not os.path.exists(u)]
+
+
 def check_shards_exist(pattern: str) -> list[str]:
     """The shard URLs of ``pattern``; a one-line DataError when a local one does not exist (remote URLs
     pass): a pattern with some shards missing would train on the others or stop in upstream's reader."""
     urls, _ = expand_urls(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.exists(u)]
+    local, missing = missing_local_shards(urls)
     if local and len(missing) == len(local):
         raise DataError(f"--train-data {pattern!r} matches no file (first: {missing[0]!r}): "
                         "check the path and the brace pattern, e.g. 'shards/train-{0000..0099}.tar'")

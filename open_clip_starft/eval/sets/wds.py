@@ -14,13 +14,14 @@ from open_clip_starft.method.captions import load_classnames
 def shard_urls(spec: EvalSetSpec, root: str) -> list[str]:
     """The shards of a folder (its ``.tar`` files, sorted) or a pattern (OpenCLIP's ``expand_urls``);
     local shards must all exist."""
-    from open_clip_train.data import expand_urls
+    from open_clip_train.data import expand_urls  # both import torch: not on the --help path
+
+    from open_clip_starft.data.checks import missing_local_shards
     if os.path.isdir(root):
         urls = sorted(os.path.join(root, n) for n in os.listdir(root) if n.endswith(".tar"))
     else:
         urls, _ = expand_urls(root)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.exists(u)]
+    local, missing = missing_local_shards(urls)
     if not urls or (local and len(missing) == len(local)):
         raise set_error(spec, f"root {root!r} does not exist (no shard found{', first: ' + repr(missing[0]) if missing else ''}): "
                               "check the path and the brace pattern")
