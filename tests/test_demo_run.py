@@ -259,6 +259,8 @@ def test_readmes_evidence_table_is_the_shipped_study_recomputed():
     assert f"**The transfer demo's study: {len(s['units'])} units**" in readme
     for row, d in [("premise: FLYP − zero-shot", s["premise_flyp_minus_zero_shot"]["worst_group"]),
                    ("(a) the paper's λ 0.5 linear − FLYP", s["a_paper"]["minus_flyp"]["worst_group"]),
+                   ("(a) the same with the packaged `background` set − FLYP",
+                    s["a_paper_background_set"]["minus_flyp"]["worst_group"]),
                    (") − FLYP", s["b_chosen"]["minus_flyp"]["worst_group"]),
                    ("(c) that choice − WiSE-FT(FLYP) at its source accuracy, interpolated", s["c_chosen_minus_wise"]["linear"]),
                    ("(c) the same, nearest α", s["c_chosen_minus_wise"]["nearest"])]:
