@@ -14,7 +14,7 @@ from multiprocessing import Array, Value
 
 from open_clip_train.data import expand_urls
 
-from open_clip_starft.data.samples import IMAGE_KEYS, BrokenShard, iter_shard, parse_label
+from open_clip_starft.data.samples import IMAGE_KEYS, BrokenShard, is_local_url, iter_shard, parse_label
 from open_clip_starft.errors import DataError, StarftError
 
 PRESCAN_ALL_SHARDS, PRESCAN_ALL_BYTES = 4, 256 << 20  # the pre-scan reads every shard up to these, else the first
@@ -132,9 +132,9 @@ class LabelStats:
 
 
 def missing_local_shards(urls: list[str]) -> tuple[list[str], list[str]]:
-    """``(local, missing)``: the local URLs of ``urls`` (remote and ``pipe:`` ones are not checked) and
-    those of them that do not exist. The one test both training data and eval sets refuse on."""
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    """``(local, missing)``: the local URLs of ``urls`` (``is_local_url``) and those of them that do not
+    exist. The one test both training data and eval sets refuse on."""
+    local = [u for u in urls if is_local_url(u)]
     return local, [u for u in local if not os.path.exists(u)]
 
 
@@ -162,7 +162,7 @@ def prescan_shards(urls: list[str], num_classes: int, max_skipped_fraction: floa
     outside the class names, and, when every shard was read, for data with no usable sample or
     whose skipped share passes ``max_skipped_fraction`` (the share an epoch over all of it would
     end with). Returns the counts ``{"shards", "all", "samples", "skipped", "broken"}``."""
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:") and os.path.isfile(u)]
+    local = [u for u in urls if is_local_url(u) and os.path.isfile(u)]
     if not local:
         return {"shards": 0, "all": False, "samples": 0, "skipped": 0, "broken": 0}
     every = len(local) == len(urls) and (len(local) <= PRESCAN_ALL_SHARDS

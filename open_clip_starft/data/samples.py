@@ -4,9 +4,9 @@ A sample is a webdataset record: ``__key__``, one image under one of ``IMAGE_KEY
 bytes), an integer class id under ``cls`` and optionally a ``group`` id and other fields.
 Here: the image keys, label parsing, image decoding to 8-bit RGB that is correct for 16- and
 32-bit images (``to_rgb``, ``open_rgb``), the one tar shard writer (``write_shard``,
-``write_shards``, ``brace_pattern``), the one ``sizes.json`` merge (``update_sizes``) and a shard
-reader that checks the archive reaches its end (``iter_shard``, ``BrokenShard``: Python's tarfile
-stops quietly at a cut inside a header).
+``write_shards``, ``brace_pattern``), the one ``sizes.json`` merge (``update_sizes``), which shard
+URLs are local paths (``is_local_url``) and a shard reader that checks the archive reaches its end
+(``iter_shard``, ``BrokenShard``: Python's tarfile stops quietly at a cut inside a header).
 """
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # Pillow modes that hold more than 8 bits per pixel (one channel); ``.convert("RGB")`` clips them.
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def is_local_url(url: str) -> bool:
+    """True for a shard URL that is a path on this machine (not ``scheme://`` nor ``pipe:``): the only kind
+    checked before training or evaluation reads it."""
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def parse_label(raw) -> int | None:

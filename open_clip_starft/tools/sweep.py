@@ -48,6 +48,7 @@ from typing import Callable
 from braceexpand import braceexpand
 
 from open_clip_starft.data.files import merge_json, read_json, write_json
+from open_clip_starft.data.samples import is_local_url
 from open_clip_starft.errors import ConfigError, DataError, StarftError, one_line_errors, with_flag
 from open_clip_starft.eval.frontier import matched_worst_group, plot_frontiers, wise_curve
 from open_clip_starft.eval.sets import EvalSetSpec, prepare_set
@@ -528,7 +529,7 @@ def first_shards(train_args: list[str]) -> list[str]:
     known, _ = parser.parse_known_args(train_args)
     if not known.train_data:
         raise ConfigError("the training flags after '--' give no --train-data: name the fine-tuning set")
-    sources = [s for s in known.train_data.split("::") if s and "://" not in s and not s.startswith("pipe:")]
+    sources = [s for s in known.train_data.split("::") if s and is_local_url(s)]
     return [next(iter(braceexpand(s))) for s in sources]
 
 
