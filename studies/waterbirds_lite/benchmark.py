@@ -62,6 +62,9 @@ class Schedule:
     finetune_batch_size: int = 64
     warmup: int = 10
     wise_alphas: tuple = WISE_ALPHAS  # WiSE-FT points evaluated between the zero-shot model and a fine-tune
+    # WiSE-FT of the validation-chosen StarFT too (a figure's curve; no reading uses it): off where evaluation time
+    # is short (each point is every evaluation set once more)
+    wise_of_selected: bool = True
     # LiT-style pre-training of a pretrained image tower: its trunk locked (OpenCLIP's --lock-image) but for its
     # last ``pretrain_unlocked_groups`` layer groups; the projections (and MiniLM's, whose transformer is always
     # locked) learn. Fine-tunes (FLYP, StarFT) unlock the whole image tower, as CLIP fine-tuning does.
@@ -366,6 +369,9 @@ class Evaluator:
         self._transformer = {k: v for k, v in self.zero_shot_state.items() if k.startswith("text.transformer.")}
         self._pooled: dict[tuple, torch.Tensor] = {}
         self._frozen_text = True
+        # two_class_terms' teacher side per (descriptors, seed) when the teacher is ``zero_shot_state`` (as for every
+        # fine-tune of a unit): its test features are computed once, not once per model
+        self.teacher_terms: dict[tuple, tuple] = {}
 
     def load(self, state: dict) -> None:
         """Load ``state`` into the model; note whether its text transformer is the zero-shot one."""
@@ -429,8 +435,14 @@ def two_class_terms(ev: Evaluator, state: dict, teacher: dict, descriptors: list
 
     n = sum(len(b[1]) for b in ev.scorer.cached_batches(ev.sets["wb-test"]) if b[0] is not None)
     chosen = [descriptors[int(i)] for i in rng.integers(len(descriptors), size=n)]
-    tx, ts, labels, groups, _ = encode(teacher)
-    scale = float(ev.model.logit_scale.exp())
+    key = (tuple(descriptors), seed)
+    teacher_terms = ev.teacher_terms.get(key) if teacher is ev.zero_shot_state else None
+    if teacher_terms is None:
+        tx, ts, labels, groups, _ = encode(teacher)
+        teacher_terms = (tx, ts, labels, groups, float(ev.model.logit_scale.exp()))
+        if teacher is ev.zero_shot_state:
+            ev.teacher_terms[key] = teacher_terms
+    tx, ts, labels, groups, scale = teacher_terms
     x, s, _, _, head = encode(state)
     terms = {}
     for key, mask in (("star_masked", True), ("star_unmasked", False)):
@@ -523,7 +535,7 @@ def evaluate_unit(out: str, info: dict, unit: str, protocols, seeds, grid: list[
                 chosen["selected"] = True
             records += rows
             for row, setting in zip(rows, grid):
-                if setting.lam == 0 or row["selected"]:
+                if setting.lam == 0 or (row["selected"] and schedule.wise_of_selected):
                     for a in schedule.wise_alphas:
                         mixed = interpolate_state_dicts(zs_state, states[setting], a)
                         records.append(record(protocol, f"wise-{setting.method}", unit, ev.evaluate(mixed), info,
@@ -555,4 +567,5 @@ def unit_records(out: str, info: dict, unit: str, protocols, seeds, grid: list[S
 def evaluations_per_unit(protocols, seeds, grid, schedule: Schedule) -> int:
     """Models ``evaluate_unit`` evaluates (its progress units)."""
     starft = any(g.lam for g in grid)
-    return len(protocols) * (1 + len(seeds) * (len(grid) + len(schedule.wise_alphas) * (1 + starft)))
+    return len(protocols) * (1 + len(seeds) * (len(grid) + len(schedule.wise_alphas) *
+                                               (1 + (starft and schedule.wise_of_selected))))

@@ -224,7 +224,7 @@ def plot(records: list[dict], path: str) -> str:
                 continue
             points = [dict(p, selected=bool(p["selected"])) for p in run["grid"] if p["lam"]]
             panels[(unit, protocol)] = {"curves": {"WiSE-FT(FLYP)": run["wise-flyp"],
-                                                   **({"WiSE-FT(StarFT)": run["wise-starft"]} if "selected" in run else {})},
+                                                   **({"WiSE-FT(StarFT)": run["wise-starft"]} if len(run["wise-starft"]) > 2 else {})},
                                         "points": {"StarFT grid": points}}
     return plot_frontiers({f"{p} {u}": v for (u, p), v in panels.items()}, path)
 
