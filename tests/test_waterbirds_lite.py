@@ -371,6 +371,11 @@ def test_report_statistics_by_hand():
     assert paper[f"{report.PAPER} − WiSE-FT(FLYP), nearest evaluated α point: worst group"]["per_unit"] == \
         pytest.approx({"a": -0.1})
     assert "StarFT (selected) − FLYP: worst group" in paper and f"{report.PAPER} − FLYP: worst group" not in s
+    # the same setting with the scenes' own phrases is read beside it, apart (unit b's seed 0)
+    recs.append({**_rec("starft", "b", 0, 0.26, 0.75, lam=0.5), "schedule": "linear", "descriptors": "scenes"})
+    both = report.headline(recs, "P1", "shared")
+    assert both[f"{report.PAPER_SCENES} − FLYP: worst group"]["per_unit"] == pytest.approx({"b": 0.06})
+    assert both[f"{report.PAPER} − FLYP: worst group"]["per_unit"] == pytest.approx({"a": 0.05})
     assert report._verdict({"mean": 0.1, "ci95": 0.05, "units": 5}).startswith("above 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.05, "units": 5}).startswith("below 0")
     assert report._verdict({"mean": -0.1, "ci95": 0.0, "units": 1}) == "one unit: no interval"
