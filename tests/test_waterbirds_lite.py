@@ -468,3 +468,30 @@ def test_a_run_folder_started_with_other_flags_is_refused(tmp_path):
     moved.check_flags()  # the recorded flags: no refusal
     fresh = Job("P1-u-seed0-flyp-e1", flags, str(tmp_path / "new-out" / "logs"))  # a first call: no logs folder yet
     fresh.check_flags()
+
+
+def test_readmes_waterbirds_lite_table_is_the_shipped_study_recomputed():
+    """README's Waterbirds-lite table quotes ``report.headline`` of the shipped records (recomputed here): a unit
+    added to the records without README following, or a number typed by hand, fails."""
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..")
+    records = json.load(open(os.path.join(root, "docs", "waterbirds-lite-transfer", "waterbirds-lite.json")))
+    s = report.headline(records, "P1", "transfer")
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    section = readme.split("**Waterbirds-lite on the paper's protocol")[1].split("## Training")[0]
+
+    def quoted(d):  # README's style: points with a minus sign, W / T / L
+        return (f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}".replace("-", "−")
+                + f" | {d['wins']} / {d['ties']} / {d['losses']} |")
+    units = s["FLYP − zero-shot: worst group"]["units"]
+    assert section.startswith(f": {units} units**"), section[:40]
+    for row, key in [("premise: FLYP − zero-shot", "FLYP − zero-shot: worst group"),
+                     ("(a) the paper's λ 0.5 linear − FLYP", f"{report.PAPER} − FLYP: worst group"),
+                     ("(a) the same with the scenes' own phrases − FLYP", f"{report.PAPER_SCENES} − FLYP: worst group"),
+                     ("(a) the paper's λ 0.5 linear − WiSE-FT(FLYP) at its source accuracy, interpolated",
+                      f"{report.PAPER} − WiSE-FT(FLYP) at its in-dist: worst group"),
+                     (") − FLYP", "StarFT (selected) − FLYP: worst group"),
+                     ("(c) that choice − WiSE-FT(FLYP) at its source accuracy, interpolated",
+                      "StarFT (selected) − WiSE-FT(FLYP) at its in-dist: worst group"),
+                     ("(c) the same, nearest α", report.NEAREST)]:
+        assert f"{row} | {quoted(s[key])}" in section, row
