@@ -59,8 +59,8 @@ def runs(records: list[dict], protocol: str, variant: str | None = None) -> dict
 
 def headline(records: list[dict], protocol: str, variant: str | None) -> dict:
     """``{comparison: unit_summary}`` (shares, not points): FLYP − zero-shot (the premise); (a) StarFT at the paper's
-    default (``PAPER_SETTINGS``: background, and the scenes' phrases, where the grid ran them) − FLYP and − WiSE-FT(FLYP) at its in-distribution accuracy
-    (linear interpolation and nearest α point); (b) the validation-selected StarFT − FLYP (worst group, in-dist,
+    default (``PAPER_SETTINGS``: the background set, and the scenes' phrases, where the grid ran them) − FLYP and
+    − WiSE-FT(FLYP) at its in-distribution accuracy (linear interpolation and nearest α point); (b) the validation-selected StarFT − FLYP (worst group, in-dist,
     held-out, avg) and − zero-shot; (c) the selected StarFT − WiSE-FT(FLYP) by both estimators."""
     diffs: dict[str, list] = {}
     dominated: dict[str, list] = {}
@@ -150,7 +150,8 @@ def _verdict(summary: dict) -> str:
 
 
 READING = ("FLYP − zero-shot: worst group", f"{PAPER} − FLYP: worst group",
-           f"{PAPER} − WiSE-FT(FLYP) at its in-dist: worst group", f"{PAPER_SCENES} − FLYP: worst group", "StarFT (selected) − zero-shot: worst group",
+           f"{PAPER} − WiSE-FT(FLYP) at its in-dist: worst group", f"{PAPER_SCENES} − FLYP: worst group",
+           "StarFT (selected) − zero-shot: worst group",
            "StarFT (selected) − FLYP: worst group", "StarFT (selected) − FLYP: in-dist",
            "StarFT (selected) − WiSE-FT(FLYP) at its in-dist: worst group", NEAREST)
 
