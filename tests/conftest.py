@@ -93,3 +93,13 @@ def wheel_files(tmp_path_factory):
                             str(out), ROOT], check=True, capture_output=True)
     (wheel,) = out.glob("open_clip_starft-*.whl")
     return zipfile.ZipFile(wheel).namelist()
+
+
+@pytest.fixture(scope="session")
+def readme_row():
+    """README's evidence-table cells for a ``unit_summary`` (shares): ``+6.7 ± 5.3 | 6 / 3 / 1 |`` in points, with
+    a typographic minus: the tests that check README's tables against the shipped records quote it so."""
+    def quoted(d: dict) -> str:
+        return (f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}".replace("-", "−")
+                + f" | {d['wins']} / {d['ties']} / {d['losses']} |")
+    return quoted

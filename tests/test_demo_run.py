@@ -246,16 +246,12 @@ def test_the_study_runs_only_the_design_chosen_on_validation(tmp_path, monkeypat
     study.check_design(str(tmp_path / "none"))  # no record (a miniature's docs): nothing to check
 
 
-def test_readmes_evidence_table_is_the_shipped_study_recomputed():
+def test_readmes_evidence_table_is_the_shipped_study_recomputed(readme_row):
     """README's demo table quotes ``summarise(docs/demo.json)`` (recomputed here, not read from demo.md): a unit
     added to the records without README's table following, or a number typed by hand, fails."""
     root = os.path.join(os.path.dirname(__file__), "..")
     s = study.summarise(json.load(open(os.path.join(root, "docs", "demo.json"))))
     readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
-
-    def quoted(d):  # README's style: points with a minus sign, W / T / L
-        return (f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}".replace("-", "−")
-                + f" | {d['wins']} / {d['ties']} / {d['losses']} |")
     assert f"**The transfer demo's study: {len(s['units'])} units**" in readme
     for row, d in [("premise: FLYP − zero-shot", s["premise_flyp_minus_zero_shot"]["worst_group"]),
                    ("(a) the paper's λ 0.5 linear − FLYP", s["a_paper"]["minus_flyp"]["worst_group"]),
@@ -264,4 +260,4 @@ def test_readmes_evidence_table_is_the_shipped_study_recomputed():
                    (") − FLYP", s["b_chosen"]["minus_flyp"]["worst_group"]),
                    ("(c) that choice − WiSE-FT(FLYP) at its source accuracy, interpolated", s["c_chosen_minus_wise"]["linear"]),
                    ("(c) the same, nearest α", s["c_chosen_minus_wise"]["nearest"])]:
-        assert f"{row} | {quoted(d)}" in readme, row
+        assert f"{row} | {readme_row(d)}" in readme, row

@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -470,7 +471,7 @@ def test_a_run_folder_started_with_other_flags_is_refused(tmp_path):
     fresh.check_flags()
 
 
-def test_readmes_waterbirds_lite_table_is_the_shipped_study_recomputed():
+def test_readmes_waterbirds_lite_table_is_the_shipped_study_recomputed(readme_row):
     """README's Waterbirds-lite table quotes ``report.headline`` of the shipped records (recomputed here): a unit
     added to the records without README following, or a number typed by hand, fails."""
     import os
@@ -479,10 +480,6 @@ def test_readmes_waterbirds_lite_table_is_the_shipped_study_recomputed():
     s = report.headline(records, "P1", "transfer")
     readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
     section = readme.split("**Waterbirds-lite on the paper's protocol")[1].split("## Training")[0]
-
-    def quoted(d):  # README's style: points with a minus sign, W / T / L
-        return (f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f}".replace("-", "−")
-                + f" | {d['wins']} / {d['ties']} / {d['losses']} |")
     units = s["FLYP − zero-shot: worst group"]["units"]
     assert section.startswith(f": {units} units**"), section[:40]
     for row, key in [("premise: FLYP − zero-shot", "FLYP − zero-shot: worst group"),
@@ -494,4 +491,4 @@ def test_readmes_waterbirds_lite_table_is_the_shipped_study_recomputed():
                      ("(c) that choice − WiSE-FT(FLYP) at its source accuracy, interpolated",
                       "StarFT (selected) − WiSE-FT(FLYP) at its in-dist: worst group"),
                      ("(c) the same, nearest α", report.NEAREST)]:
-        assert f"{row} | {quoted(s[key])}" in section, row
+        assert f"{row} | {readme_row(s[key])}" in section, row

@@ -53,8 +53,8 @@ EVAL_SAMPLES = 2048  # each of target validation / test and source validation / 
 COMPETENT = dict(val_avg=0.80, val_worst_group=0.50)
 PAPER = dict(lam=0.5, schedule="linear")  # the paper's setting (λ 0.5, linearly decayed), never tuned here
 # StarFT at the study's validation choice: the best mean target-validation worst group over the study's units
-# (tests/test_demo_run.py checks it against docs/demo.json): λ 32 constant, the grid's largest
-# λ; update it as units land.
+# (tests/test_demo_run.py checks it against docs/demo.json): λ 32 constant, the grid's largest λ; update it as
+# units land.
 DEFAULT = dict(lam=32.0, schedule="constant")
 WISE_ALPHAS = "0:1:0.05"
 # Each data part's id in its seed (never reuse one): a part's seed comes from (unit seed, part id) through

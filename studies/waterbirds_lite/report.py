@@ -60,8 +60,9 @@ def runs(records: list[dict], protocol: str, variant: str | None = None) -> dict
 def headline(records: list[dict], protocol: str, variant: str | None) -> dict:
     """``{comparison: unit_summary}`` (shares, not points): FLYP − zero-shot (the premise); (a) StarFT at the paper's
     default (``PAPER_SETTINGS``: the background set, and the scenes' phrases, where the grid ran them) − FLYP and
-    − WiSE-FT(FLYP) at its in-distribution accuracy (linear interpolation and nearest α point); (b) the validation-selected StarFT − FLYP (worst group, in-dist,
-    held-out, avg) and − zero-shot; (c) the selected StarFT − WiSE-FT(FLYP) by both estimators."""
+    − WiSE-FT(FLYP) at its in-distribution accuracy (linear interpolation and nearest α point); (b) the
+    validation-selected StarFT − FLYP (worst group, in-dist, held-out, avg) and − zero-shot; (c) the selected StarFT
+    − WiSE-FT(FLYP) by both estimators."""
     diffs: dict[str, list] = {}
     dominated: dict[str, list] = {}
     clamped = 0
@@ -228,8 +229,10 @@ def plot(records: list[dict], path: str) -> str:
             if any(k[0] == unit for k in panels if k[1] == protocol) or "flyp" not in run:
                 continue
             points = [dict(p, selected=bool(p["selected"])) for p in run["grid"] if p["lam"]]
-            panels[(unit, protocol)] = {"curves": {"WiSE-FT(FLYP)": run["wise-flyp"],
-                                                   **({"WiSE-FT(StarFT)": run["wise-starft"]} if len(run["wise-starft"]) > 2 else {})},
+            curves = {"WiSE-FT(FLYP)": run["wise-flyp"]}
+            if len(run["wise-starft"]) > 2:  # evaluated α points beyond its two ends (Schedule.wise_of_selected)
+                curves["WiSE-FT(StarFT)"] = run["wise-starft"]
+            panels[(unit, protocol)] = {"curves": curves,
                                         "points": {"StarFT grid": points}}
     return plot_frontiers({f"{p} {u}": v for (u, p), v in panels.items()}, path)
 
